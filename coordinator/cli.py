@@ -1,0 +1,42 @@
+"""The `fedmla` command line.
+
+Each area of the project owns its commands and registers them here through a
+``register(app, bench)`` function, so that this file stays a table of contents.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="fedmla",
+    help="Federated training of MLA transformers with low-rank, quantized updates.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+bench = typer.Typer(help="Benchmarks. Each writes its figures as JSON (--json PATH).", no_args_is_help=True)
+app.add_typer(bench, name="bench")
+
+# Modules that define a `register(app, bench)` function adding their commands.
+COMMAND_MODULES = [
+    "mla_model.cli",
+]
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app, bench)
+
+
+_register_all()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

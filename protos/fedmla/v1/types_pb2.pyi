@@ -1,0 +1,124 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    INT8: _ClassVar[DType]
+    INT4: _ClassVar[DType]
+    UINT8: _ClassVar[DType]
+    INT32: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+    BOOL: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+BFLOAT16: DType
+FLOAT16: DType
+FLOAT64: DType
+INT8: DType
+INT4: DType
+UINT8: DType
+INT32: DType
+INT64: DType
+BOOL: DType
+
+class Quantization(_message.Message):
+    __slots__ = ("scheme", "scales", "stochastic")
+    class Scheme(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        SCHEME_NONE: _ClassVar[Quantization.Scheme]
+        INT8_ROW: _ClassVar[Quantization.Scheme]
+        INT4_ROW: _ClassVar[Quantization.Scheme]
+    SCHEME_NONE: Quantization.Scheme
+    INT8_ROW: Quantization.Scheme
+    INT4_ROW: Quantization.Scheme
+    SCHEME_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    STOCHASTIC_FIELD_NUMBER: _ClassVar[int]
+    scheme: Quantization.Scheme
+    scales: Tensor
+    stochastic: bool
+    def __init__(self, scheme: _Optional[_Union[Quantization.Scheme, str]] = ..., scales: _Optional[_Union[Tensor, _Mapping]] = ..., stochastic: _Optional[bool] = ...) -> None: ...
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data", "quant")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    QUANT_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    quant: Quantization
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., quant: _Optional[_Union[Quantization, _Mapping]] = ...) -> None: ...
+
+class HeadSelection(_message.Message):
+    __slots__ = ("heads",)
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    heads: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, heads: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LowRankFactor(_message.Message):
+    __slots__ = ("name", "left", "right", "rank", "heads")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    RIGHT_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    left: Tensor
+    right: Tensor
+    rank: int
+    heads: HeadSelection
+    def __init__(self, name: _Optional[str] = ..., left: _Optional[_Union[Tensor, _Mapping]] = ..., right: _Optional[_Union[Tensor, _Mapping]] = ..., rank: _Optional[int] = ..., heads: _Optional[_Union[HeadSelection, _Mapping]] = ...) -> None: ...
+
+class DenseUpdate(_message.Message):
+    __slots__ = ("name", "value", "heads")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: Tensor
+    heads: HeadSelection
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ..., heads: _Optional[_Union[HeadSelection, _Mapping]] = ...) -> None: ...
+
+class HeadScores(_message.Message):
+    __slots__ = ("num_layers", "num_heads", "scores")
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_HEADS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    num_layers: int
+    num_heads: int
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ModelUpdate(_message.Message):
+    __slots__ = ("factors", "dense", "importance", "num_examples", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    FACTORS_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    IMPORTANCE_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    factors: _containers.RepeatedCompositeFieldContainer[LowRankFactor]
+    dense: _containers.RepeatedCompositeFieldContainer[DenseUpdate]
+    importance: HeadScores
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, factors: _Optional[_Iterable[_Union[LowRankFactor, _Mapping]]] = ..., dense: _Optional[_Iterable[_Union[DenseUpdate, _Mapping]]] = ..., importance: _Optional[_Union[HeadScores, _Mapping]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
