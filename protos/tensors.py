@@ -1,0 +1,143 @@
+"""Tensors <-> ``fedmla.v1.Tensor`` messages: raw little-endian bytes, never pickle.
+
+Decoding validates everything it reads (dtype, shape, byte length, element limit) and
+raises :class:`TensorDecodeError` naming the problem; received bytes are only ever
+reinterpreted with ``torch.frombuffer``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from protos.fedmla.v1 import types_pb2 as pb
+
+
+class TensorDecodeError(ValueError):
+    """A received tensor message is malformed."""
+
+
+_TO_PB = {
+    torch.float32: pb.FLOAT32, torch.bfloat16: pb.BFLOAT16, torch.float16: pb.FLOAT16, torch.float64: pb.FLOAT64,
+    torch.int8: pb.INT8, torch.uint8: pb.UINT8, torch.int32: pb.INT32, torch.int64: pb.INT64, torch.bool: pb.BOOL,
+}
+_FROM_PB = {v: k for k, v in _TO_PB.items()}
+_ITEMSIZE = {pb.FLOAT32: 4, pb.BFLOAT16: 2, pb.FLOAT16: 2, pb.FLOAT64: 8, pb.INT8: 1, pb.UINT8: 1,
+             pb.INT32: 4, pb.INT64: 8, pb.BOOL: 1}
+
+
+def dtype_name(code: int) -> str:
+    return pb.DType.Name(code) if code in pb.DType.values() else f"unknown({code})"
+
+
+def encode_tensor(t: torch.Tensor) -> pb.Tensor:
+    """A plain (unquantised) tensor message; the tensor is copied to CPU, contiguous."""
+    if t.dtype not in _TO_PB:
+        raise TypeError(f"cannot encode tensor of dtype {t.dtype}")
+    t = t.detach().to("cpu").contiguous()
+    data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return pb.Tensor(dtype=_TO_PB[t.dtype], shape=list(t.shape), data=data)
+
+
+def _check_shape(shape, what: str, max_elements: int | None) -> int:
+    if any(d < 0 for d in shape):
+        raise TensorDecodeError(f"{what}: negative dimension in shape {list(shape)}")
+    n = math.prod(shape) if shape else 1
+    if max_elements is not None and n > max_elements:
+        raise TensorDecodeError(f"{what}: {n} elements exceeds the limit of {max_elements}")
+    return n
+
+
+def decode_tensor(msg: pb.Tensor, what: str = "tensor", max_elements: int | None = None,
+                  allowed: set[int] | None = None) -> torch.Tensor:
+    """The tensor a plain message holds (a fresh, writable CPU tensor).
+
+    ``allowed`` restricts the accepted dtypes (``fedmla.v1.DType`` codes).
+    Quantised messages are rejected here: use :func:`decode_int_rows` for those.
+    """
+    if msg.HasField("quant") and msg.quant.scheme != pb.Quantization.SCHEME_NONE:
+        raise TensorDecodeError(f"{what}: quantised tensor where a plain one was expected")
+    if msg.dtype not in _FROM_PB:
+        raise TensorDecodeError(f"{what}: unsupported dtype {dtype_name(msg.dtype)}")
+    if allowed is not None and msg.dtype not in allowed:
+        names = ", ".join(sorted(dtype_name(a) for a in allowed))
+        raise TensorDecodeError(f"{what}: dtype {dtype_name(msg.dtype)} not allowed here (expected {names})")
+    shape = tuple(msg.shape)
+    n = _check_shape(shape, what, max_elements)
+    expected = n * _ITEMSIZE[msg.dtype]
+    if len(msg.data) != expected:
+        raise TensorDecodeError(f"{what}: {len(msg.data)} data bytes for shape {list(shape)} "
+                                f"and dtype {dtype_name(msg.dtype)} (expected {expected})")
+    if n == 0:
+        return torch.empty(shape, dtype=_FROM_PB[msg.dtype])
+    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
+    return raw.view(_FROM_PB[msg.dtype]).reshape(shape)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(R, C) int8 values in [-8, 7] -> (R, ceil(C/2)) uint8, low nibble first."""
+    R, C = q.shape
+    if C % 2:
+        q = torch.cat([q, torch.zeros(R, 1, dtype=q.dtype, device=q.device)], dim=1)
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: (R, ceil(C/2)) uint8 -> (R, C) int8."""
+    lo = (packed & 0xF).to(torch.int16)
+    hi = (packed >> 4).to(torch.int16)
+    both = torch.stack([lo, hi], dim=-1).reshape(packed.size(0), -1)[:, :cols]
+    return torch.where(both >= 8, both - 16, both).to(torch.int8)
+
+
+def encode_int_rows(q: torch.Tensor, scales: torch.Tensor, bits: int, stochastic: bool = False) -> pb.Tensor:
+    """Row-quantised (R, C) tensor: int8 (bits=8) or packed int4 (bits=4) with one
+    float32 scale per row. The message's shape is the logical (R, C)."""
+    if q.dim() != 2 or scales.shape != (q.size(0),):
+        raise ValueError(f"need q (R, C) and scales (R,), got {tuple(q.shape)} and {tuple(scales.shape)}")
+    if bits == 8:
+        data, dtype, scheme = q.to(torch.int8), pb.INT8, pb.Quantization.INT8_ROW
+    elif bits == 4:
+        data, dtype, scheme = pack_int4(q.to(torch.int8)), pb.INT4, pb.Quantization.INT4_ROW
+    else:
+        raise ValueError(f"bits must be 8 or 4, got {bits}")
+    data = data.detach().cpu().contiguous()
+    return pb.Tensor(
+        dtype=dtype, shape=list(q.shape), data=data.view(torch.uint8).numpy().tobytes() if data.numel() else b"",
+        quant=pb.Quantization(scheme=scheme, scales=encode_tensor(scales.float()), stochastic=stochastic),
+    )
+
+
+def decode_int_rows(msg: pb.Tensor, what: str = "tensor", max_elements: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(q int8 (R, C), scales float32 (R,), bits) from a row-quantised message."""
+    scheme = msg.quant.scheme if msg.HasField("quant") else pb.Quantization.SCHEME_NONE
+    if scheme not in (pb.Quantization.INT8_ROW, pb.Quantization.INT4_ROW):
+        raise TensorDecodeError(f"{what}: expected a row-quantised tensor, got scheme {scheme}")
+    shape = tuple(msg.shape)
+    if len(shape) != 2:
+        raise TensorDecodeError(f"{what}: row-quantised tensors are 2-D, got shape {list(shape)}")
+    _check_shape(shape, what, max_elements)
+    R, C = shape
+    bits = 8 if scheme == pb.Quantization.INT8_ROW else 4
+    want_dtype = pb.INT8 if bits == 8 else pb.INT4
+    if msg.dtype != want_dtype:
+        raise TensorDecodeError(f"{what}: scheme {pb.Quantization.Scheme.Name(scheme)} needs dtype "
+                                f"{dtype_name(want_dtype)}, got {dtype_name(msg.dtype)}")
+    row_bytes = C if bits == 8 else (C + 1) // 2
+    if len(msg.data) != R * row_bytes:
+        raise TensorDecodeError(f"{what}: {len(msg.data)} data bytes for {bits}-bit shape {list(shape)} "
+                                f"(expected {R * row_bytes})")
+    scales = decode_tensor(msg.quant.scales, f"{what}.scales", allowed={pb.FLOAT32, pb.FLOAT16}).float()
+    if scales.shape != (R,):
+        raise TensorDecodeError(f"{what}: {tuple(scales.shape)} scales for {R} rows")
+    if not torch.isfinite(scales).all():
+        raise TensorDecodeError(f"{what}: non-finite quantisation scale")
+    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8) if msg.data else torch.empty(0, dtype=torch.uint8)
+    if bits == 8:
+        q = raw.view(torch.int8).reshape(R, C)
+    else:
+        q = unpack_int4(raw.reshape(R, row_bytes), C)
+    return q, scales, bits
