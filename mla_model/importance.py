@@ -114,7 +114,10 @@ def prune_heads(model: MLATransformer, heads: dict[int, list[int]] | list[list[i
             raise ValueError(f"pruning would remove every head of layer {i}")
         keep.append(kept)
     new_cfg = MLAConfig.model_validate({**cfg.model_dump(), "heads_per_layer": tuple(len(k) for k in keep)})
-    new = MLATransformer(new_cfg).to(device=model.embed.weight.device, dtype=model.embed.weight.dtype)
+    ref = model.embed.weight
+    new = MLATransformer(new_cfg).to(ref.device)
+    for p in new.parameters():  # only parameters: the rope table stays complex
+        p.data = p.data.to(ref.dtype)
     state = model.state_dict()
     blocks = head_blocks(cfg)
     new_state = {}
