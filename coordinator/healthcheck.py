@@ -1,0 +1,51 @@
+"""Probe a coordinator's standard gRPC health service (for container health checks).
+
+    python -m coordinator.healthcheck --address 127.0.0.1:50051 [--ca ca.crt] [--service NAME]
+
+Exit 0 when the service reports SERVING, 1 otherwise (message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def check(address: str, service: str = "", ca: Path | None = None, timeout: float = 5.0) -> str:
+    """The serving status name reported for ``service`` at ``address``."""
+    if ca is not None:
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca.read_bytes()))
+    else:
+        channel = grpc.insecure_channel(address)
+    with channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--address", default="127.0.0.1:50051", help="host:port of the coordinator's gRPC server")
+    parser.add_argument("--service", default="", help="service name to ask about ('' = the whole server)")
+    parser.add_argument("--ca", type=Path, help="CA certificate when the server uses TLS")
+    parser.add_argument("--timeout", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    try:
+        status = check(args.address, args.service, args.ca, args.timeout)
+    except grpc.RpcError as err:
+        print(f"health check of {args.address} failed: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"health check of {args.address} failed: {err}", file=sys.stderr)
+        return 1
+    if status != "SERVING":
+        print(f"{args.address} reports {status}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
