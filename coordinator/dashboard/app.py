@@ -64,7 +64,7 @@ class HeadImportanceIndex(BaseModel):
 
 # ---- read-only + token gate ------------------------------------------------------------
 class _Gate:
-    """ASGI middleware: refuse anything but GET/HEAD, and check the token when one is set."""
+    """ASGI middleware: refuse anything but GET, and check the token when one is set."""
 
     def __init__(self, app, token: str | None, public_prefixes: tuple[str, ...] = ("/static/",)) -> None:
         self.app = app
@@ -74,9 +74,9 @@ class _Gate:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if scope["method"] not in ("GET", "HEAD"):
-            return await self._deny(scope, receive, send, 405, "the dashboard is read-only: only GET and HEAD are allowed",
-                                    {"allow": "GET, HEAD"})
+        if scope["method"] != "GET":
+            return await self._deny(scope, receive, send, 405, "the dashboard is read-only: only GET is allowed",
+                                    {"allow": "GET"})
         if self.token is not None and not scope["path"].startswith(self.public_prefixes):
             given = self._given_token(scope)
             if given is None:
