@@ -77,6 +77,9 @@
     plot_bgcolor: "rgba(0,0,0,0)",
   }, extra);
 
+  // Byte counts span orders of magnitude (the point of the comparison): log axis, one tick per decade.
+  const logBytes = { type: "log", dtick: 1, tickformat: "~s" };
+
   function drawCharts(rounds) {
     const x = rounds.map((r) => r.id);
     const xaxis = { title: { text: "round", standoff: 4 }, tickformat: "d", dtick: rounds.length <= 15 ? 1 : undefined };
@@ -108,15 +111,16 @@
       { x, y: col("bytes_up"), name: "up (clients → coordinator)", type: "bar" },
       { x, y: col("bytes_down"), name: "down (coordinator → clients)", type: "bar" },
       { x, y: col("fedavg_fp32_bytes"), name: "FedAvg fp32 would send", mode: "lines+markers", type: "scatter", line: { dash: "dash", color: "#667085" } },
-    ], layout({ barmode: "group", yaxis: { title: { text: "bytes" }, type: "log" } }), plotConfig);
+    ], layout({ barmode: "group", yaxis: Object.assign({ title: { text: "bytes" } }, logBytes) }), plotConfig);
 
     Plotly.react("chart-cumulative", [
       { x, y: col("cum_bytes_total"), name: "fedmla, cumulative", mode: "lines+markers", type: "scatter" },
       { x, y: col("cum_fedavg_fp32_bytes"), name: "FedAvg fp32, cumulative", mode: "lines+markers", type: "scatter", line: { dash: "dash", color: "#667085" } },
       { x, y: col("cum_fedavg_ratio"), name: "running ratio (×)", mode: "lines+markers", type: "scatter", yaxis: "y2", line: { color: "#12805c" } },
     ], layout({
-      yaxis: { title: { text: "bytes" }, type: "log" },
-      yaxis2: { title: { text: "FedAvg bytes / fedmla bytes" }, overlaying: "y", side: "right", rangemode: "tozero" },
+      yaxis: Object.assign({ title: { text: "bytes" } }, logBytes),
+      yaxis2: { title: { text: "FedAvg bytes / fedmla bytes" }, overlaying: "y", side: "right", rangemode: "tozero",
+                tickmode: "auto", showgrid: false },
     }), plotConfig);
   }
 

@@ -22,7 +22,7 @@ from coordinator.dashboard.sqlite_source import STORE_SCHEMA, SqliteSource
 
 RUN_ID = "run-0001"
 CLIENTS = ("client-a", "client-b", "client-c")
-T0 = 1_800_000_000.0                        # unix time the run started
+T0 = 1_760_000_000.0                        # unix time the run started (unit tests; live tests pass their own)
 MODEL_FP32_BYTES = 97_728 * 4               # tiny preset: 97,728 parameters
 CONFIG = {"model": {"preset": "tiny"}, "rounds": 3, "clients_per_round": 3, "rank": 4, "quant": "int8",
           "local_steps": 20, "seed": 7}
@@ -54,14 +54,14 @@ class Step:
     importance: HeadImportanceRecord | None = None
 
 
-def round_start(i: int) -> Step:
-    return Step(RoundRecord(id=i, status="running", started_at=T0 + 10 * i, sampled=len(CLIENTS)),
-                clients=[ClientRecord(name=c, status="training", last_seen=T0 + 10 * i, rounds_joined=i - 1,
+def round_start(i: int, t0: float = T0) -> Step:
+    return Step(RoundRecord(id=i, status="running", started_at=t0 + 10 * i, sampled=len(CLIENTS)),
+                clients=[ClientRecord(name=c, status="training", last_seen=t0 + 10 * i, rounds_joined=i - 1,
                                       bytes_up=_client_up(c, i - 1), bytes_down=DOWN_PER_CLIENT * (i - 1))
                          for c in CLIENTS])
 
 
-def round_end(i: int) -> Step:
+def round_end(i: int, t0: float = T0) -> Step:
     replied, dropped, rejected = REPLIED[i], DROPPED[i], REJECTED[i]
     arrived = replied + rejected                     # a rejected update still came over the wire
     rows = [ClientRoundRecord(round_id=i, client=c, bytes_up=UP_PER_CLIENT if c in arrived else 0,
@@ -70,11 +70,11 @@ def round_end(i: int) -> Step:
                               rejection_reason=REJECTION if c in rejected else None)
             for k, c in enumerate(CLIENTS)]
     status = {c: "dropped" if c in dropped else "rejected" if c in rejected else "idle" for c in CLIENTS}
-    clients = [ClientRecord(name=c, status=status[c], last_seen=T0 + 10 * i + (9 if c not in dropped else 1),
+    clients = [ClientRecord(name=c, status=status[c], last_seen=t0 + 10 * i + (9 if c not in dropped else 1),
                             rounds_joined=i, bytes_up=_client_up(c, i), bytes_down=DOWN_PER_CLIENT * i)
                for c in CLIENTS]
     rec = RoundRecord(
-        id=i, status="completed", started_at=T0 + 10 * i, ended_at=T0 + 10 * i + 8.5,
+        id=i, status="completed", started_at=t0 + 10 * i, ended_at=t0 + 10 * i + 8.5,
         sampled=len(CLIENTS), replied=len(replied), dropped=len(dropped), rejected=len(rejected),
         train_loss=TRAIN_LOSS[i], val_loss=VAL_LOSS[i],
         bytes_up=UP_PER_CLIENT * len(arrived), bytes_down=DOWN_PER_CLIENT * len(CLIENTS),
@@ -89,10 +89,11 @@ def _client_up(c: str, through_round: int) -> int:
     return sum(UP_PER_CLIENT for r in range(1, through_round + 1) if c in REPLIED[r] + REJECTED[r])
 
 
-def steps(n_rounds: int = 3) -> list[Step]:
+def steps(n_rounds: int = 3, t0: float = T0) -> list[Step]:
+    """Round 1 started, round 1 ended, round 2 started, ... with times counted from ``t0``."""
     out = []
     for i in range(1, n_rounds + 1):
-        out += [round_start(i), round_end(i)]
+        out += [round_start(i, t0), round_end(i, t0)]
     return out
 
 
