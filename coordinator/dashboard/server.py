@@ -61,7 +61,7 @@ class DashboardServer:
         sock.set_inheritable(True)
         self._socket = sock
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off", ws="none",
                                 timeout_graceful_shutdown=3)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"fedmla-dashboard:{self.port}", daemon=True)
