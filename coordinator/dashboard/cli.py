@@ -24,7 +24,8 @@ def _is_loopback(host: str) -> bool:
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     @app.command("dashboard")
     def dashboard(
-        store: Path = typer.Option(..., "--store", help="the coordinator's SQLite store (opened read-only)"),
+        store: Path = typer.Option(..., "--store", help="the coordinator's store directory (as given to the coordinator), "
+                                                        "or its fedmla.sqlite; opened read-only"),
         host: str = typer.Option("127.0.0.1", help="address to listen on; anything but loopback exposes the run"),
         port: int = typer.Option(DEFAULT_PORT, min=0, max=65535, help="port to listen on (0: any free port)"),
         token: str | None = typer.Option(None, envvar="FEDMLA_DASHBOARD_TOKEN",

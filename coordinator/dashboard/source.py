@@ -35,22 +35,22 @@ class RunRecord(BaseModel):
     run_id: str = Field(description="identifier of the run, stable across coordinator restarts")
     schema_version: int | None = Field(None, description="version of the store schema the run was written with")
     created_at: float | None = Field(None, description="unix time the run was created")
-    config: dict[str, Any] = Field(default_factory=dict, description="the run configuration as the coordinator recorded it")
+    config: dict[str, Any] = Field(default_factory=dict, description="the run configuration (coordinator settings) as recorded")
+    mla_config: dict[str, Any] | None = Field(None, description="the MLAConfig of the run's model (its fields), as recorded")
 
 
 class RoundRecord(BaseModel):
     """One federated round as the coordinator recorded it.
 
-    ``fedavg_fp32_bytes`` is what plain FedAvg would have moved in this round with the
-    same sampled clients (dense fp32 model down to every client and dense fp32 update
-    up from every replying client), to compare against ``bytes_up + bytes_down``.
+    ``fedavg_fp32_bytes`` is what the replying clients would have sent up with plain
+    FedAvg in fp32 (one dense fp32 update each), to compare against ``bytes_up``.
     A round is *open* while ``ended_at`` is unset; once ended it no longer changes.
     """
 
     model_config = _FROZEN
 
     id: int = Field(ge=0)
-    status: str = Field(description="e.g. running, completed, failed; free text from the coordinator")
+    status: str = Field(description="committed or failed once ended (the coordinator's words); e.g. running while open")
     started_at: float | None = Field(None, description="unix time")
     ended_at: float | None = Field(None, description="unix time; unset while the round runs")
     sampled: int = Field(0, ge=0)
@@ -61,9 +61,10 @@ class RoundRecord(BaseModel):
     val_loss: float | None = Field(None, description="global model loss on the held-out set, nats/token")
     bytes_up: int = Field(0, ge=0, description="serialized bytes received from clients")
     bytes_down: int = Field(0, ge=0, description="serialized bytes sent to clients")
-    fedavg_fp32_bytes: int | None = Field(None, ge=0, description="bytes plain FedAvg in fp32 would have moved, both directions")
+    fedavg_fp32_bytes: int | None = Field(None, ge=0, description="bytes the replying clients would have sent up with FedAvg in fp32")
     aggregation_seconds: float | None = Field(None, ge=0)
-    reason: str | None = Field(None, description="why the round ended the way it did (e.g. too few replies)")
+    reason: str | None = Field(None, description="why the round ended the way it did (e.g. deadline, too few replies)")
+    model_version: int | None = Field(None, description="global model version after the round")
 
 
 class ClientRecord(BaseModel):
@@ -72,7 +73,8 @@ class ClientRecord(BaseModel):
     model_config = _FROZEN
 
     name: str
-    status: str = Field(description="e.g. idle, training, dropped; free text from the coordinator")
+    status: str = Field(description="joined, left or inactive (the coordinator's words)")
+    joined_at: float | None = Field(None, description="unix time the client first joined")
     last_seen: float | None = Field(None, description="unix time of the client's last message")
     rounds_joined: int = Field(0, ge=0)
     bytes_up: int = Field(0, ge=0, description="total serialized bytes received from this client")
@@ -86,6 +88,7 @@ class ClientRoundRecord(BaseModel):
 
     round_id: int = Field(ge=0)
     client: str
+    status: str | None = Field(None, description="replied, dropped or rejected")
     bytes_up: int = Field(0, ge=0)
     bytes_down: int = Field(0, ge=0)
     local_loss: float | None = None
@@ -97,8 +100,8 @@ class HeadImportanceRecord(BaseModel):
     """Global head importance after a round.
 
     ``scores[l][h]`` is the importance of head h of layer l; rows may be shorter than
-    ``n_heads`` after pruning. ``mask[l][h]`` is True for heads active (trained and
-    sent) in the next round; ``None`` when the coordinator did not record a mask.
+    ``n_heads`` after pruning. ``mask[l][h]`` is True for heads that were active
+    (trained and sent) in this round; ``None`` when the coordinator did not record it.
     """
 
     model_config = _FROZEN
@@ -145,11 +148,12 @@ class InMemorySource:
     immutable, so readers get consistent snapshots without copying.
     """
 
-    def __init__(self, run_id: str = "live", config: dict[str, Any] | None = None,
+    def __init__(self, run_id: str = "live", config: dict[str, Any] | None = None, mla_config: dict[str, Any] | None = None,
                  schema_version: int | None = None, created_at: float | None = None) -> None:
         self._lock = threading.Lock()
         self._version = 0
-        self._run = RunRecord(run_id=run_id, config=config or {}, schema_version=schema_version, created_at=created_at)
+        self._run = RunRecord(run_id=run_id, config=config or {}, mla_config=mla_config, schema_version=schema_version,
+                              created_at=created_at)
         self._rounds: dict[int, RoundRecord] = {}
         self._clients: dict[str, ClientRecord] = {}
         self._client_rounds: dict[tuple[int, str], ClientRoundRecord] = {}

@@ -46,12 +46,17 @@ class RoundView(RoundRecord):
     cum_bytes_down: int = Field(0, description="bytes_down summed over this and all earlier rounds")
     cum_bytes_total: int = 0
     cum_fedavg_fp32_bytes: int | None = Field(None, description="fedavg_fp32_bytes summed so far; unset if any round lacks it")
-    fedavg_ratio: float | None = Field(None, description="fedavg_fp32_bytes / bytes_total for this round: how many times fewer bytes than FedAvg")
-    cum_fedavg_ratio: float | None = Field(None, description="cum_fedavg_fp32_bytes / cum_bytes_total: the running ratio")
+    fedavg_ratio: float | None = Field(None, description="fedavg_fp32_bytes / bytes_up: how many times fewer bytes the clients "
+                                                          "sent up than FedAvg in fp32 would have")
+    cum_fedavg_ratio: float | None = Field(None, description="cum_fedavg_fp32_bytes / cum_bytes_up: the running ratio")
 
 
 def round_views(rounds: list[RoundRecord]) -> list[RoundView]:
-    """Derive durations, perplexities, cumulative bytes and FedAvg ratios; input sorted by id."""
+    """Derive durations, perplexities, cumulative bytes and FedAvg ratios; input sorted by id.
+
+    The FedAvg reference counts what the replying clients would have sent up (the
+    coordinator records no downlink reference), so the ratios compare uplink bytes.
+    """
     out: list[RoundView] = []
     up = down = 0
     fedavg: int | None = 0
@@ -75,8 +80,8 @@ def round_views(rounds: list[RoundRecord]) -> list[RoundView]:
             cum_bytes_down=down,
             cum_bytes_total=up + down,
             cum_fedavg_fp32_bytes=fedavg,
-            fedavg_ratio=_ratio(r.fedavg_fp32_bytes, total),
-            cum_fedavg_ratio=_ratio(fedavg, up + down),
+            fedavg_ratio=_ratio(r.fedavg_fp32_bytes, r.bytes_up),
+            cum_fedavg_ratio=_ratio(fedavg, up),
         ))
     return out
 
@@ -125,7 +130,8 @@ class RunView(BaseModel):
     schema_version: int | None = None
     created_at: float | None = None
     config: dict[str, Any] = Field(default_factory=dict)
-    model: ModelSummary | None = Field(None, description="present when the config holds a valid model config")
+    mla_config: dict[str, Any] | None = None
+    model: ModelSummary | None = Field(None, description="present when the run records a valid model config")
     model_error: str | None = Field(None, description="why the model summary is missing although a model config is present")
 
 
@@ -162,12 +168,12 @@ def model_summary(section: dict[str, Any], element_size: int = 2) -> ModelSummar
 
 def run_view(run: RunRecord) -> RunView:
     view = RunView(**run.model_dump())
-    section = find_model_config(run.config)
+    section = run.mla_config if run.mla_config is not None else find_model_config(run.config)
     if section is not None:
         try:
             view.model = model_summary(section)
         except (ValueError, TypeError) as e:
-            view.model_error = f"model config in the run config is not a valid MLAConfig: {e}"
+            view.model_error = f"the run's model config is not a valid MLAConfig: {e}"
     return view
 
 

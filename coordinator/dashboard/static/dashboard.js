@@ -110,16 +110,17 @@
     Plotly.react("chart-bytes", [
       { x, y: col("bytes_up"), name: "up (clients → coordinator)", type: "bar" },
       { x, y: col("bytes_down"), name: "down (coordinator → clients)", type: "bar" },
-      { x, y: col("fedavg_fp32_bytes"), name: "FedAvg fp32 would send", mode: "lines+markers", type: "scatter", line: { dash: "dash", color: "#667085" } },
+      { x, y: col("fedavg_fp32_bytes"), name: "FedAvg fp32 would send up", mode: "lines+markers", type: "scatter", line: { dash: "dash", color: "#667085" } },
     ], layout({ barmode: "group", yaxis: Object.assign({ title: { text: "bytes" } }, logBytes) }), plotConfig);
 
     Plotly.react("chart-cumulative", [
-      { x, y: col("cum_bytes_total"), name: "fedmla, cumulative", mode: "lines+markers", type: "scatter" },
-      { x, y: col("cum_fedavg_fp32_bytes"), name: "FedAvg fp32, cumulative", mode: "lines+markers", type: "scatter", line: { dash: "dash", color: "#667085" } },
-      { x, y: col("cum_fedavg_ratio"), name: "running ratio (×)", mode: "lines+markers", type: "scatter", yaxis: "y2", line: { color: "#12805c" } },
+      { x, y: col("cum_bytes_up"), name: "fedmla up", mode: "lines+markers", type: "scatter", line: { color: "#1f77b4" } },
+      { x, y: col("cum_bytes_total"), name: "fedmla up + down", mode: "lines", type: "scatter", line: { color: "#1f77b4", dash: "dot" } },
+      { x, y: col("cum_fedavg_fp32_bytes"), name: "FedAvg fp32 up", mode: "lines+markers", type: "scatter", line: { dash: "dash", color: "#667085" } },
+      { x, y: col("cum_fedavg_ratio"), name: "running ratio, up (×)", mode: "lines+markers", type: "scatter", yaxis: "y2", line: { color: "#12805c" } },
     ], layout({
       yaxis: Object.assign({ title: { text: "bytes" } }, logBytes),
-      yaxis2: { title: { text: "FedAvg bytes / fedmla bytes" }, overlaying: "y", side: "right", rangemode: "tozero",
+      yaxis2: { title: { text: "FedAvg fp32 up / fedmla up" }, overlaying: "y", side: "right", rangemode: "tozero",
                 tickmode: "auto", showgrid: false },
     }), plotConfig);
   }
@@ -152,7 +153,7 @@
       margin: { l: 70, r: 20, t: 10, b: 40 }, yaxis: { autorange: "reversed" },
       legend: { orientation: "h", y: -0.15 }, paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
     }, plotConfig);
-    const caption = h.active_heads === null ? "no mask recorded" : `${h.active_heads} of ${h.scores.reduce((a, r) => a + r.length, 0)} heads active`;
+    const caption = h.active_heads === null ? "no active-head mask recorded" : `${h.active_heads} of ${h.scores.reduce((a, r) => a + r.length, 0)} heads active`;
     setText("heat-caption", `— after round ${h.round_id}, ${caption}`);
   }
 
@@ -229,7 +230,7 @@
       cell(tr, c.last_round === null ? dash : String(c.last_round), { num: true, key: "last_round" });
       cell(tr, fmtNum(c.local_loss, 4), { num: true, value: c.local_loss, key: "local_loss" });
       cell(tr, c.num_examples === null ? dash : fmtInt(c.num_examples), { num: true, value: c.num_examples, key: "num_examples" });
-      cell(tr, c.rejection_reason || "", { cls: "reason", key: "rejection_reason" });
+      cell(tr, c.rejection_reason || "", { cls: "rejection", key: "rejection_reason" });
       body.appendChild(tr);
     }
   }
@@ -253,6 +254,7 @@
   function drawRun(run) {
     setText("run-id", run.run_id);
     el("run-config").textContent = JSON.stringify(run.config, null, 2);
+    el("model-config").textContent = run.mla_config ? JSON.stringify(run.mla_config, null, 2) : "not recorded";
     const dl = el("model-summary");
     dl.replaceChildren();
     const add = (k, v, key) => {

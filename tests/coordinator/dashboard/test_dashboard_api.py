@@ -39,18 +39,18 @@ def test_health(client, finished):
 def test_summary(client):
     s = client.get("/api/summary").json()
     assert (s["run_id"], s["rounds_total"], s["rounds_ended"], s["current_round"], s["current_status"]) == \
-        (runs.RUN_ID, 3, 3, 3, "completed")
+        (runs.RUN_ID, 3, 3, 3, "committed")
     assert s["last_val_loss"] == 2.75 and s["last_train_loss"] == 2.7 and s["best_val_loss"] == 2.75
-    assert s["cum_bytes_up"] == 20_000 and s["cum_bytes_down"] == 54_000
-    assert s["cum_fedavg_fp32_bytes"] == 16 * P
-    assert s["cum_fedavg_ratio"] == pytest.approx(16 * P / 74_000)
-    assert s["clients_total"] == 3 and s["clients_by_status"] == {"idle": 2, "rejected": 1}
+    assert s["cum_bytes_up"] == 17_500 and s["cum_bytes_down"] == 54_000
+    assert s["cum_fedavg_fp32_bytes"] == 7 * P
+    assert s["cum_fedavg_ratio"] == pytest.approx(7 * P / 17_500)
+    assert s["clients_total"] == 3 and s["clients_by_status"] == {"joined": 3}
 
 
 def test_run_has_config_and_model_summary(client):
     r = client.get("/api/run").json()
     assert r["run_id"] == runs.RUN_ID and r["schema_version"] == 1 and r["created_at"] == runs.T0
-    assert r["config"] == runs.CONFIG
+    assert r["config"] == runs.CONFIG and r["mla_config"] == runs.MLA_CONFIG
     assert r["model"]["parameters"] == 97_728
     assert r["model"]["kv_cache_bytes_per_token"] == 2 * 2 * (32 + 8)  # 2 layers x (latent 32 + rope 8) x 2 bytes
     assert r["model"]["n_layers"] == 2 and r["model"]["n_heads"] == 4 and r["model_error"] is None
@@ -63,45 +63,52 @@ def test_rounds(client):
     assert [r["train_loss"] for r in rounds] == [3.2, 2.9, 2.7]
     assert rounds[0]["val_perplexity"] == pytest.approx(27.112638920657883)  # e**3.3
     assert [(r["sampled"], r["replied"], r["dropped"], r["rejected"]) for r in rounds] == [(3, 3, 0, 0), (3, 2, 1, 0), (3, 2, 0, 1)]
-    assert [r["bytes_up"] for r in rounds] == [7500, 5000, 7500]
+    assert [r["bytes_up"] for r in rounds] == [7500, 6000, 4000]
     assert [r["bytes_down"] for r in rounds] == [18000] * 3
-    assert [r["cum_bytes_total"] for r in rounds] == [25500, 48500, 74000]
-    assert [r["fedavg_fp32_bytes"] for r in rounds] == [6 * P, 5 * P, 5 * P]
-    assert rounds[1]["fedavg_ratio"] == pytest.approx(5 * P / 23000)
-    assert rounds[2]["cum_fedavg_ratio"] == pytest.approx(16 * P / 74000)
+    assert [r["cum_bytes_up"] for r in rounds] == [7500, 13500, 17500]
+    assert [r["cum_bytes_total"] for r in rounds] == [25500, 49500, 71500]
+    assert [r["fedavg_fp32_bytes"] for r in rounds] == [3 * P, 2 * P, 2 * P]
+    assert [r["fedavg_ratio"] for r in rounds] == [pytest.approx(P / 2500), pytest.approx(P / 3000), pytest.approx(P / 2000)]
+    assert [r["cum_fedavg_ratio"] for r in rounds] == \
+        [pytest.approx(P / 2500), pytest.approx(5 * P / 13500), pytest.approx(7 * P / 17500)]
+    assert [r["model_version"] for r in rounds] == [1, 2, 3]
     assert [r["duration_seconds"] for r in rounds] == [8.5] * 3
     assert [r["aggregation_seconds"] for r in rounds] == [0.25, 0.5, 0.75]
-    assert rounds[1]["reason"] == "fewer replies than sampled" and rounds[0]["reason"] is None
+    assert [r["reason"] for r in rounds] == ["all sampled clients replied", "remaining clients dropped", "deadline"]
+    assert [r["status"] for r in rounds] == ["committed"] * 3
     assert [r["id"] for r in client.get("/api/rounds", params={"since": 2}).json()] == [2, 3]
     assert client.get("/api/rounds", params={"since": -1}).status_code == 422
 
 
 def test_one_round_with_its_clients(client):
     d = client.get("/api/rounds/3").json()
-    assert d["round"]["id"] == 3 and d["round"]["cum_bytes_up"] == 20000
+    assert d["round"]["id"] == 3 and d["round"]["cum_bytes_up"] == 17500
     rows = {c["client"]: c for c in d["clients"]}
     assert sorted(rows) == list(runs.CLIENTS)
-    assert rows["client-b"]["rejection_reason"] == runs.REJECTION
+    assert [rows[c]["status"] for c in runs.CLIENTS] == ["replied", "rejected", "replied"]
+    assert rows["client-b"]["rejection_reason"] == runs.REJECTION and rows["client-b"]["bytes_up"] == 0
     assert rows["client-a"]["local_loss"] == 2.7 and rows["client-a"]["num_examples"] == 1000
     missing = client.get("/api/rounds/42")
-    assert missing.status_code == 404 and "round 42 not found in run 'run-0001'" in missing.json()["detail"]
+    assert missing.status_code == 404 and missing.json()["detail"] == f"round 42 not found in run {runs.RUN_ID!r}"
 
 
 def test_clients(client):
     cs = {c["name"]: c for c in client.get("/api/clients").json()}
     assert sorted(cs) == list(runs.CLIENTS)
     a, b, c = cs["client-a"], cs["client-b"], cs["client-c"]
-    assert (a["status"], a["rounds_joined"], a["bytes_up"], a["bytes_down"]) == ("idle", 3, 7500, 18000)
-    assert a["last_seen"] == runs.T0 + 39 and a["last_round"] == 3 and a["local_loss"] == 2.7 and a["rejection_reason"] is None
-    assert (b["status"], b["rejection_reason"], b["local_loss"]) == ("rejected", runs.REJECTION, pytest.approx(2.71))
-    assert (c["bytes_up"], c["num_examples"]) == (5000, 1200)
+    assert (a["status"], a["rounds_joined"], a["bytes_up"], a["bytes_down"]) == ("joined", 3, 7500, 18000)
+    assert a["last_seen"] == runs.T0 + 39 and a["joined_at"] == runs.T0
+    assert a["last_round"] == 3 and a["local_loss"] == 2.7 and a["rejection_reason"] is None
+    assert (b["rounds_joined"], b["bytes_up"], b["rejection_reason"], b["local_loss"]) == (2, 5500, runs.REJECTION, None)
+    assert (c["rounds_joined"], c["bytes_up"], c["num_examples"]) == (2, 4500, 1200)
 
 
 def test_one_client_with_its_rounds(client):
     d = client.get("/api/clients/client-c").json()
     assert d["client"]["name"] == "client-c"
     assert [(r["round_id"], r["bytes_up"], r["local_loss"]) for r in d["rounds"]] == \
-        [(1, 2500, pytest.approx(3.22)), (2, 0, None), (3, 2500, pytest.approx(2.72))]
+        [(1, 2500, pytest.approx(3.22)), (2, 0, None), (3, 2000, pytest.approx(2.72))]
+    assert [r["status"] for r in d["rounds"]] == ["replied", "dropped", "replied"]
     missing = client.get("/api/clients/nobody")
     assert missing.status_code == 404 and "client 'nobody' not found" in missing.json()["detail"]
 
@@ -225,19 +232,23 @@ def test_events_push_each_change_with_only_the_rounds_that_can_have_changed(kind
             assert first["head_importance"]["round_id"] == 1 and first["head_importance_rounds"] == [1]
             assert {c["name"] for c in first["clients"]} == set(runs.CLIENTS)
 
+            # Round 2 opens: clients are seen again (a store records that much; memory also the open round).
             writer.write(runs.round_start(2))
+            seen = runs.T0 + 20
             update = next(stream)[2]
-            while update["summary"]["current_round"] != 2:  # a memory writer's puts may land in several events
+            while not (all(c["last_seen"] == seen for c in update["clients"])
+                       and (kind != "memory" or update["summary"]["current_round"] == 2)):
                 update = next(stream)[2]
             assert not update["full"] and update["rounds_from"] == 2  # round 1 ended: never resent
-            assert [(r["id"], r["status"]) for r in update["rounds"]] == [(2, "running")]
             assert update["version"] > first["version"]
+            assert [(r["id"], r["status"]) for r in update["rounds"]] == ([(2, "running")] if kind == "memory" else [])
 
             writer.write(runs.round_end(2))
-            while not (update["rounds"] and update["rounds"][-1]["ended_at"] is not None and update["head_importance"]["round_id"] == 2):
+            while not (update["summary"]["rounds_ended"] == 2 and update["head_importance_rounds"] == [1, 2]):
                 update = next(stream)[2]
-            assert update["rounds_from"] == 2 and update["rounds"][-1]["val_loss"] == 3.0
-            assert update["summary"]["cum_bytes_up"] == 12500 and update["head_importance_rounds"] == [1, 2]
+            assert update["rounds_from"] == 2 and [r["id"] for r in update["rounds"]] == [2]
+            assert update["rounds"][0]["val_loss"] == 3.0 and update["rounds"][0]["status"] == "committed"
+            assert update["summary"]["cum_bytes_up"] == 13500 and update["head_importance"]["round_id"] == 2
     finally:
         server.stop()
         source.close()

@@ -24,9 +24,9 @@ def test_round_views_cumulative_bytes_ratios_durations_perplexity():
     assert [r.cum_bytes_up for r in v] == [100, 150, 150]
     assert [r.cum_bytes_down for r in v] == [300, 350, 850]
     assert [r.cum_bytes_total for r in v] == [400, 500, 1000]
-    assert [r.fedavg_ratio for r in v] == [20.0, 20.0, None]
+    assert [r.fedavg_ratio for r in v] == [80.0, 40.0, None]  # uplink against uplink
     assert [r.cum_fedavg_fp32_bytes for r in v] == [8000, 10000, None]  # unknown once any round lacks it
-    assert [r.cum_fedavg_ratio for r in v] == [20.0, 10000 / 500, None]
+    assert [r.cum_fedavg_ratio for r in v] == [80.0, 10000 / 150, None]
     assert v[0].val_perplexity == pytest.approx(10.0)
     assert v[0].train_perplexity == pytest.approx(math.e ** 2)
     assert v[1].val_perplexity is None and v[1].train_perplexity is None
@@ -40,7 +40,7 @@ def test_diverged_losses_become_null_not_nan():
 
 
 def test_ratio_undefined_when_nothing_was_sent():
-    v = round_views([RoundRecord(id=0, status="running", fedavg_fp32_bytes=1000)])[0]
+    v = round_views([RoundRecord(id=0, status="failed", bytes_down=500, fedavg_fp32_bytes=1000)])[0]
     assert v.fedavg_ratio is None and v.cum_fedavg_ratio is None
 
 
@@ -58,14 +58,14 @@ def test_summary_of_the_example_run():
     s = summary(7, runs.run_record(), views, final[-1].clients)
     assert (s.version, s.run_id, s.rounds_total, s.rounds_ended, s.current_round) == (7, runs.RUN_ID, 3, 3, 3)
     assert s.last_val_loss == 2.75 and s.best_val_loss == 2.75 and s.last_train_loss == 2.7
-    assert s.cum_bytes_up == 2500 * (3 + 2 + 3) and s.cum_bytes_down == 6000 * 9
-    assert s.cum_fedavg_fp32_bytes == runs.MODEL_FP32_BYTES * (6 + 5 + 5)
-    assert s.cum_fedavg_ratio == pytest.approx(runs.MODEL_FP32_BYTES * 16 / (2500 * 8 + 6000 * 9))
-    assert s.clients_by_status == {"idle": 2, "rejected": 1}
+    assert s.cum_bytes_up == 2500 * 3 + 3000 * 2 + 2000 * 2 and s.cum_bytes_down == 6000 * 9
+    assert s.cum_fedavg_fp32_bytes == runs.MODEL_FP32_BYTES * (3 + 2 + 2)
+    assert s.cum_fedavg_ratio == pytest.approx(runs.MODEL_FP32_BYTES * 7 / 17_500)
+    assert s.clients_by_status == {"joined": 3}
 
 
 def test_open_frontier():
-    done = RoundRecord(id=1, status="completed", started_at=0, ended_at=1)
+    done = RoundRecord(id=1, status="committed", started_at=0, ended_at=1)
     running = RoundRecord(id=2, status="running", started_at=2)
     assert open_frontier([]) == 0
     assert open_frontier([done]) == 2
@@ -77,15 +77,16 @@ def test_run_view_model_summary_from_preset_and_from_fields():
     from mla_model.cli import model_info
     from mla_model.config import MLAConfig
 
-    v = run_view(RunRecord(run_id="r", config={"model": {"preset": "tiny", "n_layers": 3}}))
+    v = run_view(RunRecord(run_id="r", config={"model": {"preset": "tiny", "n_layers": 3}}))  # a model section
     expected = model_info(MLAConfig.preset("tiny", n_layers=3))
     assert v.model.parameters == expected["mla"]["parameters"]
     assert v.model.kv_cache_bytes_per_token == expected["mla"]["kv_cache_bytes_per_token"]
     assert v.model.n_layers == 3 and v.model_error is None
 
     fields = MLAConfig.preset("small").model_dump()
-    v = run_view(RunRecord(run_id="r", config={"model": fields}))
+    v = run_view(RunRecord(run_id="r", config={"preset": "tiny"}, mla_config=fields))  # as the store records it
     assert v.model.parameters == model_info(MLAConfig.preset("small"))["mla"]["parameters"]
+    assert v.mla_config == fields
 
 
 def test_run_view_reports_a_bad_model_config_and_tolerates_none():
