@@ -1,7 +1,8 @@
 """The coordinator's web dashboard: a live, read-only view of a federated run.
 
 - :mod:`.source`: the records of a run and the :class:`DashboardSource` interface,
-  with :class:`InMemorySource` for a live coordinator to feed;
+  with :class:`InMemorySource` for a live coordinator to feed and
+  :class:`OverlaySource` (a store's history plus the round in progress);
 - :mod:`.sqlite_source`: :class:`SqliteSource`, reading a coordinator store read-only;
 - :mod:`.views`: what the page and the JSON API show, derived by pure functions;
 - :mod:`.app`: the FastAPI app (page, JSON API, server-sent events);
@@ -11,9 +12,9 @@
 from .app import create_app
 from .server import DashboardServer
 from .source import (ClientRecord, ClientRoundRecord, DashboardSource, HeadImportanceRecord, InMemorySource,
-                     RoundRecord, RunRecord)
+                     OverlaySource, RoundRecord, RunRecord)
 
 __all__ = [
-    "create_app", "DashboardServer", "DashboardSource", "InMemorySource",
+    "create_app", "DashboardServer", "DashboardSource", "InMemorySource", "OverlaySource",
     "RunRecord", "RoundRecord", "ClientRecord", "ClientRoundRecord", "HeadImportanceRecord",
 ]

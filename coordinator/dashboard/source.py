@@ -185,6 +185,14 @@ class InMemorySource:
             self._importance[record.round_id] = record
             self._version += 1
 
+    def discard_round(self, round_id: int) -> None:
+        """Forget a round and its client rows (e.g. once the store has committed it)."""
+        with self._lock:
+            self._rounds.pop(round_id, None)
+            for key in [k for k in self._client_rounds if k[0] == round_id]:
+                del self._client_rounds[key]
+            self._version += 1
+
     # ---- DashboardSource ------------------------------------------------------------
     def version(self) -> int:
         with self._lock:
@@ -225,3 +233,69 @@ class InMemorySource:
 
     def close(self) -> None:
         pass
+
+
+class OverlaySource:
+    """A store's history with a live overlay: what a coordinator serving its own store uses.
+
+    The store (usually a :class:`~coordinator.dashboard.sqlite_source.SqliteSource`)
+    only learns of a round when it commits; the coordinator puts the round in progress
+    (and its clients' rows and freshest client states) into ``live``, an
+    :class:`InMemorySource`, as it happens. What the store has wins: an overlay round
+    is shown only until the store commits a round with its id.
+    """
+
+    def __init__(self, store: DashboardSource, live: InMemorySource | None = None) -> None:
+        self.store = store
+        self.live = live if live is not None else InMemorySource()
+        self._lock = threading.Lock()
+        self._seen: tuple[int, int] | None = None
+        self._version = 0
+
+    def version(self) -> int:
+        both = (self.store.version(), self.live.version())
+        with self._lock:
+            if both != self._seen:
+                self._seen = both
+                self._version += 1
+            return self._version
+
+    def run(self) -> RunRecord:
+        return self.store.run()
+
+    def rounds(self) -> list[RoundRecord]:
+        stored = self.store.rounds()
+        ids = {r.id for r in stored}
+        return sorted(stored + [r for r in self.live.rounds() if r.id not in ids], key=lambda r: r.id)
+
+    def clients(self) -> list[ClientRecord]:
+        merged = {c.name: c for c in self.store.clients()}
+        for c in self.live.clients():
+            old = merged.get(c.name)
+            if old is None or (c.last_seen or 0) >= (old.last_seen or 0):
+                merged[c.name] = c
+        return [merged[k] for k in sorted(merged)]
+
+    def client_rounds(self, round_id: int | None = None, client: str | None = None) -> list[ClientRoundRecord]:
+        stored = self.store.client_rounds(round_id, client)
+        committed = {r.id for r in self.store.rounds()}
+        extra = [r for r in self.live.client_rounds(round_id, client) if r.round_id not in committed]
+        return sorted(stored + extra, key=lambda r: (r.round_id, r.client))
+
+    def latest_client_rounds(self) -> list[ClientRoundRecord]:
+        latest = {r.client: r for r in self.store.latest_client_rounds()}
+        committed = {r.id for r in self.store.rounds()}
+        for r in self.live.latest_client_rounds():
+            if r.round_id not in committed and (r.client not in latest or r.round_id > latest[r.client].round_id):
+                latest[r.client] = r
+        return [latest[k] for k in sorted(latest)]
+
+    def head_importance_rounds(self) -> list[int]:
+        return sorted(set(self.store.head_importance_rounds()) | set(self.live.head_importance_rounds()))
+
+    def head_importance(self, round_id: int) -> HeadImportanceRecord | None:
+        rec = self.store.head_importance(round_id)
+        return rec if rec is not None else self.live.head_importance(round_id)
+
+    def close(self) -> None:
+        self.store.close()

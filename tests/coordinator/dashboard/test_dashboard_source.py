@@ -6,7 +6,7 @@ import pytest
 
 import dashboard_runs as runs
 from coordinator.dashboard.source import (ClientRoundRecord, DashboardSource, HeadImportanceRecord, InMemorySource,
-                                          RoundRecord)
+                                          OverlaySource, RoundRecord)
 from coordinator.dashboard.sqlite_source import SqliteSource, StoreError
 
 
@@ -169,3 +169,38 @@ def test_iso_timestamps_are_accepted(sqlite_store):
         assert r.ended_at - r.started_at == 30.0
     finally:
         source.close()
+
+
+def test_overlay_shows_the_round_in_progress_until_the_store_commits_it(sqlite_store):
+    for step in runs.steps(1):
+        sqlite_store.write(step)
+    overlay = OverlaySource(SqliteSource(sqlite_store.root))
+    assert isinstance(overlay, DashboardSource)
+    try:
+        v = overlay.version()
+        assert overlay.version() == v
+        # the coordinator opens round 2 and a reply arrives: only the overlay knows
+        start = runs.round_start(2)
+        overlay.live.put_round(start.round.model_copy(update={"replied": 1, "bytes_up": 3000}))
+        overlay.live.put_client_round(ClientRoundRecord(round_id=2, client="client-a", status="replied", bytes_up=3000,
+                                                        local_loss=2.9))
+        overlay.live.put_client(start.clients[0].model_copy(update={"last_seen": runs.T0 + 25}))
+        assert overlay.version() != v
+        assert [(r.id, r.status, r.replied) for r in overlay.rounds()] == [(1, "committed", 3), (2, "running", 1)]
+        assert [(r.round_id, r.client) for r in overlay.client_rounds(round_id=2)] == [(2, "client-a")]
+        latest = {r.client: r.round_id for r in overlay.latest_client_rounds()}
+        assert latest == {"client-a": 2, "client-b": 1, "client-c": 1}
+        assert {c.name: c.last_seen for c in overlay.clients()}["client-a"] == runs.T0 + 25
+        # the store commits round 2: its record wins, the overlay's copy is ignored
+        v = overlay.version()
+        sqlite_store.write(runs.round_end(2))
+        assert overlay.version() != v
+        assert [(r.id, r.status, r.replied) for r in overlay.rounds()] == [(1, "committed", 3), (2, "committed", 2)]
+        assert [r.status for r in overlay.client_rounds(round_id=2)] == ["replied", "replied", "dropped"]
+        assert overlay.head_importance_rounds() == [1, 2]
+        assert {c.name: c.status for c in overlay.clients()}["client-c"] == "inactive"  # the store's newer state
+        overlay.live.discard_round(2)
+        assert overlay.live.rounds() == [] and overlay.live.client_rounds() == []
+        assert overlay.run() == runs.run_record()
+    finally:
+        overlay.close()
