@@ -139,118 +139,127 @@ def _fmt_bytes(n):
 def test_browser_watches_a_live_three_round_run(kind, tmp_path):
     with live_run(kind, tmp_path) as run, chromium(tmp_path / "chromium-profile") as browser:
         page = browser.new_page()
-        page_errors: list[str] = []
-        page.on("pageerror", lambda e: page_errors.append(str(e)))
-        page.goto(run.url)
-        page.wait_for_function("() => window.fedmlaDashboard && window.fedmlaDashboard.updates >= 1", timeout=WAIT_MS)
-        assert page.text_content("#card-round") == "–"  # opened before any round existed
-        updates_before = page.evaluate("window.fedmlaDashboard.updates")
+        try:
+            _watch_and_check(page, run, kind)
+        except BaseException:
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / f"dashboard-{kind}-failed.png"), full_page=True)
+            raise
 
-        run.start()
-        page.wait_for_function(ROUND_3_ON_PAGE, timeout=WAIT_MS)
-        assert page.evaluate("window.fedmlaDashboard.updates") > updates_before + 1, "the page was not updated live"
-        assert page.text_content("#conn-status") == "live"
 
-        summary = run.api.get("/api/summary").json()
-        rounds = run.api.get("/api/rounds").json()
-        clients = run.api.get("/api/clients").json()
-        heat = run.api.get("/api/head-importance/latest").json()
-        info = run.api.get("/api/run").json()
+def _watch_and_check(page, run: LiveRun, kind: str) -> None:
+    page_errors: list[str] = []
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    page.goto(run.url)
+    page.wait_for_function("() => window.fedmlaDashboard && window.fedmlaDashboard.updates >= 1", timeout=WAIT_MS)
+    assert page.text_content("#card-round") == "–"  # opened before any round existed
+    updates_before = page.evaluate("window.fedmlaDashboard.updates")
 
-        # ---- cards ---------------------------------------------------------------------
-        assert page.text_content("#run-id") == info["run_id"]
-        assert page.text_content("#card-round") == "3"
-        assert page.text_content("#card-val-loss") == _fmt(summary["last_val_loss"], 4)
-        assert page.text_content("#card-val-ppl") == _fmt(summary["last_val_perplexity"], 2)
-        assert page.text_content("#card-train-loss") == _fmt(summary["last_train_loss"], 4)
-        assert page.text_content("#card-ratio") == f"{summary['cum_fedavg_ratio']:.1f}×"
-        assert page.text_content("#card-bytes") == \
-            f"{_fmt_bytes(summary['cum_bytes_up'])} / {_fmt_bytes(summary['cum_bytes_down'])}"
+    run.start()
+    page.wait_for_function(ROUND_3_ON_PAGE, timeout=WAIT_MS)
+    assert page.evaluate("window.fedmlaDashboard.updates") > updates_before + 1, "the page was not updated live"
+    assert page.text_content("#conn-status") == "live"
 
-        # ---- charts: the numbers plotted are the API's, and plotly drew them ------------
-        charts = page.evaluate(CHART_DATA)
-        col = lambda key: [r[key] for r in rounds]  # noqa: E731
-        ids = col("id")
-        expected = {
-            "chart-loss": [col("train_loss"), col("val_loss")],
-            "chart-perplexity": [col("train_perplexity"), col("val_perplexity")],
-            "chart-clients": [col("replied"), col("dropped"), col("rejected"), col("sampled")],
-            "chart-duration": [col("duration_seconds"), col("aggregation_seconds")],
-            "chart-bytes": [col("bytes_up"), col("bytes_down"), col("fedavg_fp32_bytes")],
-            "chart-cumulative": [col("cum_bytes_up"), col("cum_bytes_total"), col("cum_fedavg_fp32_bytes"),
-                                 col("cum_fedavg_ratio")],
-        }
-        for chart, series in expected.items():
-            traces = charts[chart]
-            assert len(traces) == len(series), chart
-            for trace, ys in zip(traces, series):
-                assert trace["x"] == ids, (chart, trace["name"])
-                assert trace["y"] == _approx_list(ys), (chart, trace["name"])
-        assert page.locator("#chart-loss .scatterlayer .trace .points path").count() == 2 * len(rounds)
-        assert page.locator("#chart-bytes .barlayer .point").count() == 2 * len(rounds)
-        assert page.locator("#chart-clients .barlayer .point").count() >= len(rounds)
+    summary = run.api.get("/api/summary").json()
+    rounds = run.api.get("/api/rounds").json()
+    clients = run.api.get("/api/clients").json()
+    heat = run.api.get("/api/head-importance/latest").json()
+    info = run.api.get("/api/run").json()
 
-        # ---- heatmap: latest round's scores, inactive heads crossed out, slider --------
-        heat_traces = charts["chart-heatmap"]
-        assert heat_traces[0]["z"] == heat["scores"]
-        masked = [(f"head {h}", f"layer {layer}") for layer, row in enumerate(heat["mask"] or [])
-                  for h, active in enumerate(row) if not active]
-        assert list(zip(heat_traces[1]["x"], heat_traces[1]["y"])) == masked
-        assert page.locator("#chart-heatmap .heatmaplayer image").count() == 1
-        cell_text = page.locator("#chart-heatmap .heatmaplayer text").all_text_contents()
-        assert cell_text[:len(heat["scores"][0])] == [f"{x:.3f}" for x in heat["scores"][0]]
-        assert page.locator("#chart-heatmap .scatterlayer .points path").count() == len(masked)
-        caption = page.text_content("#heat-caption")
-        assert (f"{heat['active_heads']} of 8 heads active" if heat["mask"] else "no active-head mask recorded") in caption
-        assert page.eval_on_selector("#heat-slider", "s => [s.max, s.value]") == ["2", "2"]
+    # ---- cards ---------------------------------------------------------------------
+    assert page.text_content("#run-id") == info["run_id"]
+    assert page.text_content("#card-round") == "3"
+    assert page.text_content("#card-val-loss") == _fmt(summary["last_val_loss"], 4)
+    assert page.text_content("#card-val-ppl") == _fmt(summary["last_val_perplexity"], 2)
+    assert page.text_content("#card-train-loss") == _fmt(summary["last_train_loss"], 4)
+    assert page.text_content("#card-ratio") == f"{summary['cum_fedavg_ratio']:.1f}×"
+    assert page.text_content("#card-bytes") == \
+        f"{_fmt_bytes(summary['cum_bytes_up'])} / {_fmt_bytes(summary['cum_bytes_down'])}"
 
-        page.eval_on_selector("#heat-slider", "s => { s.value = '0'; s.dispatchEvent(new Event('input')); }")
-        page.wait_for_function("() => document.getElementById('heat-round').textContent === '1'", timeout=WAIT_MS)
-        heat1 = run.api.get("/api/head-importance/1").json()
-        page.wait_for_function("() => document.getElementById('heat-caption').textContent.includes('round 1,')",
-                               timeout=WAIT_MS)
-        assert page.evaluate(CHART_DATA)["chart-heatmap"][0]["z"] == heat1["scores"]
+    # ---- charts: the numbers plotted are the API's, and plotly drew them ------------
+    charts = page.evaluate(CHART_DATA)
+    col = lambda key: [r[key] for r in rounds]  # noqa: E731
+    ids = col("id")
+    expected = {
+        "chart-loss": [col("train_loss"), col("val_loss")],
+        "chart-perplexity": [col("train_perplexity"), col("val_perplexity")],
+        "chart-clients": [col("replied"), col("dropped"), col("rejected"), col("sampled")],
+        "chart-duration": [col("duration_seconds"), col("aggregation_seconds")],
+        "chart-bytes": [col("bytes_up"), col("bytes_down"), col("fedavg_fp32_bytes")],
+        "chart-cumulative": [col("cum_bytes_up"), col("cum_bytes_total"), col("cum_fedavg_fp32_bytes"),
+                             col("cum_fedavg_ratio")],
+    }
+    for chart, series in expected.items():
+        traces = charts[chart]
+        assert len(traces) == len(series), chart
+        for trace, ys in zip(traces, series):
+            assert trace["x"] == ids, (chart, trace["name"])
+            assert trace["y"] == _approx_list(ys), (chart, trace["name"])
+    assert page.locator("#chart-loss .scatterlayer .trace .points path").count() == 2 * len(rounds)
+    assert page.locator("#chart-bytes .barlayer .point").count() == 2 * len(rounds)
+    assert page.locator("#chart-clients .barlayer .point").count() >= len(rounds)
 
-        # ---- tables ------------------------------------------------------------------
-        for c in clients:
-            row = page.locator(f'#clients-body tr[data-client="{c["name"]}"]')
-            text = lambda key: row.locator(f'td[data-key="{key}"]').text_content()  # noqa: E731
-            assert text("status") == c["status"]
-            assert text("rounds_joined") == str(c["rounds_joined"])
-            assert row.locator('td[data-key="bytes_up"]').get_attribute("data-value") == str(c["bytes_up"])
-            assert row.locator('td[data-key="bytes_down"]').get_attribute("data-value") == str(c["bytes_down"])
-            assert text("bytes_up") == _fmt_bytes(c["bytes_up"])
-            assert text("local_loss") == _fmt(c["local_loss"], 4)
-            assert text("last_round") == str(c["last_round"])
-            assert text("rejection_reason") == (c["rejection_reason"] or "")
-        assert page.locator("#rounds-body tr").count() == len(rounds)
-        for r in rounds:
-            row = page.locator(f'#rounds-body tr[data-round="{r["id"]}"]')
-            assert row.locator('td[data-key="status"]').text_content() == r["status"]
-            assert row.locator('td[data-key="val_loss"]').text_content() == _fmt(r["val_loss"], 4)
-            assert row.locator('td[data-key="bytes_up"]').get_attribute("data-value") == str(r["bytes_up"])
-            assert row.locator('td[data-key="reason"]').text_content() == (r["reason"] or "")
+    # ---- heatmap: latest round's scores, inactive heads crossed out, slider --------
+    heat_traces = charts["chart-heatmap"]
+    assert heat_traces[0]["z"] == heat["scores"]
+    masked = [(f"head {h}", f"layer {layer}") for layer, row in enumerate(heat["mask"] or [])
+              for h, active in enumerate(row) if not active]
+    assert list(zip(heat_traces[1]["x"], heat_traces[1]["y"])) == masked
+    assert page.locator("#chart-heatmap .heatmaplayer image").count() == 1
+    cell_text = page.locator("#chart-heatmap .heatmaplayer text").all_text_contents()
+    assert cell_text[:len(heat["scores"][0])] == [f"{x:.3f}" for x in heat["scores"][0]]
+    assert page.locator("#chart-heatmap .scatterlayer .points path").count() == len(masked)
+    caption = page.text_content("#heat-caption")
+    assert (f"{heat['active_heads']} of 8 heads active" if heat["mask"] else "no active-head mask recorded") in caption
+    assert page.eval_on_selector("#heat-slider", "s => [s.max, s.value]") == ["2", "2"]
 
-        # ---- model and config ----------------------------------------------------------
-        assert page.text_content('#model-summary dd[data-key="parameters"]') == f"{info['model']['parameters']:,}"
-        assert page.text_content('#model-summary dd[data-key="kv_cache_bytes_per_token"]').startswith(
-            f"{info['model']['kv_cache_bytes_per_token']:,} ")
-        assert f'"rank": {info["config"]["rank"]}' in page.text_content("#run-config")
-        assert f'"kv_lora_rank": {info["mla_config"]["kv_lora_rank"]}' in page.text_content("#model-config")
+    page.eval_on_selector("#heat-slider", "s => { s.value = '0'; s.dispatchEvent(new Event('input')); }")
+    page.wait_for_function("() => document.getElementById('heat-round').textContent === '1'", timeout=WAIT_MS)
+    heat1 = run.api.get("/api/head-importance/1").json()
+    page.wait_for_function("() => document.getElementById('heat-caption').textContent.includes('round 1,')",
+                           timeout=WAIT_MS)
+    assert page.evaluate(CHART_DATA)["chart-heatmap"][0]["z"] == heat1["scores"]
 
-        # ---- facts of the example run, by hand (replace when driving a real simulation) --
-        assert [r["val_loss"] for r in rounds] == [runs.VAL_LOSS[i] for i in (1, 2, 3)]
-        assert page.text_content("#card-val-loss") == "2.7500"
-        assert page.text_content('#clients-body tr[data-client="client-b"] td[data-key="rejection_reason"]') == runs.REJECTION
-        assert math.isclose(summary["cum_fedavg_ratio"], 7 * runs.MODEL_FP32_BYTES / 17_500)
-        assert heat["mask"] == (runs.MASK[3] if kind == "memory" else None)  # the store records no mask (yet)
-        assert len(masked) == (2 if kind == "memory" else 0)
+    # ---- tables ------------------------------------------------------------------
+    for c in clients:
+        row = page.locator(f'#clients-body tr[data-client="{c["name"]}"]')
+        text = lambda key: row.locator(f'td[data-key="{key}"]').text_content()  # noqa: E731
+        assert text("status") == c["status"]
+        assert text("rounds_joined") == str(c["rounds_joined"])
+        assert row.locator('td[data-key="bytes_up"]').get_attribute("data-value") == str(c["bytes_up"])
+        assert row.locator('td[data-key="bytes_down"]').get_attribute("data-value") == str(c["bytes_down"])
+        assert text("bytes_up") == _fmt_bytes(c["bytes_up"])
+        assert text("local_loss") == _fmt(c["local_loss"], 4)
+        assert text("last_round") == str(c["last_round"])
+        assert text("rejection_reason") == (c["rejection_reason"] or "")
+    assert page.locator("#rounds-body tr").count() == len(rounds)
+    for r in rounds:
+        row = page.locator(f'#rounds-body tr[data-round="{r["id"]}"]')
+        assert row.locator('td[data-key="status"]').text_content() == r["status"]
+        assert row.locator('td[data-key="val_loss"]').text_content() == _fmt(r["val_loss"], 4)
+        assert row.locator('td[data-key="bytes_up"]').get_attribute("data-value") == str(r["bytes_up"])
+        assert row.locator('td[data-key="reason"]').text_content() == (r["reason"] or "")
 
-        # ---- screenshot for CI -------------------------------------------------------
-        page.eval_on_selector("#heat-slider", "s => { s.value = s.max; s.dispatchEvent(new Event('input')); }")
-        page.wait_for_function("() => document.getElementById('heat-round').textContent === '3'", timeout=WAIT_MS)
-        ARTIFACTS.mkdir(exist_ok=True)
-        shot = ARTIFACTS / ("dashboard.png" if kind == "sqlite" else f"dashboard-{kind}.png")
-        page.screenshot(path=str(shot), full_page=True)
-        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert page_errors == []
+    # ---- model and config ----------------------------------------------------------
+    assert page.text_content('#model-summary dd[data-key="parameters"]') == f"{info['model']['parameters']:,}"
+    assert page.text_content('#model-summary dd[data-key="kv_cache_bytes_per_token"]').startswith(
+        f"{info['model']['kv_cache_bytes_per_token']:,} ")
+    assert f'"rank": {info["config"]["rank"]}' in page.text_content("#run-config")
+    assert f'"kv_lora_rank": {info["mla_config"]["kv_lora_rank"]}' in page.text_content("#model-config")
+
+    # ---- facts of the example run, by hand (replace when driving a real simulation) --
+    assert [r["val_loss"] for r in rounds] == [runs.VAL_LOSS[i] for i in (1, 2, 3)]
+    assert page.text_content("#card-val-loss") == "2.7500"
+    assert page.text_content('#clients-body tr[data-client="client-b"] td[data-key="rejection_reason"]') == runs.REJECTION
+    assert math.isclose(summary["cum_fedavg_ratio"], 7 * runs.MODEL_FP32_BYTES / 17_500)
+    assert heat["mask"] == (runs.MASK[3] if kind == "memory" else None)  # the store records no mask (yet)
+    assert len(masked) == (2 if kind == "memory" else 0)
+
+    # ---- screenshot for CI -------------------------------------------------------
+    page.eval_on_selector("#heat-slider", "s => { s.value = s.max; s.dispatchEvent(new Event('input')); }")
+    page.wait_for_function("() => document.getElementById('heat-round').textContent === '3'", timeout=WAIT_MS)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / ("dashboard.png" if kind == "sqlite" else f"dashboard-{kind}.png")
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page_errors == []
