@@ -9,4 +9,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+
+# The dashboard's browser test drives Debian's Chromium (Playwright's own browser
+# download is not used). Installed here when we can: as root with apt-get.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver
+    fi
+else
+    command -v chromium >/dev/null 2>&1 || echo "note: install Chromium (Debian: apt-get install chromium chromium-driver) for the dashboard browser test" >&2
+fi
+
 "$PY" -m pip install -e ".[dev]"
