@@ -1,0 +1,72 @@
+"""MLA training attention (causal), forward and backward.
+
+Public entry point: :func:`mla_attention`. Shapes:
+
+- q (B, T, H, dn+dr): per-head query, the rope part last
+- k_nope (B, S, H, dn): per-head non-rope key
+- k_pe (B, S, dr): the ONE rope key shared by all heads (the Triton kernel reads it
+  through its own pointer; it is never broadcast in memory)
+- v (B, S, H, dv), dv may differ from dn+dr
+- returns (B, T, H, dv) in q's dtype
+
+With T < S the causal mask is aligned to the end (query i sees keys j <= i + S - T).
+``heads`` (int indices or a boolean mask over H) selects active heads: inactive heads
+are not computed, their outputs are zero and their gradients are zero.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._common import check_dim, check_same, check_tensor, normalize_heads, resolve_backend
+from .naive import mla_attention_naive
+from .sdpa import mla_attention_sdpa
+
+__all__ = ["mla_attention", "mla_attention_naive", "mla_attention_sdpa", "validate_attention_args"]
+
+
+def validate_attention_args(q, k_nope, k_pe, v) -> None:
+    check_tensor("q", q, 4)
+    check_tensor("k_nope", k_nope, 4)
+    check_tensor("k_pe", k_pe, 3)
+    check_tensor("v", v, 4)
+    names, ts = ["q", "k_nope", "k_pe", "v"], [q, k_nope, k_pe, v]
+    check_same(names, ts, "dtype")
+    check_same(names, ts, "device")
+    B, T, H, dqk = q.shape
+    S, dn, dr = k_nope.size(1), k_nope.size(-1), k_pe.size(-1)
+    check_dim("k_nope", k_nope, 0, B, "batch B of q")
+    check_dim("k_nope", k_nope, 2, H, "heads H of q")
+    check_dim("k_pe", k_pe, 0, B, "batch B of q")
+    check_dim("k_pe", k_pe, 1, S, "keys S of k_nope")
+    check_dim("v", v, 0, B, "batch B of q")
+    check_dim("v", v, 1, S, "keys S of k_nope")
+    check_dim("v", v, 2, H, "heads H of q")
+    if dqk != dn + dr:
+        raise ValueError(f"q has head dim {dqk} but k_nope ({dn}) + k_pe ({dr}) give {dn + dr}")
+
+
+def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
+                  scale: float | None = None, causal: bool = True, heads=None,
+                  backend: str = "auto") -> torch.Tensor:
+    """MLA attention with autograd through every backend (see module docstring for shapes).
+
+    scale defaults to 1/sqrt(dn+dr). backend: ``auto`` (CUDA -> Triton, CPU -> padded-v
+    SDPA), ``triton``, ``torch`` or ``naive``.
+    """
+    validate_attention_args(q, k_nope, k_pe, v)
+    if scale is None:
+        scale = q.size(-1) ** -0.5
+    scale = float(scale)
+    h = normalize_heads(heads, q.size(2), q.device)
+    which = resolve_backend(backend, q.device)
+    if h is not None and h.numel() == 0:
+        # No active head: a zero output that still carries (zero) gradients.
+        return (q[..., :1] * 0).sum(-1, keepdim=True).expand(*q.shape[:3], v.size(-1)) + v.new_zeros(())
+    if which == "naive":
+        return mla_attention_naive(q, k_nope, k_pe, v, scale, causal, h)
+    if which == "torch":
+        return mla_attention_sdpa(q, k_nope, k_pe, v, scale, causal, h)
+    from .triton import MLAAttentionTriton  # imported lazily: decorating kernels reads TRITON_INTERPRET
+
+    return MLAAttentionTriton.apply(q, k_nope, k_pe, v, scale, causal, h)

@@ -1,0 +1,55 @@
+"""The CPU (and fallback) torch path of MLA attention: scaled_dot_product_attention.
+
+CPU SDPA uses its fused flash kernel only when q, k and v share a head dim; with
+dv != dn+dr it falls back to the slow math path. Zero-padding v to the qk dim and
+slicing the output keeps the flash path (the padded columns of the output are exactly
+zero and their gradient is discarded by the slice). SDPA needs a per-head key, so the
+shared rope key is expanded here; this is the one place that does it, and only on
+the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _causal_args(T: int, S: int, causal: bool, device) -> tuple[torch.Tensor | None, bool]:
+    if not causal:
+        return None, False
+    if T == S:
+        return None, T > 1
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T), False
+
+
+def mla_attention_sdpa(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
+                       scale: float, causal: bool = True, heads: torch.Tensor | None = None,
+                       pad_v: bool = True) -> torch.Tensor:
+    """Shapes as :func:`kernels.mla_attention.mla_attention`. ``pad_v=False`` gives SDPA's
+    math path (kept for the benchmark's comparison)."""
+    B, T, H, dqk = q.shape
+    S, dv = k_nope.size(1), v.size(-1)
+    if heads is not None:
+        idx = heads.to(device=q.device, dtype=torch.long)
+        q, k_nope, v = q.index_select(2, idx), k_nope.index_select(2, idx), v.index_select(2, idx)
+    h = q.size(2)
+    k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, h, k_pe.size(-1))], dim=-1)
+    vt = v.transpose(1, 2)
+    if pad_v and dv < dqk:
+        vt = F.pad(vt, (0, dqk - dv))
+    mask, is_causal = _causal_args(T, S, causal, q.device)
+    if mask is not None and S < T:
+        # Rows that see no key: SDPA would give NaN; the reference defines them as zero.
+        mask = mask | ~mask.any(-1, keepdim=True)
+        row_empty = ~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T).any(-1)
+    else:
+        row_empty = None
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), vt,
+                                         attn_mask=mask, is_causal=is_causal, scale=scale)
+    out = out[..., :dv].transpose(1, 2)
+    if row_empty is not None:
+        out = out.masked_fill(row_empty.view(1, T, 1, 1), 0.0)
+    if heads is not None:
+        full = out.new_zeros(B, T, H, dv)
+        out = full.index_copy(2, idx, out)
+    return out
