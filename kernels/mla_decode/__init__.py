@@ -72,6 +72,8 @@ def mla_decode_torch(q_latent, q_pe, kv_cache, pe_cache, lengths: torch.Tensor, 
     if bool((lengths < S).any()):
         pad = torch.arange(S, device=kv.device).view(1, 1, S) >= lengths.view(B, 1, 1)
         scores = scores.masked_fill(pad, float("-inf"))
+        # Rows past a request's length may hold stale values (even NaN): 0 * NaN is NaN.
+        kv = kv.masked_fill(pad.view(B, S, 1), 0.0)
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # requests with length 0
     return torch.bmm(probs, kv).to(q_latent.dtype)
