@@ -12,6 +12,9 @@ Public entry point: :func:`mla_attention`. Shapes:
 With T < S the causal mask is aligned to the end (query i sees keys j <= i + S - T).
 ``heads`` (int indices or a boolean mask over H) selects active heads: inactive heads
 are not computed, their outputs are zero and their gradients are zero.
+``lengths`` (B,) gives each request's number of keys in a right-padded batch: keys
+j >= lengths[b] are masked (padded query rows still attend to the valid keys; a
+request of length 0 gets zeros).
 """
 
 from __future__ import annotations
@@ -22,7 +25,21 @@ from .._common import check_dim, check_same, check_tensor, normalize_heads, reso
 from .naive import mla_attention_naive
 from .sdpa import mla_attention_sdpa
 
-__all__ = ["mla_attention", "mla_attention_naive", "mla_attention_sdpa", "validate_attention_args"]
+__all__ = ["mla_attention", "mla_attention_naive", "mla_attention_sdpa", "validate_attention_args", "validate_lengths"]
+
+
+def validate_lengths(lengths, B: int, S: int, device) -> torch.Tensor | None:
+    """(B,) ints in [0, S] -> int32 tensor on device; None stays None."""
+    if lengths is None:
+        return None
+    lens = torch.as_tensor(lengths)
+    if lens.is_floating_point() or lens.dtype == torch.bool:
+        raise ValueError(f"lengths must hold integers, got dtype {lens.dtype}")
+    if lens.shape != (B,):
+        raise ValueError(f"lengths must have shape ({B},) (one per request), got {tuple(lens.shape)}")
+    if lens.numel() and (int(lens.min()) < 0 or int(lens.max()) > S):
+        raise ValueError(f"lengths must lie in [0, {S}] (the key length S), got {lens.tolist()}")
+    return lens.to(device=device, dtype=torch.int32)
 
 
 def validate_attention_args(q, k_nope, k_pe, v) -> None:
@@ -47,7 +64,7 @@ def validate_attention_args(q, k_nope, k_pe, v) -> None:
 
 
 def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
-                  scale: float | None = None, causal: bool = True, heads=None,
+                  scale: float | None = None, causal: bool = True, heads=None, lengths=None,
                   backend: str = "auto") -> torch.Tensor:
     """MLA attention with autograd through every backend (see module docstring for shapes).
 
@@ -59,14 +76,15 @@ def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: 
         scale = q.size(-1) ** -0.5
     scale = float(scale)
     h = normalize_heads(heads, q.size(2), q.device)
+    lens = validate_lengths(lengths, q.size(0), k_nope.size(1), q.device)
     which = resolve_backend(backend, q.device)
     if h is not None and h.numel() == 0:
         # No active head: a zero output that still carries (zero) gradients.
         return (q[..., :1] * 0).sum(-1, keepdim=True).expand(*q.shape[:3], v.size(-1)) + v.new_zeros(())
     if which == "naive":
-        return mla_attention_naive(q, k_nope, k_pe, v, scale, causal, h)
+        return mla_attention_naive(q, k_nope, k_pe, v, scale, causal, h, lens)
     if which == "torch":
-        return mla_attention_sdpa(q, k_nope, k_pe, v, scale, causal, h)
+        return mla_attention_sdpa(q, k_nope, k_pe, v, scale, causal, h, lens)
     from .triton import MLAAttentionTriton  # imported lazily: decorating kernels reads TRITON_INTERPRET
 
-    return MLAAttentionTriton.apply(q, k_nope, k_pe, v, scale, causal, h)
+    return MLAAttentionTriton.apply(q, k_nope, k_pe, v, scale, causal, h, lens)

@@ -11,9 +11,11 @@ import torch
 
 
 def mla_attention_naive(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
-                        scale: float, causal: bool = True, heads: torch.Tensor | None = None) -> torch.Tensor:
+                        scale: float, causal: bool = True, heads: torch.Tensor | None = None,
+                        lengths: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, T, H, dn+dr) rope part last; k_nope (B, S, H, dn); k_pe (B, S, dr) shared by all
-    heads; v (B, S, H, dv); heads: optional int tensor of active head indices.
+    heads; v (B, S, H, dv); heads: optional int tensor of active head indices; lengths:
+    optional (B,) key lengths of a padded batch (keys j >= lengths[b] are masked).
 
     Returns (B, T, H, dv) in q's dtype; inactive heads' rows are zero. The causal mask
     is aligned to the end when T < S (query i sees keys j <= i + S - T).
@@ -30,8 +32,11 @@ def mla_attention_naive(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tenso
     if causal:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         scores = scores.masked_fill(~mask, float("-inf"))
+    if lengths is not None:
+        pad = torch.arange(S, device=q.device).view(1, S) >= lengths.to(q.device).long().view(B, 1)
+        scores = scores.masked_fill(pad.view(B, 1, 1, S), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    # Rows with no visible key (only when S < T) would be NaN: define them as zero.
+    # Rows with no visible key (S < T, or a length of 0) would be NaN: define them as zero.
     probs = torch.nan_to_num(probs, nan=0.0)
     out = torch.einsum("bhts,bshd->bthd", probs, vf)
     if heads is not None:

@@ -14,17 +14,27 @@ import torch
 import torch.nn.functional as F
 
 
-def _causal_args(T: int, S: int, causal: bool, device) -> tuple[torch.Tensor | None, bool]:
-    if not causal:
-        return None, False
-    if T == S:
-        return None, T > 1
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T), False
+def _mask(B: int, T: int, S: int, causal: bool, lengths: torch.Tensor | None, device):
+    """(attn_mask or None, is_causal, empty rows or None) for SDPA. The mask is (T, S) or,
+    with lengths, (B, 1, T, S); rows with no visible key are reported so that they can be
+    zeroed (SDPA would give NaN for them)."""
+    if lengths is None and (not causal or T == S):
+        return None, causal and T > 1, None
+    mask = torch.ones(T, S, dtype=torch.bool, device=device)
+    if causal:
+        mask = mask.tril(diagonal=S - T)
+    if lengths is not None:
+        keys = torch.arange(S, device=device).view(1, S) < lengths.to(device).long().view(B, 1)
+        mask = mask.view(1, 1, T, S) & keys.view(B, 1, 1, S)
+    empty = ~mask.any(-1, keepdim=True)
+    if bool(empty.any()):
+        return mask | empty, False, empty
+    return mask, False, None
 
 
 def mla_attention_sdpa(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
                        scale: float, causal: bool = True, heads: torch.Tensor | None = None,
-                       pad_v: bool = True) -> torch.Tensor:
+                       lengths: torch.Tensor | None = None, pad_v: bool = True) -> torch.Tensor:
     """Shapes as :func:`kernels.mla_attention.mla_attention`. ``pad_v=False`` gives SDPA's
     math path (kept for the benchmark's comparison)."""
     B, T, H, dqk = q.shape
@@ -37,18 +47,12 @@ def mla_attention_sdpa(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor
     vt = v.transpose(1, 2)
     if pad_v and dv < dqk:
         vt = F.pad(vt, (0, dqk - dv))
-    mask, is_causal = _causal_args(T, S, causal, q.device)
-    if mask is not None and S < T:
-        # Rows that see no key: SDPA would give NaN; the reference defines them as zero.
-        mask = mask | ~mask.any(-1, keepdim=True)
-        row_empty = ~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T).any(-1)
-    else:
-        row_empty = None
+    mask, is_causal, empty = _mask(B, T, S, causal, lengths, q.device)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), vt,
                                          attn_mask=mask, is_causal=is_causal, scale=scale)
+    if empty is not None:
+        out = out.masked_fill(empty.expand(-1, -1, T, 1) if empty.dim() == 4 else empty, 0.0)
     out = out[..., :dv].transpose(1, 2)
-    if row_empty is not None:
-        out = out.masked_fill(row_empty.view(1, T, 1, 1), 0.0)
     if heads is not None:
         full = out.new_zeros(B, T, H, dv)
         out = full.index_copy(2, idx, out)

@@ -4,7 +4,8 @@ Shapes (B batch, T queries, S keys, H heads, Ha active heads):
 
 - q (B, T, H, dn+dr), rope part last; k_nope (B, S, H, dn); k_pe (B, S, dr) is the ONE
   rope key of every head and is read through its own pointer, never broadcast;
-  v (B, S, H, dv); out (B, T, H, dv); lse (B, Ha, T) fp32, base 2.
+  v (B, S, H, dv); out (B, T, H, dv); lse (B, Ha, T) fp32, base 2;
+  lengths (B,) int32, optional: request b's keys are 0 .. lengths[b]-1 (a padded batch).
 
 Scores are split as q_nope.k_nope + q_pe.k_pe so the shared key never needs a per-head
 copy. Softmax is online (FlashAttention-2) with fp32 statistics and accumulators.
@@ -33,11 +34,11 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _mla_attn_fwd_kernel(
-    Q, KN, KP, V, O, LSE, HEADS,
+    Q, KN, KP, V, O, LSE, HEADS, LENS,
     sq_b, sq_t, sq_h, skn_b, skn_s, skn_h, skp_b, skp_s, sv_b, sv_s, sv_h, so_b, so_t, so_h,
     T, S, H_ACT, DN, DR, DV, OFFSET, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_P: tl.constexpr, DR_P: tl.constexpr, DV_P: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_HEADS: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_HEADS: tl.constexpr, HAS_LENS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -52,6 +53,9 @@ def _mla_attn_fwd_kernel(
     offs_dr = tl.arange(0, DR_P)
     offs_dv = tl.arange(0, DV_P)
     m_ok = offs_m < T
+    s_len = S  # keys of this request: S, or its own length in a padded batch
+    if HAS_LENS:
+        s_len = tl.load(LENS + b)
 
     q_base = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t
     qn = tl.load(q_base + offs_dn[None, :], mask=m_ok[:, None] & (offs_dn[None, :] < DN), other=0.0)
@@ -64,12 +68,12 @@ def _mla_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_P], tl.float32)
 
-    end_n = S
+    end_n = s_len
     if CAUSAL:
-        end_n = tl.minimum(S, (pid_m + 1) * BLOCK_M + OFFSET)
+        end_n = tl.minimum(s_len, (pid_m + 1) * BLOCK_M + OFFSET)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < S
+        n_ok = offs_n < s_len
         knT = tl.load(KN + b * skn_b + h * skn_h + offs_n[None, :] * skn_s + offs_dn[:, None],
                       mask=n_ok[None, :] & (offs_dn[:, None] < DN), other=0.0)
         kpT = tl.load(KP + b * skp_b + offs_n[None, :] * skp_s + offs_dr[:, None],
@@ -110,21 +114,25 @@ def _mla_attn_fwd_kernel(
 
 @triton.jit
 def _mla_attn_bwd_dkv_kernel(
-    Q, KN, KP, V, DO, LSE, DELTA, DKN, DKP, DV_OUT, HEADS,
+    Q, KN, KP, V, DO, LSE, DELTA, DKN, DKP, DV_OUT, HEADS, LENS,
     sq_b, sq_t, sq_h, skn_b, skn_s, skn_h, skp_b, skp_s, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
     T, S, H_ACT, DN, DR, DV, OFFSET, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_P: tl.constexpr, DR_P: tl.constexpr, DV_P: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_HEADS: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_HEADS: tl.constexpr, HAS_LENS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One key block of one batch row, all active heads: dk_nope and dv per head, and dk_pe
     summed over the heads in a single accumulator (the key is shared)."""
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
+    s_len = S
+    if HAS_LENS:
+        s_len = tl.load(LENS + b)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_dn = tl.arange(0, DN_P)
     offs_dr = tl.arange(0, DR_P)
     offs_dv = tl.arange(0, DV_P)
-    n_ok = offs_n < S
+    n_ok = offs_n < s_len
+    n_out = offs_n < S  # stores cover the padding too: its gradients are written as zeros
     kp = tl.load(KP + b * skp_b + offs_n[:, None] * skp_s + offs_dr[None, :],
                  mask=n_ok[:, None] & (offs_dr[None, :] < DR), other=0.0)
     if UPCAST:
@@ -134,6 +142,9 @@ def _mla_attn_bwd_dkv_kernel(
     start_m = 0
     if CAUSAL:
         start_m = tl.maximum(pid_n * BLOCK_N - OFFSET, 0) // BLOCK_M * BLOCK_M
+    if HAS_LENS:
+        # A key block wholly past this request's length: skip the work, store zero gradients.
+        start_m = tl.where(pid_n * BLOCK_N >= s_len, T, start_m)
     for hi in range(0, H_ACT):
         if HAS_HEADS:
             h = tl.load(HEADS + hi)
@@ -179,20 +190,20 @@ def _mla_attn_bwd_dkv_kernel(
                 dkn += tl.dot(dsT.to(qnT.dtype), tl.trans(qnT))
                 dkp += tl.dot(dsT.to(qpT.dtype), tl.trans(qpT))
         tl.store(DKN + b * skn_b + h * skn_h + offs_n[:, None] * skn_s + offs_dn[None, :],
-                 (dkn * sm_scale).to(DKN.dtype.element_ty), mask=n_ok[:, None] & (offs_dn[None, :] < DN))
+                 (dkn * sm_scale).to(DKN.dtype.element_ty), mask=n_out[:, None] & (offs_dn[None, :] < DN))
         tl.store(DV_OUT + b * sv_b + h * sv_h + offs_n[:, None] * sv_s + offs_dv[None, :],
-                 dvb.to(DV_OUT.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
+                 dvb.to(DV_OUT.dtype.element_ty), mask=n_out[:, None] & (offs_dv[None, :] < DV))
     tl.store(DKP + b * skp_b + offs_n[:, None] * skp_s + offs_dr[None, :],
-             (dkp * sm_scale).to(DKP.dtype.element_ty), mask=n_ok[:, None] & (offs_dr[None, :] < DR))
+             (dkp * sm_scale).to(DKP.dtype.element_ty), mask=n_out[:, None] & (offs_dr[None, :] < DR))
 
 
 @triton.jit
 def _mla_attn_bwd_dq_kernel(
-    Q, KN, KP, V, DO, LSE, DELTA, DQ, HEADS,
+    Q, KN, KP, V, DO, LSE, DELTA, DQ, HEADS, LENS,
     sq_b, sq_t, sq_h, skn_b, skn_s, skn_h, skp_b, skp_s, sv_b, sv_s, sv_h, sdo_b, sdo_t, sdo_h,
     T, S, H_ACT, DN, DR, DV, OFFSET, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DN_P: tl.constexpr, DR_P: tl.constexpr, DV_P: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_HEADS: tl.constexpr, UPCAST: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_HEADS: tl.constexpr, HAS_LENS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -207,6 +218,9 @@ def _mla_attn_bwd_dq_kernel(
     offs_dr = tl.arange(0, DR_P)
     offs_dv = tl.arange(0, DV_P)
     m_ok = offs_m < T
+    s_len = S
+    if HAS_LENS:
+        s_len = tl.load(LENS + b)
     q_base = Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t
     qn = tl.load(q_base + offs_dn[None, :], mask=m_ok[:, None] & (offs_dn[None, :] < DN), other=0.0)
     qp = tl.load(q_base + DN + offs_dr[None, :], mask=m_ok[:, None] & (offs_dr[None, :] < DR), other=0.0)
@@ -221,12 +235,12 @@ def _mla_attn_bwd_dq_kernel(
     delta = tl.load(DELTA + row + offs_m, mask=m_ok, other=0.0)
     dqn = tl.zeros([BLOCK_M, DN_P], tl.float32)
     dqp = tl.zeros([BLOCK_M, DR_P], tl.float32)
-    end_n = S
+    end_n = s_len
     if CAUSAL:
-        end_n = tl.minimum(S, (pid_m + 1) * BLOCK_M + OFFSET)
+        end_n = tl.minimum(s_len, (pid_m + 1) * BLOCK_M + OFFSET)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < S
+        n_ok = offs_n < s_len
         kn = tl.load(KN + b * skn_b + h * skn_h + offs_n[:, None] * skn_s + offs_dn[None, :],
                      mask=n_ok[:, None] & (offs_dn[None, :] < DN), other=0.0)
         kp = tl.load(KP + b * skp_b + offs_n[:, None] * skp_s + offs_dr[None, :],
@@ -267,14 +281,14 @@ def _blocks(dn: int, dr: int, dv: int, device: torch.device) -> tuple[int, int, 
     return (64, 64, 4) if widest <= 128 else (64, 32, 8)
 
 
-def _meta(q, k_nope, k_pe, v, heads, causal):
+def _meta(q, k_nope, k_pe, v, heads, causal, lengths):
     B, T, H, dqk = q.shape
     S, dn, dr, dv = k_nope.size(1), k_nope.size(-1), k_pe.size(-1), v.size(-1)
     h_act = H if heads is None else heads.numel()
     bm, bn, warps = _blocks(dn, dr, dv, q.device)
     upcast = interpreting() or q.device.type != "cuda" or q.dtype == torch.float32
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, DN_P=block_dim(dn), DR_P=block_dim(dr), DV_P=block_dim(dv),
-                CAUSAL=bool(causal), HAS_HEADS=heads is not None, UPCAST=upcast, num_warps=warps)
+                CAUSAL=bool(causal), HAS_HEADS=heads is not None, HAS_LENS=lengths is not None, UPCAST=upcast, num_warps=warps)
     return B, T, H, S, dn, dr, dv, h_act, meta
 
 
@@ -283,26 +297,28 @@ def _strides(q, k_nope, k_pe, v, o):
             k_pe.stride(0), k_pe.stride(1), v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2))
 
 
-def mla_attention_fwd(q, k_nope, k_pe, v, scale: float, causal: bool, heads: torch.Tensor | None):
+def mla_attention_fwd(q, k_nope, k_pe, v, scale: float, causal: bool, heads: torch.Tensor | None,
+                      lengths: torch.Tensor | None = None):
     """Launch the forward kernel on contiguous inputs. Returns (out (B,T,H,dv), lse (B,Ha,T))."""
     check_triton_device(q, _mla_attn_fwd_kernel)
-    B, T, H, S, dn, dr, dv, h_act, meta = _meta(q, k_nope, k_pe, v, heads, causal)
+    B, T, H, S, dn, dr, dv, h_act, meta = _meta(q, k_nope, k_pe, v, heads, causal, lengths)
     out = (torch.zeros if heads is not None else torch.empty)(B, T, H, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, h_act, T, dtype=torch.float32, device=q.device)
     if B * T * h_act == 0:
         return out, lse
     grid = (triton.cdiv(T, meta["BLOCK_M"]), B * h_act)
     _mla_attn_fwd_kernel[grid](
-        q, k_nope, k_pe, v, out, lse, heads if heads is not None else lse,
+        q, k_nope, k_pe, v, out, lse, heads if heads is not None else lse, lengths if lengths is not None else lse,
         *_strides(q, k_nope, k_pe, v, out),
         T, S, h_act, dn, dr, dv, S - T, scale * LOG2E, **meta,
     )
     return out, lse
 
 
-def mla_attention_bwd(do, q, k_nope, k_pe, v, out, lse, scale: float, causal: bool, heads: torch.Tensor | None):
+def mla_attention_bwd(do, q, k_nope, k_pe, v, out, lse, scale: float, causal: bool, heads: torch.Tensor | None,
+                      lengths: torch.Tensor | None = None):
     """Launch the two backward kernels. Returns (dq, dk_nope, dk_pe, dv) in the input dtype."""
-    B, T, H, S, dn, dr, dv, h_act, meta = _meta(q, k_nope, k_pe, v, heads, causal)
+    B, T, H, S, dn, dr, dv, h_act, meta = _meta(q, k_nope, k_pe, v, heads, causal, lengths)
     do = do.contiguous()
     zeros_or_empty = torch.zeros if heads is not None else torch.empty
     dq = zeros_or_empty(q.shape, dtype=q.dtype, device=q.device)
@@ -318,11 +334,12 @@ def mla_attention_bwd(do, q, k_nope, k_pe, v, out, lse, scale: float, causal: bo
                k_pe.stride(0), k_pe.stride(1), v.stride(0), v.stride(1), v.stride(2),
                do.stride(0), do.stride(1), do.stride(2))
     heads_arg = heads if heads is not None else lse
+    lens_arg = lengths if lengths is not None else lse
     common = (T, S, h_act, dn, dr, dv, S - T, scale * LOG2E, scale)
     _mla_attn_bwd_dkv_kernel[(triton.cdiv(S, meta["BLOCK_N"]), B)](
-        q, k_nope, k_pe, v, do, lse, delta, dkn, dkp, dvv, heads_arg, *strides, *common, **meta)
+        q, k_nope, k_pe, v, do, lse, delta, dkn, dkp, dvv, heads_arg, lens_arg, *strides, *common, **meta)
     _mla_attn_bwd_dq_kernel[(triton.cdiv(T, meta["BLOCK_M"]), B * h_act)](
-        q, k_nope, k_pe, v, do, lse, delta, dq, heads_arg, *strides, *common, **meta)
+        q, k_nope, k_pe, v, do, lse, delta, dq, heads_arg, lens_arg, *strides, *common, **meta)
     return dq, dkn, dkp, dvv
 
 
@@ -331,15 +348,16 @@ class MLAAttentionTriton(torch.autograd.Function):
     probabilities block by block from lse (no T x S matrix is ever stored)."""
 
     @staticmethod
-    def forward(ctx, q, k_nope, k_pe, v, scale, causal, heads):
+    def forward(ctx, q, k_nope, k_pe, v, scale, causal, heads, lengths=None):
         q, k_nope, k_pe, v = (t.contiguous() for t in (q, k_nope, k_pe, v))
-        out, lse = mla_attention_fwd(q, k_nope, k_pe, v, scale, causal, heads)
+        out, lse = mla_attention_fwd(q, k_nope, k_pe, v, scale, causal, heads, lengths)
         ctx.save_for_backward(q, k_nope, k_pe, v, out, lse)
-        ctx.scale, ctx.causal, ctx.heads = scale, causal, heads
+        ctx.scale, ctx.causal, ctx.heads, ctx.lengths = scale, causal, heads, lengths
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k_nope, k_pe, v, out, lse = ctx.saved_tensors
-        dq, dkn, dkp, dv = mla_attention_bwd(do, q, k_nope, k_pe, v, out, lse, ctx.scale, ctx.causal, ctx.heads)
-        return dq, dkn, dkp, dv, None, None, None
+        dq, dkn, dkp, dv = mla_attention_bwd(do, q, k_nope, k_pe, v, out, lse, ctx.scale, ctx.causal, ctx.heads,
+                                             ctx.lengths)
+        return dq, dkn, dkp, dv, None, None, None, None
