@@ -40,16 +40,25 @@ def _sync(device: torch.device) -> None:
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
     """Best of ``repeats`` wall-clock runs in milliseconds (the best is the least noisy
     estimate on a shared machine)."""
-    for _ in range(warmup):
-        fn()
+    return time_interleaved({"f": fn}, device, repeats, warmup)["f"]
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int = 3,
+                     warmup: int = 1) -> dict[str, float]:
+    """Best-of-``repeats`` milliseconds for each function, timed in alternation (a, b, c,
+    a, b, c, ...) so that load from other processes falls on all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    best = math.inf
+    best = {name: math.inf for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: t * 1e3 for name, t in best.items()}
 
 
 def machine_info(device: torch.device) -> dict:
@@ -87,14 +96,6 @@ def bench_attention(cfg: MLAConfig, seq_lens, batch: int, device: torch.device, 
             return run
 
         row = {"T": T, "batch": batch, "heads": H}
-        row["dispatched_ms"] = time_ms(step(lambda: mla_attention(q, kn, kp, v, scale)), device, repeats)
-        row["sdpa_math_ms"] = time_ms(step(lambda: mla_attention_sdpa(q, kn, kp, v, scale, pad_v=False)),
-                                      device, repeats)
-        if T <= naive_max_len:
-            row["naive_ms"] = time_ms(step(lambda: mla_attention_naive(q, kn, kp, v, scale)), device,
-                                      max(1, repeats // 2) if T >= 1024 else repeats)
-        else:
-            row["naive_ms"] = None
         mq, mkk, mv = mk(batch, H, T, d_h), mk(batch, H, T, d_h), mk(batch, H, T, d_h)
         mdo = torch.randn(batch, H, T, d_h, generator=g, device=device, dtype=dtype)
 
@@ -103,7 +104,18 @@ def bench_attention(cfg: MLAConfig, seq_lens, batch: int, device: torch.device, 
                 t.grad = None
             F.scaled_dot_product_attention(mq, mkk, mv, is_causal=True).backward(mdo)
 
-        row["mha_sdpa_ms"] = time_ms(mha, device, repeats)
+        times = time_interleaved({
+            "dispatched_ms": step(lambda: mla_attention(q, kn, kp, v, scale)),
+            "sdpa_math_ms": step(lambda: mla_attention_sdpa(q, kn, kp, v, scale, pad_v=False)),
+            "mha_sdpa_ms": mha,
+        }, device, repeats)
+        row.update(times)
+        if T <= naive_max_len:
+            # The reference is slow and memory-hungry: fewer runs at long T.
+            row["naive_ms"] = time_ms(step(lambda: mla_attention_naive(q, kn, kp, v, scale)), device,
+                                      max(1, repeats // 2) if T >= 1024 else repeats)
+        else:
+            row["naive_ms"] = None
         row["mha_head_dim"] = d_h
         row["speedup_dispatched_vs_math"] = row["sdpa_math_ms"] / row["dispatched_ms"]
         if row["naive_ms"] is not None:
@@ -163,10 +175,9 @@ def bench_decode(cfg: MLAConfig, contexts, batch: int, device: torch.device, dty
             def mha_step():
                 return F.scaled_dot_product_attention(mq, mk_, mv_)
 
-            naive_ms = time_ms(naive_step, device, repeats)
-            naive_hm_ms = time_ms(naive_head_major_step, device, repeats)
-            absorbed_ms = time_ms(absorbed_step, device, repeats)
-            mha_ms = time_ms(mha_step, device, repeats)
+            times = time_interleaved({"naive": naive_step, "naive_hm": naive_head_major_step,
+                                      "absorbed": absorbed_step, "mha": mha_step}, device, repeats)
+            naive_ms, naive_hm_ms, absorbed_ms, mha_ms = (times[k] for k in ("naive", "naive_hm", "absorbed", "mha"))
             naive_bytes = (k_cache.numel() + v_cache.numel()) * esz
             latent_bytes = (latent.numel() + pe.numel()) * esz
             mha_bytes = (mk_.numel() + mv_.numel()) * esz
