@@ -62,7 +62,12 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
 
 
 def machine_info(device: torch.device) -> dict:
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
     info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_average_1min": load,
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()}
     try:
         with open("/proc/cpuinfo") as f:
@@ -205,7 +210,7 @@ def run_benchmarks(preset: str = "base", seq_lens=(256, 1024, 2048), contexts=(1
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     cfg = MLAConfig.preset(preset)
-    out = {"machine": machine_info(dev), "preset": preset, "dtype": dtype,
+    out = {"machine": machine_info(dev), "preset": preset, "dtype": dtype, "batch": batch, "decode_batch": decode_batch,
            "shapes": {"heads": cfg.n_heads, "qk_nope": cfg.qk_nope_head_dim, "qk_rope": cfg.qk_rope_head_dim,
                       "v": cfg.v_head_dim, "kv_lora_rank": cfg.kv_lora_rank, "dim": cfg.dim},
            "dispatched_backend": "triton" if dev.type == "cuda" else "torch (SDPA, v zero-padded)"}
@@ -247,10 +252,14 @@ def register(app, bench) -> None:
         decode_batch: int = typer.Option(4, min=1, help="requests per decode step"),
         repeats: int = typer.Option(3, min=1, help="timed runs per figure (the best is kept)"),
         dtype: str = typer.Option("float32", help="float32 or bfloat16"),
+        threads: int = typer.Option(0, min=0, help="torch CPU threads (0: torch's default). On a loaded "
+                                    "machine 1 thread avoids stalls at OpenMP barriers and measures steadier"),
     ) -> None:
         """MLA attention fwd+bwd (naive / SDPA math / dispatched) and decode (naive cache / latent cache)."""
         if dtype not in ("float32", "bfloat16"):
             raise typer.BadParameter("choose float32 or bfloat16", param_hint="--dtype")
+        if threads:
+            torch.set_num_threads(threads)
         try:
             lens, ctxs = _ints(seq_lens), _ints(contexts)
             res = run_benchmarks(preset, lens, ctxs, batch, decode_batch, repeats, dtype=dtype)

@@ -78,10 +78,8 @@ def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: 
     h = normalize_heads(heads, q.size(2), q.device)
     lens = validate_lengths(lengths, q.size(0), k_nope.size(1), q.device)
     which = resolve_backend(backend, q.device)
-    if h is not None and h.numel() == 0:
-        # No active head: a zero output that still carries (zero) gradients.
-        return (q[..., :1] * 0).sum(-1, keepdim=True).expand(*q.shape[:3], v.size(-1)) + v.new_zeros(())
-    if which == "naive":
+    if which == "naive" or (h is not None and h.numel() == 0):
+        # (No active head at all: the reference returns zeros with zero gradients.)
         return mla_attention_naive(q, k_nope, k_pe, v, scale, causal, h, lens)
     if which == "torch":
         return mla_attention_sdpa(q, k_nope, k_pe, v, scale, causal, h, lens)

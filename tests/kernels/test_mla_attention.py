@@ -181,3 +181,10 @@ def test_bad_lengths():
         mla_attention(*inputs, lengths=[4, 5])
     with pytest.raises(ValueError, match="lengths must have shape"):
         mla_attention(*inputs, lengths=[4])
+
+
+def test_no_active_head_gives_zeros():
+    inputs, do = make_inputs(1, 5, 5, 2, 8, 4, 8)
+    out, dq, dkn, dkp, dv = run("triton", inputs, do, heads=[])
+    assert out.shape == (1, 5, 2, 8) and (out == 0).all()
+    assert all((g == 0).all() for g in (dq, dkn, dkp, dv))
