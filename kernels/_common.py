@@ -82,6 +82,8 @@ def normalize_heads(heads, n_heads: int, device: torch.device) -> torch.Tensor |
     if heads is None:
         return None
     h = torch.as_tensor(heads).to(device="cpu").flatten()
+    if h.numel() == 0:
+        h = h.long()  # torch.as_tensor([]) is float32
     if h.dtype == torch.bool:
         if h.numel() != n_heads:
             raise ValueError(f"heads as a boolean mask needs {n_heads} entries, got {h.numel()}")
