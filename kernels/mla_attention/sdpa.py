@@ -18,6 +18,8 @@ def _mask(B: int, T: int, S: int, causal: bool, lengths: torch.Tensor | None, de
     """(attn_mask or None, is_causal, empty rows or None) for SDPA. The mask is (T, S) or,
     with lengths, (B, 1, T, S); rows with no visible key are reported so that they can be
     zeroed (SDPA would give NaN for them)."""
+    if lengths is not None and bool((lengths == S).all()):
+        lengths = None  # no padding: keep SDPA's mask-free (is_causal) fast path
     if lengths is None and (not causal or T == S):
         return None, causal and T > 1, None
     mask = torch.ones(T, S, dtype=torch.bool, device=device)
@@ -51,7 +53,7 @@ def mla_attention_sdpa(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), vt,
                                          attn_mask=mask, is_causal=is_causal, scale=scale)
     if empty is not None:
-        out = out.masked_fill(empty.expand(-1, -1, T, 1) if empty.dim() == 4 else empty, 0.0)
+        out = out.masked_fill(empty, 0.0)  # (T, 1) or (B, 1, T, 1): broadcasts over heads and dims
     out = out[..., :dv].transpose(1, 2)
     if heads is not None:
         full = out.new_zeros(B, T, H, dv)
