@@ -19,6 +19,8 @@ request of length 0 gets zeros).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._common import check_dim, check_same, check_tensor, normalize_heads, resolve_backend
@@ -75,6 +77,8 @@ def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: 
     if scale is None:
         scale = q.size(-1) ** -0.5
     scale = float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
     h = normalize_heads(heads, q.size(2), q.device)
     lens = validate_lengths(lengths, q.size(0), k_nope.size(1), q.device)
     which = resolve_backend(backend, q.device)

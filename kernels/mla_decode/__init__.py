@@ -15,6 +15,8 @@ All heads of a request read the same cache rows once. Scores and softmax in fp32
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .._common import check_dim, check_same, check_tensor, resolve_backend
@@ -88,6 +90,8 @@ def mla_decode(q_latent: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tenso
     lens = validate_decode_args(q_latent, q_pe, kv_cache, pe_cache, lengths)
     if scale is None:
         scale = (q_latent.size(-1) + q_pe.size(-1)) ** -0.5
+    if not (math.isfinite(float(scale)) and float(scale) > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale}")
     if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     which = resolve_backend(backend, q_latent.device)

@@ -188,3 +188,11 @@ def test_no_active_head_gives_zeros():
     out, dq, dkn, dkp, dv = run("triton", inputs, do, heads=[])
     assert out.shape == (1, 5, 2, 8) and (out == 0).all()
     assert all((g == 0).all() for g in (dq, dkn, dkp, dv))
+
+
+def test_bad_device_and_scale():
+    (q, kn, kp, v), _ = make_inputs(1, 4, 4, 2, 8, 4, 8)
+    with pytest.raises(ValueError, match="must share one device"):
+        mla_attention(q, kn, kp.detach().to("meta"), v)
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        mla_attention(q, kn, kp, v, scale=float("nan"))

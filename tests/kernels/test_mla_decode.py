@@ -101,3 +101,11 @@ def test_bad_inputs_raise():
         mla_decode(ql, qp, kv.bfloat16(), pe)
     with pytest.raises(ValueError, match="num_splits"):
         mla_decode(ql, qp, kv, pe, num_splits=0)
+
+
+def test_bad_device_and_scale():
+    ql, qp, kv, pe = make(1, 2, 16, 8, 4)
+    with pytest.raises(ValueError, match="must share one device"):
+        mla_decode(ql, qp, kv.to("meta"), pe)
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        mla_decode(ql, qp, kv, pe, scale=-1.0)
