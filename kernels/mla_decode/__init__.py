@@ -65,6 +65,7 @@ def mla_decode_torch(q_latent, q_pe, kv_cache, pe_cache, lengths: torch.Tensor, 
     S = int(lengths.max()) if lengths.numel() else 0
     if S == 0:
         return q_latent.new_zeros(B, H, c)
+    any_empty = bool((lengths == 0).any())
     compute = torch.float32 if q_latent.dtype != torch.float32 else None
     kv, pe = kv_cache[:, :S], pe_cache[:, :S]
     ql, qp = q_latent, q_pe
@@ -77,7 +78,8 @@ def mla_decode_torch(q_latent, q_pe, kv_cache, pe_cache, lengths: torch.Tensor, 
         # Rows past a request's length may hold stale values (even NaN): 0 * NaN is NaN.
         kv = kv.masked_fill(pad.view(B, S, 1), 0.0)
     probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # requests with length 0
+    if any_empty:
+        probs = torch.nan_to_num(probs, nan=0.0)  # requests with length 0
     return torch.bmm(probs, kv).to(q_latent.dtype)
 
 
