@@ -24,6 +24,7 @@ app.add_typer(bench, name="bench")
 COMMAND_MODULES = [
     "mla_model.cli",
     "coordinator.dashboard.cli",
+    "kernels.bench",
 ]
 
 

@@ -1,56 +1,48 @@
-"""Attention cores of MLA in plain torch.
+"""Attention cores of MLA, dispatched to ``kernels``.
 
-These are the model's default implementations; ``kernels`` provides fused versions
-with the same signatures. Shapes:
+The model calls these two functions; they route to the fused kernels by device
+(CUDA -> Triton; CPU -> the fastest correct torch path), see ``kernels/``. Shapes:
 
 - B batch, T query length, S key length, H heads
 - dn = qk_nope_head_dim, dr = qk_rope_head_dim, dv = v_head_dim, c = kv_lora_rank
+
+``backend`` ("auto", "triton", "torch", "naive") forces a path, e.g. the Triton
+interpreter on CPU in tests.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from kernels.mla_attention import mla_attention
+from kernels.mla_decode import mla_decode
 
 
 def mla_attention_torch(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,
-                        scale: float, causal: bool = True) -> torch.Tensor:
+                        scale: float, causal: bool = True, heads=None, backend: str = "auto") -> torch.Tensor:
     """Per-head ("naive") MLA attention.
 
     q (B, T, H, dn+dr) with the rope part last; k_nope (B, S, H, dn); k_pe (B, S, dr),
     the ONE rope key shared by every head; v (B, S, H, dv). Returns (B, T, H, dv).
-
-    Uses scaled_dot_product_attention with v zero-padded to the qk dim, which keeps
-    the CPU flash kernel (it falls back to the slow math path when dims differ).
     When T < S (decoding with a cache) the causal mask is aligned to the end.
+    heads: optional active-head indices; the others are not computed and give zeros.
     """
-    B, T, H, dqk = q.shape
-    S = k_nope.size(1)
-    dv = v.size(-1)
-    k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, k_pe.size(-1))], dim=-1)
-    qt, kt = q.transpose(1, 2), k.transpose(1, 2)
-    vt = v.transpose(1, 2)
-    if dv < dqk:
-        vt = F.pad(vt, (0, dqk - dv))
-    mask = None
-    is_causal = causal and T > 1
-    if is_causal and T != S:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-        is_causal = False
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=is_causal, scale=scale)
-    return out[..., :dv].transpose(1, 2)
+    return mla_attention(q, k_nope, k_pe, v, scale=scale, causal=causal, heads=heads, backend=backend)
 
 
 def mla_absorbed_attention_torch(q_latent: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor,
-                                 scale: float, causal: bool = True) -> torch.Tensor:
+                                 scale: float, causal: bool = True, backend: str = "auto") -> torch.Tensor:
     """Absorbed MLA attention over the latent cache.
 
     q_latent (B, T, H, c): the nope query already multiplied by W_UK; q_pe (B, T, H, dr);
     kv (B, S, c) the normalised latent; pe (B, S, dr) the rotated shared rope key.
     Returns the attention-weighted latent (B, T, H, c); the caller applies W_UV.
-    Scores and softmax in fp32.
+    Scores and softmax in fp32. One query token (decoding) goes to the latent decode
+    kernel, where all heads share one read of the cache; T > 1 (prefill) uses einsum.
     """
     T, S = q_latent.size(1), kv.size(1)
+    if T == 1:
+        return mla_decode(q_latent[:, 0], q_pe[:, 0], kv, pe, None, scale=scale, backend=backend).unsqueeze(1)
     scores = torch.einsum("bthc,bsc->bhts", q_latent.float(), kv.float())
     scores = scores + torch.einsum("bthr,bsr->bhts", q_pe.float(), pe.float())
     scores = scores * scale

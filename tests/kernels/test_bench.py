@@ -1,0 +1,36 @@
+"""The kernel benchmark runs end to end on tiny shapes and reports consistent figures
+(no timing is asserted: speed lives in the JSON, not in the tests)."""
+
+import json
+
+from typer.testing import CliRunner
+
+from coordinator.cli import app
+from kernels.bench import run_benchmarks
+from mla_model.config import MLAConfig
+
+
+def test_run_benchmarks_tiny():
+    res = run_benchmarks("tiny", seq_lens=(16,), contexts=(32, 64), batch=2, decode_batch=3, repeats=1)
+    cfg = MLAConfig.preset("tiny")
+    (att,) = res["attention_fwd_bwd"]
+    assert att["T"] == 16 and all(att[k] > 0 for k in ("naive_ms", "sdpa_math_ms", "dispatched_ms", "mha_sdpa_ms"))
+    for row, S in zip(res["decode"], (32, 64)):
+        assert row["context"] == S
+        H, dqk, dv = cfg.n_heads, cfg.qk_head_dim, cfg.v_head_dim
+        assert row["naive_cache"]["cache_bytes"] == 3 * S * H * (dqk + dv) * 4
+        assert row["absorbed_latent"]["cache_bytes"] == 3 * S * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+        assert row["mha_equal_width"]["cache_bytes"] == 3 * S * 2 * cfg.dim * 4
+        assert row["absorbed_latent"]["tokens_per_s"] > 0
+    assert res["targets"]["attention_speedup_vs_math_at_1024"] is None  # T=1024 not run
+
+
+def test_cli_writes_json(tmp_path):
+    path = tmp_path / "k.json"
+    result = CliRunner().invoke(app, ["bench", "kernels", "--json", str(path), "--preset", "tiny",
+                                      "--seq-lens", "8", "--contexts", "16", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(path.read_text())
+    assert data["machine"]["device"] == "cpu" and data["decode"][0]["context"] == 16
+    bad = CliRunner().invoke(app, ["bench", "kernels", "--seq-lens", "a,b"])
+    assert bad.exit_code != 0
