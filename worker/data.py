@@ -238,7 +238,7 @@ def load_folder(root: str | Path, seq_len: int = 64, max_bytes_per_client: int |
         raise DataError(f"data folder {root} has no client subfolders (expected {root}/<client>/<files>)")
     streams = {}
     for d in subdirs:
-        paths = sorted(p for p in d.rglob("*") if p.is_file() and not any(part.startswith(".")
+        paths = sorted(p for p in d.rglob("*") if not p.is_dir() and not any(part.startswith(".")
                                                                           for part in p.relative_to(d).parts))
         if not paths:
             raise DataError(f"client {d.name!r} ({d}) has no files")
