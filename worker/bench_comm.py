@@ -232,7 +232,7 @@ def register(app, bench) -> None:
         quick: bool = typer.Option(False, "--quick", help="small settings that finish in minutes on 2 cores"),
         data: Path | None = typer.Option(None, "--data", help="folder with one subfolder of text files per client"),
         json_path: Path = typer.Option(..., "--json", help="where to write the results"),
-        ablation: bool = typer.Option(False, "--ablation/--no-ablation",
+        ablation: bool | None = typer.Option(None, "--ablation/--no-ablation",
                                       help="also run the ablation variants (default: on for full runs)"),
         rounds: int | None = typer.Option(None, help="override R (baseline rounds)"),
         clients: int | None = typer.Option(None, help="override the number of clients"),
@@ -253,7 +253,7 @@ def register(app, bench) -> None:
             upd["seed"] = seed
         cfg = cfg.model_copy(update=upd)
         try:
-            out = run_bench(cfg, str(data) if data else None, ablation=ablation or not quick,
+            out = run_bench(cfg, str(data) if data else None, ablation=(not quick) if ablation is None else ablation,
                             log=lambda s: typer.echo(s, err=True))
         except DataError as e:
             typer.echo(f"error: {e}", err=True)
