@@ -49,7 +49,7 @@ class ClientCodec:
                 raise KeyError(f"state is missing {name!r}")
             d = local_state[name].detach().float() - global_state[name].detach().float()
             if name in self.residual:
-                d = d + self.residual[name]
+                d = d + self.cfg.residual_decay * self.residual[name]
             out[name] = d
         return out
 

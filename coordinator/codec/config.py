@@ -36,6 +36,11 @@ class CodecConfig(BaseModel):
 
     # ---- error feedback ------------------------------------------------------------------------
     error_feedback: bool = Field(True, description="keep what was not sent (worker and server side) for later rounds")
+    residual_decay: float = Field(1.0, ge=0, le=1, description=(
+        "worker residual multiplier per round. A pseudo-gradient from many local steps is 'local optimum minus "
+        "global', so directions the global still lacks reappear in the next delta; a full residual (1.0) then "
+        "counts them twice. < 1 forgets stale residual geometrically"))
+    server_residual_decay: float = Field(1.0, ge=0, le=1, description="same, for the coordinator's downlink residual")
 
     # ---- head selection ------------------------------------------------------------------------
     head_selection: bool = Field(True, description="send only active heads' rows/columns of wq_b/wkv_b/wo")

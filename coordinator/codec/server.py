@@ -247,7 +247,8 @@ class ServerCodec:
             raise ValueError(f"plan is for round {plan.round}, the coordinator is at round {self.shared.round}")
         step = self.outer.step(aggregate)
         if self.cfg.error_feedback:
-            step = {n: s + self.residual[n] if n in self.residual else s for n, s in step.items()}
+            beta = self.cfg.server_residual_decay
+            step = {n: s + beta * self.residual[n] if n in self.residual else s for n, s in step.items()}
         gen = generator(self.cfg.seed, "downlink", plan.round)
         dplan = _downlink_plan(self.shared, plan.send_dense)
         factors, dense, sent = self.tensors.encode(step, dplan, uplink=False, gen=gen)
