@@ -21,6 +21,9 @@ class CodecConfig(BaseModel):
         description="powersgd: one factor per client in a basis shared by all and warm-started across "
                     "rounds (alternating sides: one power-iteration step per round); svd: per-client "
                     "randomised SVD, both factors sent; dense: no low-rank step (quantisation/heads only)")
+    powersgd_warmup_rounds: int = Field(1, ge=0, description=(
+        "powersgd: first rounds run as svd (both factors); the shared basis then starts from the downlink's "
+        "factor instead of a random one, which otherwise costs several rounds of quality"))
     rank: int = Field(2, ge=1, description="uplink rank r of each compressed 2-D tensor")
     downlink_rank: int | None = Field(None, ge=1, description="rank of the downlink; None = rank")
     min_lowrank_dim: int = Field(16, ge=1, description="2-D tensors with a side shorter than this go dense")

@@ -187,7 +187,9 @@ def apply_downlink(global_state: dict[str, torch.Tensor], shared: SharedState, m
         if part is None:
             raise UpdateDecodeError(f"downlink lacks the factor of {name!r}")
         gen = generator(cfg.seed, "basis", shared.round + 1, name)
-        if basis.side == "left":   # received right (r, n): next basis spans columns
+        if part.side is None:      # an svd round (powersgd warm-up): start from the right factor's row space
+            bases[name] = Basis("right", basis_from_factor(part.right, gen))
+        elif basis.side == "left":   # received right (r, n): next basis spans columns
             bases[name] = Basis("right", basis_from_factor(part.right, gen))
         else:                      # received left (r, m): next basis spans rows
             bases[name] = Basis("left", basis_from_factor(part.left, gen))

@@ -80,7 +80,7 @@ class TensorCodec:
         sel = selection_for(name, shape, self.model_cfg, self.cfg, plan.mask if uplink else None)
         if not is_lowrank(shape, self.cfg):
             return sel, "dense", None, None
-        if self.cfg.method == "svd":
+        if self.cfg.method == "svd" or plan.round < self.cfg.powersgd_warmup_rounds:
             return sel, "lowrank", None, None
         basis = plan.shared.bases[name]
         key = (name, basis.side, tuple(sel.heads) if sel.heads is not None else None)

@@ -29,7 +29,7 @@ def perturbed(state, seed, scale=1e-2):
 
 @pytest.mark.parametrize("method", ["svd", "powersgd"])
 def test_aggregate_equals_weighted_sum_of_reconstructions(global_state, method):
-    cfg = CodecConfig(method=method, rank=3, head_selection=True, keep_ratio=0.5)
+    cfg = CodecConfig(method=method, rank=3, head_selection=True, keep_ratio=0.5, powersgd_warmup_rounds=0)
     server = ServerCodec(MODEL, cfg, global_state)
     server.importance = torch.rand(MODEL.n_layers, MODEL.n_heads, generator=torch.Generator().manual_seed(1)).double()
     plan = server.plan()
@@ -101,7 +101,7 @@ def test_aggregation_is_bit_identical_in_any_arrival_order(global_state):
 
 @pytest.mark.parametrize("method", ["svd", "powersgd", "dense"])
 def test_error_feedback_preserves_the_sum(global_state, method):
-    cfg = CodecConfig(method=method, rank=1, factor_bits=4, keep_ratio=0.25, explore_heads=0)
+    cfg = CodecConfig(method=method, rank=1, factor_bits=4, keep_ratio=0.25, explore_heads=0, powersgd_warmup_rounds=0)
     server = ServerCodec(MODEL, cfg, global_state)
     server.importance = torch.tensor([[0.1, 0.9, 0.2, 0.3], [0.5, 0.1, 0.2, 0.3]], dtype=torch.float64)
     plan = server.plan()
@@ -146,7 +146,8 @@ def test_coordinator_and_worker_hashes_match_after_rounds(global_state):
     from worker.data import ClientData
     from worker.trainer import LocalTrainer, TrainerConfig
 
-    cfg = CodecConfig(rank=2, keep_ratio=0.5, dense_every=2)
+    # round 0 is a powersgd warm-up (svd) round, rounds 1-2 use the shared bases
+    cfg = CodecConfig(method="powersgd", rank=2, keep_ratio=0.5, dense_every=2, powersgd_warmup_rounds=1)
     tc = TrainerConfig(local_steps=2, batch_size=2, seq_len=16, warmup_steps=0, total_steps=10)
     trainer = LocalTrainer(MODEL, tc)
     g = torch.Generator().manual_seed(0)
@@ -172,7 +173,7 @@ def test_coordinator_and_worker_hashes_match_after_rounds(global_state):
 
 
 def test_decode_rejects_bad_updates(global_state):
-    cfg = CodecConfig(rank=2, keep_ratio=0.5)
+    cfg = CodecConfig(method="powersgd", rank=2, keep_ratio=0.5, powersgd_warmup_rounds=0)
     server = ServerCodec(MODEL, cfg, global_state)
     server.importance = torch.rand(2, 4, generator=torch.Generator().manual_seed(0)).double()
     plan = server.plan()
