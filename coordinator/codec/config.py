@@ -17,24 +17,24 @@ class CodecConfig(BaseModel):
 
     # ---- low-rank compression of 2-D pseudo-gradients --------------------------------------
     method: Literal["powersgd", "svd", "dense"] = Field(
-        "powersgd",
+        "svd",
         description="powersgd: one factor per client in a basis shared by all and warm-started across "
                     "rounds (alternating sides: one power-iteration step per round); svd: per-client "
                     "randomised SVD, both factors sent; dense: no low-rank step (quantisation/heads only)")
     powersgd_warmup_rounds: int = Field(1, ge=0, description=(
         "powersgd: first rounds run as svd (both factors); the shared basis then starts from the downlink's "
         "factor instead of a random one, which otherwise costs several rounds of quality"))
-    rank: int = Field(2, ge=1, description="uplink rank r of each compressed 2-D tensor")
+    rank: int = Field(8, ge=1, description="uplink rank r of each compressed 2-D tensor")
     downlink_rank: int | None = Field(None, ge=1, description="rank of the downlink; None = rank")
     min_lowrank_dim: int = Field(16, ge=1, description="2-D tensors with a side shorter than this go dense")
-    svd_oversample: int = Field(4, ge=0, description="randomised SVD: extra probe vectors")
-    svd_power_iters: int = Field(1, ge=0, description="randomised SVD: subspace iterations")
+    svd_oversample: int = Field(8, ge=0, description="randomised SVD: extra probe vectors")
+    svd_power_iters: int = Field(2, ge=0, description="randomised SVD: subspace iterations")
 
     # ---- quantisation ------------------------------------------------------------------------
-    factor_bits: Literal[0, 4, 8] = Field(8, description="bits per factor entry (per-row scale); 0 = fp32")
+    factor_bits: Literal[0, 4, 8] = Field(4, description="bits per factor entry (per-row scale); 0 = fp32")
     dense_bits: Literal[0, 4, 8] = Field(8, description="bits per entry of dense (1-D / small) updates; 0 = fp32")
     stochastic_rounding: bool = Field(False, description="unbiased stochastic rounding (seeded) instead of nearest")
-    dense_every: int = Field(1, ge=1, description="send dense tensors every k rounds; in between they accumulate "
+    dense_every: int = Field(4, ge=1, description="send dense tensors every k rounds; in between they accumulate "
                                                    "in the error-feedback residual")
 
     # ---- error feedback ------------------------------------------------------------------------
@@ -52,13 +52,13 @@ class CodecConfig(BaseModel):
     importance_ema: float = Field(0.5, ge=0, lt=1, description="weight of the past in the importance moving average")
 
     # ---- outer optimiser (coordinator) ---------------------------------------------------------
-    outer: Literal["fedavg", "nesterov"] = Field("nesterov", description="fedavg: theta += lr * mean delta; "
+    outer: Literal["fedavg", "nesterov"] = Field("fedavg", description="fedavg: theta += lr * mean delta; "
                                                  "nesterov: DiLoCo's outer Nesterov momentum")
-    outer_lr: float = Field(0.7, gt=0)
-    outer_momentum: float = Field(0.9, ge=0, lt=1)
+    outer_lr: float = Field(1.0, gt=0)
+    outer_momentum: float = Field(0.5, ge=0, lt=1)
 
     # ---- downlink --------------------------------------------------------------------------------
-    downlink_bits: Literal[0, 4, 8] = Field(8, description="bits per downlink factor/dense entry; 0 = fp32")
+    downlink_bits: Literal[0, 4, 8] = Field(4, description="bits per downlink factor/dense entry; 0 = fp32")
 
     seed: int = Field(0, description="seeds shared bases, exploration heads and stochastic rounding")
 
