@@ -67,6 +67,28 @@ class SharedState:
                     bases[name] = Basis("right", random_basis(shape[1], cfg.rank, generator(cfg.seed, "basis0", name)))
         return cls(round=0, bases=bases)
 
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat tensor dict (safetensors-friendly) for checkpoints and for resyncing a worker."""
+        out = {"round": torch.tensor([self.round], dtype=torch.int64)}
+        for name, b in self.bases.items():
+            out[f"basis/{name}"] = b.matrix.clone()
+            out[f"basis_side/{name}"] = torch.tensor([0 if b.side == "left" else 1], dtype=torch.int8)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SharedState":
+        if "round" not in tensors:
+            raise ValueError("shared codec state lacks 'round'")
+        bases = {}
+        for key, t in tensors.items():
+            if key.startswith("basis/"):
+                name = key[len("basis/"):]
+                side = tensors.get(f"basis_side/{name}")
+                if side is None:
+                    raise ValueError(f"shared codec state lacks the side of the basis of {name!r}")
+                bases[name] = Basis("left" if int(side[0]) == 0 else "right", t.clone().float().contiguous())
+        return cls(round=int(tensors["round"][0]), bases=bases)
+
     def digest(self) -> str:
         h = hashlib.sha256(str(self.round).encode())
         for name in sorted(self.bases):

@@ -262,5 +262,33 @@ class ServerCodec:
             self.importance = update_importance(self.importance, importance, self.cfg.importance_ema)
         return msg
 
+    # ---- checkpoint / restart ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the coordinator needs to resume bit-identically, as a flat tensor dict
+        (safetensors-friendly): global weights, shared state, importance, momentum, residual."""
+        out = {f"global/{n}": t.clone() for n, t in self.global_state.items()}
+        out.update({f"shared/{k}": v for k, v in self.shared.to_tensors().items()})
+        out.update({f"momentum/{n}": t.clone() for n, t in self.outer.momentum.items()})
+        out.update({f"residual/{n}": t.clone() for n, t in self.residual.items()})
+        if self.importance is not None:
+            out["importance"] = self.importance.clone()
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        def group(prefix):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        glob = group("global/")
+        if set(glob) != set(self.shapes):
+            raise ValueError(f"checkpoint parameters differ from the model: "
+                             f"{sorted(set(glob) ^ set(self.shapes))[:5]}")
+        for n, t in glob.items():
+            if tuple(t.shape) != self.shapes[n]:
+                raise ValueError(f"checkpoint {n}: shape {tuple(t.shape)}, expected {self.shapes[n]}")
+        self.global_state = {n: t.clone().float() for n, t in glob.items()}
+        self.shared = SharedState.from_tensors(group("shared/"))
+        self.outer.load_state_dict(group("momentum/"))
+        self.residual = {n: t.clone() for n, t in group("residual/").items()}
+        self.importance = state["importance"].clone().double() if "importance" in state else None
+
     def global_hash(self) -> str:
         return state_hash(self.global_state)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mla_model import MLAConfig
 from protos.fedmla.v1 import types_pb2 as pb
 from protos.tensors import (TensorDecodeError, decode_int_rows, decode_tensor, encode_int_rows,
                             encode_tensor)
@@ -26,8 +27,6 @@ from protos.tensors import (TensorDecodeError, decode_int_rows, decode_tensor, e
 from .config import CodecConfig
 from .layout import RoundPlan, Selection, compress, effective_basis, is_lowrank, reconstruct, selection_for
 from .quant import dequantize_rows, quantize_rows
-
-from mla_model import MLAConfig
 
 
 class UpdateDecodeError(ValueError):
