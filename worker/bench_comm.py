@@ -119,8 +119,6 @@ def run_fedmla(run: _Run, codec: CodecConfig, target: float | None, max_rounds: 
     t0 = time.time()
     for r in range(max_rounds):
         plan = server.plan()
-        plan_msg = pb.ModelUpdate(importance=pb.HeadScores(
-            num_layers=plan.mask.size(0), num_heads=plan.mask.size(1), scores=plan.mask.flatten().float().tolist()))
         mask_bytes = sum(pb.HeadSelection(heads=row.nonzero().flatten().tolist()).ByteSize() for row in plan.mask)
         agg = server.aggregator(plan)
         up = []
