@@ -163,11 +163,12 @@ def ablation_variants(base: CodecConfig) -> list[tuple[str, CodecConfig]]:
         ("int8 instead of int4", u(update={"factor_bits": 8, "downlink_bits": 8, "dense_bits": 8})),
         ("powersgd shared basis (one factor each way)", u(update={"method": "powersgd"})),
         ("rank 4", u(update={"rank": 4})),
-        ("rank 12", u(update={"rank": 12})),
+        ("rank 8", u(update={"rank": 8})),
+        ("rank 16", u(update={"rank": 16})),
         ("keep ratio 0.25", u(update={"keep_ratio": 0.25})),
         ("keep ratio 0.75", u(update={"keep_ratio": 0.75})),
         ("no error feedback", u(update={"error_feedback": False})),
-        ("outer Nesterov (lr 1, momentum 0.5)", u(update={"outer": "nesterov"})),
+        ("outer FedAvg (lr 1) instead of Nesterov", u(update={"outer": "fedavg"})),
     ]
 
 

@@ -24,7 +24,7 @@ class CodecConfig(BaseModel):
     powersgd_warmup_rounds: int = Field(1, ge=0, description=(
         "powersgd: first rounds run as svd (both factors); the shared basis then starts from the downlink's "
         "factor instead of a random one, which otherwise costs several rounds of quality"))
-    rank: int = Field(8, ge=1, description="uplink rank r of each compressed 2-D tensor")
+    rank: int = Field(12, ge=1, description="uplink rank r of each compressed 2-D tensor")
     downlink_rank: int | None = Field(None, ge=1, description="rank of the downlink; None = rank")
     min_lowrank_dim: int = Field(16, ge=1, description="2-D tensors with a side shorter than this go dense")
     svd_oversample: int = Field(8, ge=0, description="randomised SVD: extra probe vectors")
@@ -52,7 +52,7 @@ class CodecConfig(BaseModel):
     importance_ema: float = Field(0.5, ge=0, lt=1, description="weight of the past in the importance moving average")
 
     # ---- outer optimiser (coordinator) ---------------------------------------------------------
-    outer: Literal["fedavg", "nesterov"] = Field("fedavg", description="fedavg: theta += lr * mean delta; "
+    outer: Literal["fedavg", "nesterov"] = Field("nesterov", description="fedavg: theta += lr * mean delta; "
                                                  "nesterov: DiLoCo's outer Nesterov momentum")
     outer_lr: float = Field(1.0, gt=0)
     outer_momentum: float = Field(0.5, ge=0, lt=1)
