@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "mla_model.cli",
     "coordinator.dashboard.cli",
     "kernels.bench",
+    "worker.bench_comm",
 ]
 
 

@@ -1,0 +1,74 @@
+"""Typed configuration of the update codec, shared by the coordinator and every worker.
+
+Both sides must use the same :class:`CodecConfig` (the coordinator sends it with the
+task); every field that changes bytes or numbers is here, so a run is reproducible
+from its config and seed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class CodecConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # ---- low-rank compression of 2-D pseudo-gradients --------------------------------------
+    method: Literal["powersgd", "svd", "dense"] = Field(
+        "svd",
+        description="powersgd: one factor per client in a basis shared by all and warm-started across "
+                    "rounds (alternating sides: one power-iteration step per round); svd: per-client "
+                    "randomised SVD, both factors sent; dense: no low-rank step (quantisation/heads only)")
+    powersgd_warmup_rounds: int = Field(1, ge=0, description=(
+        "powersgd: first rounds run as svd (both factors); the shared basis then starts from the downlink's "
+        "factor instead of a random one, which otherwise costs several rounds of quality"))
+    rank: int = Field(12, ge=1, description="uplink rank r of each compressed 2-D tensor")
+    downlink_rank: int | None = Field(None, ge=1, description="rank of the downlink; None = rank")
+    min_lowrank_dim: int = Field(16, ge=1, description="2-D tensors with a side shorter than this go dense")
+    svd_oversample: int = Field(8, ge=0, description="randomised SVD: extra probe vectors")
+    svd_power_iters: int = Field(2, ge=0, description="randomised SVD: subspace iterations")
+
+    # ---- quantisation ------------------------------------------------------------------------
+    factor_bits: Literal[0, 4, 8] = Field(4, description="bits per factor entry (per-row scale); 0 = fp32")
+    dense_bits: Literal[0, 4, 8] = Field(8, description="bits per entry of dense (1-D / small) updates; 0 = fp32")
+    stochastic_rounding: bool = Field(False, description="unbiased stochastic rounding (seeded) instead of nearest")
+    dense_every: int = Field(4, ge=1, description="send dense tensors every k rounds; in between they accumulate "
+                                                   "in the error-feedback residual")
+
+    # ---- error feedback ------------------------------------------------------------------------
+    error_feedback: bool = Field(True, description="keep what was not sent (worker and server side) for later rounds")
+    residual_decay: float = Field(1.0, ge=0, le=1, description=(
+        "worker residual multiplier per round. A pseudo-gradient from many local steps is 'local optimum minus "
+        "global', so directions the global still lacks reappear in the next delta; a full residual (1.0) then "
+        "counts them twice. < 1 forgets stale residual geometrically"))
+    server_residual_decay: float = Field(1.0, ge=0, le=1, description="same, for the coordinator's downlink residual")
+
+    # ---- head selection ------------------------------------------------------------------------
+    head_selection: bool = Field(True, description="send only active heads' rows/columns of wq_b/wkv_b/wo")
+    keep_ratio: float = Field(0.5, gt=0, le=1, description="top-k heads per layer, k = ceil(keep_ratio * H)")
+    explore_heads: int = Field(1, ge=0, description="extra random inactive heads per layer, so a head can return")
+    importance_ema: float = Field(0.5, ge=0, lt=1, description="weight of the past in the importance moving average")
+
+    # ---- outer optimiser (coordinator) ---------------------------------------------------------
+    outer: Literal["fedavg", "nesterov"] = Field("nesterov", description="fedavg: theta += lr * mean delta; "
+                                                 "nesterov: DiLoCo's outer Nesterov momentum")
+    outer_lr: float = Field(1.0, gt=0)
+    outer_momentum: float = Field(0.5, ge=0, lt=1)
+
+    # ---- downlink --------------------------------------------------------------------------------
+    downlink_bits: Literal[0, 4, 8] = Field(4, description="bits per downlink factor/dense entry; 0 = fp32")
+
+    seed: int = Field(0, description="seeds shared bases, exploration heads and stochastic rounding")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CodecConfig":
+        if self.method == "powersgd" and self.downlink_rank not in (None, self.rank):
+            raise ValueError("with method 'powersgd' the downlink shares the uplink's basis, so downlink_rank "
+                             f"must be unset or equal to rank ({self.rank}), got {self.downlink_rank}")
+        return self
+
+    @property
+    def down_rank(self) -> int:
+        return self.downlink_rank or self.rank

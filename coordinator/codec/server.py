@@ -1,0 +1,294 @@
+"""Coordinator side of the codec: decode, exact aggregation, outer optimiser, downlink.
+
+Flow of one round (``fedavg`` or DiLoCo ``nesterov`` outer step)::
+
+    plan = server.plan()                                     # mask + shared bases + round
+    agg = server.aggregator(plan)                            # begin_round
+    for each reply: agg.add(client_id, server.decode(msg, plan), msg.num_examples)
+    down = server.finish_round(plan, agg.finish(), agg.importance())   # -> ModelUpdate
+    # every worker: global, shared = apply_downlink(global, shared, down, ...)
+    assert state_hash(global) == server.global_hash()
+
+The coordinator applies its own downlink with the same :func:`apply_downlink` the
+workers run, so everybody ends the round with bit-identical weights and bases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from mla_model import MLAConfig
+from protos.fedmla.v1 import types_pb2 as pb
+
+from .config import CodecConfig
+from .heads import combine_importance, select_heads, update_importance
+from .layout import Basis, RoundPlan, SharedState, generator
+from .lowrank import basis_from_factor
+from .wire import DecodedTensors, TensorCodec, UpdateDecodeError
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: sorted names, each with dtype, shape and raw bytes."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class DecodedUpdate:
+    """A validated client update: compact tensors, importance (L, H) or None, example count, metrics."""
+
+    def __init__(self, tensors: DecodedTensors, importance: torch.Tensor | None, num_examples: int,
+                 metrics: dict[str, float]):
+        self.tensors = tensors
+        self.importance = importance
+        self.num_examples = num_examples
+        self.metrics = metrics
+
+
+def decode_importance(msg: pb.HeadScores, num_layers: int, num_heads: int) -> torch.Tensor:
+    if msg.num_layers != num_layers or msg.num_heads != num_heads:
+        raise UpdateDecodeError(f"importance is {msg.num_layers}x{msg.num_heads}, the model has "
+                                f"{num_layers} layers x {num_heads} heads")
+    if len(msg.scores) != num_layers * num_heads:
+        raise UpdateDecodeError(f"importance has {len(msg.scores)} scores, expected {num_layers * num_heads}")
+    t = torch.tensor(list(msg.scores), dtype=torch.float32).view(num_layers, num_heads)
+    if not torch.isfinite(t).all() or (t < 0).any():
+        raise UpdateDecodeError("importance scores must be finite and >= 0")
+    return t
+
+
+class ExactAggregator:
+    """Example-weighted mean of the clients' reconstructed updates, exact for what was sent.
+
+    Each client's factors are multiplied out (left^T @ right, or basis @ factor) into a
+    float64 accumulator weighted by its example count: never mean(B) @ mean(A).
+
+    ``deterministic=True`` (default): ``add`` validates and keeps the *compact* decoded
+    update (its factors, about the size of the message) and ``finish`` accumulates in
+    sorted client-id order. Float addition is not associative, so summing in arrival order
+    could change the last bit after the cast to float32; sorting makes the result a
+    function of the set of replies, so a restarted coordinator gets the same bits.
+    ``deterministic=False``: ``add`` accumulates at once (O(model) memory whatever the
+    number of clients; order-dependent only at float64 rounding level).
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], num_layers: int, num_heads: int,
+                 deterministic: bool = True):
+        self.shapes = {k: tuple(v) for k, v in shapes.items()}
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.deterministic = deterministic
+        self.plan: RoundPlan | None = None
+
+    def begin_round(self, global_state: dict[str, torch.Tensor] | None, plan: RoundPlan) -> None:
+        self.plan = plan
+        self._pending: dict[str, DecodedUpdate] = {}
+        self._seen: set[str] = set()
+        self._acc = {n: torch.zeros(s, dtype=torch.float64) for n, s in self.shapes.items()}
+        self._imp: list[tuple[str, torch.Tensor, int]] = []
+        self._total = 0
+
+    def _accumulate(self, update: DecodedUpdate, weight: int) -> None:
+        for name, part in update.tensors.parts.items():
+            self._acc[name] += part.dense(self.shapes[name]).double() * weight
+
+    def add(self, client_id: str, update: DecodedUpdate, num_examples: int | None = None) -> None:
+        if self.plan is None:
+            raise RuntimeError("call begin_round before add")
+        if client_id in self._seen:
+            raise ValueError(f"client {client_id!r} already contributed to round {self.plan.round}")
+        n = update.num_examples if num_examples is None else int(num_examples)
+        if n <= 0:
+            raise ValueError(f"client {client_id!r}: num_examples must be positive, got {n}")
+        self._seen.add(client_id)
+        self._total += n
+        if update.importance is not None:
+            self._imp.append((client_id, update.importance, n))
+        if self.deterministic:
+            self._pending[client_id] = update
+            update.num_examples = n
+        else:
+            self._accumulate(update, n)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self._seen)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """Weighted mean pseudo-gradient per parameter (float32, full shapes)."""
+        if not self._seen:
+            raise ValueError("no client updates to aggregate")
+        for cid in sorted(self._pending):
+            self._accumulate(self._pending[cid], self._pending[cid].num_examples)
+        self._pending.clear()
+        return {n: (a / self._total).float() for n, a in self._acc.items()}
+
+    def importance(self) -> torch.Tensor | None:
+        """Example-weighted mean of the reported importance (L, H) float64, or None."""
+        if not self._imp:
+            return None
+        items = sorted(self._imp, key=lambda x: x[0])
+        return combine_importance([s for _, s, _ in items], [n for _, _, n in items])
+
+
+class OuterOptimizer:
+    """Turns the aggregated pseudo-gradient (mean of local - global) into the global step.
+
+    fedavg: step = lr * delta (lr 1 is FedAvg). nesterov (DiLoCo): m = mu m + delta;
+    step = lr (delta + mu m).
+    """
+
+    def __init__(self, cfg: CodecConfig):
+        self.cfg = cfg
+        self.momentum: dict[str, torch.Tensor] = {}
+
+    def step(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
+        if self.cfg.outer == "fedavg":
+            return {n: lr * d for n, d in delta.items()}
+        out = {}
+        for n, d in delta.items():
+            m = self.momentum.get(n)
+            m = d.clone() if m is None else mu * m + d
+            self.momentum[n] = m
+            out[n] = lr * (d + mu * m)
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in self.momentum.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.momentum = {n: t.clone() for n, t in state.items()}
+
+
+def _downlink_plan(shared: SharedState, send_dense: bool) -> RoundPlan:
+    return RoundPlan(round=shared.round, mask=None, shared=shared, send_dense=send_dense)
+
+
+def apply_downlink(global_state: dict[str, torch.Tensor], shared: SharedState, msg: pb.ModelUpdate,
+                   tensors: TensorCodec) -> tuple[dict[str, torch.Tensor], SharedState]:
+    """(new global weights, new shared state) after a downlink; run identically by the
+    coordinator and every worker. Raises :class:`UpdateDecodeError` on a bad message."""
+    cfg = tensors.cfg
+    send_dense = shared.round % cfg.dense_every == 0
+    decoded = tensors.decode(msg.factors, msg.dense, _downlink_plan(shared, send_dense), uplink=False)
+    new_state = {}
+    for name, t in global_state.items():
+        part = decoded.parts.get(name)
+        new_state[name] = t if part is None else (t.float() + part.dense(tensors.shapes[name])).to(t.dtype)
+    bases = {}
+    for name, basis in shared.bases.items():
+        part = decoded.parts.get(name)
+        if part is None:
+            raise UpdateDecodeError(f"downlink lacks the factor of {name!r}")
+        gen = generator(cfg.seed, "basis", shared.round + 1, name)
+        if part.side is None:      # an svd round (powersgd warm-up): start from the right factor's row space
+            bases[name] = Basis("right", basis_from_factor(part.right, gen))
+        elif basis.side == "left":   # received right (r, n): next basis spans columns
+            bases[name] = Basis("right", basis_from_factor(part.right, gen))
+        else:                      # received left (r, m): next basis spans rows
+            bases[name] = Basis("left", basis_from_factor(part.left, gen))
+    return new_state, SharedState(round=shared.round + 1, bases=bases)
+
+
+class ServerCodec:
+    """The coordinator's codec state: global weights, shared bases, importance moving
+    average, outer momentum and the server-side error-feedback residual."""
+
+    def __init__(self, model_cfg: MLAConfig, cfg: CodecConfig, global_state: dict[str, torch.Tensor]):
+        self.model_cfg = model_cfg
+        self.cfg = cfg
+        self.global_state = {n: t.detach().clone().float() for n, t in global_state.items()}
+        self.shapes = {n: tuple(t.shape) for n, t in self.global_state.items()}
+        self.tensors = TensorCodec(model_cfg, cfg, self.shapes)
+        self.shared = SharedState.initial(self.shapes, cfg)
+        self.importance: torch.Tensor | None = None   # (L, H) float64 moving average
+        self.outer = OuterOptimizer(cfg)
+        self.residual: dict[str, torch.Tensor] = {}
+        self.num_layers = model_cfg.n_layers
+        self.num_heads = model_cfg.n_heads
+
+    # ---- per round -----------------------------------------------------------------------------
+    def plan(self) -> RoundPlan:
+        """This round's plan. The mask is a function of (importance, seed, round) only."""
+        r = self.shared.round
+        mask = select_heads(self.importance if self.cfg.head_selection else None, self.cfg.keep_ratio,
+                            self.cfg.explore_heads, generator(self.cfg.seed, "explore", r),
+                            self.num_layers, self.num_heads)
+        return RoundPlan(round=r, mask=mask, shared=self.shared, send_dense=r % self.cfg.dense_every == 0)
+
+    def aggregator(self, plan: RoundPlan, deterministic: bool = True) -> ExactAggregator:
+        agg = ExactAggregator(self.shapes, self.num_layers, self.num_heads, deterministic)
+        agg.begin_round(self.global_state, plan)
+        return agg
+
+    def decode(self, msg: pb.ModelUpdate, plan: RoundPlan) -> DecodedUpdate:
+        """Validate a client's ModelUpdate against the plan; raises UpdateDecodeError."""
+        if plan.round != self.shared.round:
+            raise UpdateDecodeError(f"update for round {plan.round}, the coordinator is at round {self.shared.round}")
+        if msg.num_examples <= 0:
+            raise UpdateDecodeError(f"num_examples must be positive, got {msg.num_examples}")
+        tensors = self.tensors.decode(msg.factors, msg.dense, plan, uplink=True)
+        imp = decode_importance(msg.importance, self.num_layers, self.num_heads) if msg.HasField("importance") else None
+        metrics = {k: float(v) for k, v in msg.metrics.items()}
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise UpdateDecodeError(f"non-finite metrics: {bad}")
+        return DecodedUpdate(tensors, imp, int(msg.num_examples), metrics)
+
+    def finish_round(self, plan: RoundPlan, aggregate: dict[str, torch.Tensor],
+                     importance: torch.Tensor | None) -> pb.ModelUpdate:
+        """Outer step, compressed downlink (with server error feedback); applies it to the
+        coordinator's own global weights. Returns the downlink message for every worker."""
+        if plan.round != self.shared.round:
+            raise ValueError(f"plan is for round {plan.round}, the coordinator is at round {self.shared.round}")
+        step = self.outer.step(aggregate)
+        if self.cfg.error_feedback:
+            beta = self.cfg.server_residual_decay
+            step = {n: s + beta * self.residual[n] if n in self.residual else s for n, s in step.items()}
+        gen = generator(self.cfg.seed, "downlink", plan.round)
+        dplan = _downlink_plan(self.shared, plan.send_dense)
+        factors, dense, sent = self.tensors.encode(step, dplan, uplink=False, gen=gen)
+        if self.cfg.error_feedback:
+            self.residual = {n: (s - sent[n]) if n in sent else s for n, s in step.items()}
+        msg = pb.ModelUpdate(factors=factors, dense=dense)
+        self.global_state, self.shared = apply_downlink(self.global_state, self.shared, msg, self.tensors)
+        if importance is not None:
+            self.importance = update_importance(self.importance, importance, self.cfg.importance_ema)
+        return msg
+
+    # ---- checkpoint / restart ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the coordinator needs to resume bit-identically, as a flat tensor dict
+        (safetensors-friendly): global weights, shared state, importance, momentum, residual."""
+        out = {f"global/{n}": t.clone() for n, t in self.global_state.items()}
+        out.update({f"shared/{k}": v for k, v in self.shared.to_tensors().items()})
+        out.update({f"momentum/{n}": t.clone() for n, t in self.outer.momentum.items()})
+        out.update({f"residual/{n}": t.clone() for n, t in self.residual.items()})
+        if self.importance is not None:
+            out["importance"] = self.importance.clone()
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        def group(prefix):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        glob = group("global/")
+        if set(glob) != set(self.shapes):
+            raise ValueError(f"checkpoint parameters differ from the model: "
+                             f"{sorted(set(glob) ^ set(self.shapes))[:5]}")
+        for n, t in glob.items():
+            if tuple(t.shape) != self.shapes[n]:
+                raise ValueError(f"checkpoint {n}: shape {tuple(t.shape)}, expected {self.shapes[n]}")
+        self.global_state = {n: t.clone().float() for n, t in glob.items()}
+        self.shared = SharedState.from_tensors(group("shared/"))
+        self.outer.load_state_dict(group("momentum/"))
+        self.residual = {n: t.clone() for n, t in group("residual/").items()}
+        self.importance = state["importance"].clone().double() if "importance" in state else None
+
+    def global_hash(self) -> str:
+        return state_hash(self.global_state)

@@ -1,0 +1,213 @@
+"""Tensors of one update <-> the repeated ``LowRankFactor`` / ``DenseUpdate`` fields of a
+``fedmla.v1.ModelUpdate``, with validation of everything received.
+
+The same :class:`TensorCodec` encodes and decodes both directions:
+
+- uplink (worker -> coordinator): rank ``cfg.rank``, ``cfg.factor_bits`` / ``cfg.dense_bits``,
+  per-head rows/columns restricted to the round's active heads;
+- downlink (coordinator -> workers): rank ``cfg.down_rank``, ``cfg.downlink_bits``, no head
+  restriction.
+
+The encoder reconstructs what it sent through exactly the code the decoder runs, so the
+error-feedback residual is exactly "input minus what the receiver will see".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from mla_model import MLAConfig
+from protos.fedmla.v1 import types_pb2 as pb
+from protos.tensors import (TensorDecodeError, decode_int_rows, decode_tensor, encode_int_rows,
+                            encode_tensor)
+
+from .config import CodecConfig
+from .layout import RoundPlan, Selection, compress, effective_basis, is_lowrank, reconstruct, selection_for
+from .quant import dequantize_rows, quantize_rows
+
+
+class UpdateDecodeError(ValueError):
+    """A received update does not match the model, the round plan or the codec config."""
+
+
+@dataclass
+class Part:
+    """One received tensor, still compact: factors (or a dense sub-tensor) and where it goes."""
+
+    sel: Selection
+    side: str | None = None            # None: both factors (svd); "left"/"right": shared basis
+    basis: torch.Tensor | None = None  # effective basis (shared, not owned)
+    left: torch.Tensor | None = None   # (r, m') float32
+    right: torch.Tensor | None = None  # (r, n') float32
+    value: torch.Tensor | None = None  # dense sub-tensor, float32
+
+    def dense(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The full-shape float32 tensor this part stands for (zeros outside the selection)."""
+        sub = self.value if self.value is not None else reconstruct(self.left, self.right, self.side, self.basis)
+        return self.sel.scatter(sub.float(), shape)
+
+
+@dataclass
+class DecodedTensors:
+    parts: dict[str, Part] = field(default_factory=dict)
+
+
+def _quant_encode(x: torch.Tensor, bits: int, stochastic: bool, gen: torch.Generator) -> tuple[pb.Tensor, torch.Tensor]:
+    """(message, what the receiver will decode) for a 2-D float tensor."""
+    if bits == 0:
+        x32 = x.float().contiguous()
+        return encode_tensor(x32), x32
+    q, scales = quantize_rows(x, bits, stochastic, gen)
+    return encode_int_rows(q, scales, bits, stochastic), dequantize_rows(q, scales)
+
+
+class TensorCodec:
+    """Encode/decode the tensor fields of a ModelUpdate for one model and codec config."""
+
+    def __init__(self, model_cfg: MLAConfig, cfg: CodecConfig, shapes: dict[str, tuple[int, ...]]):
+        self.model_cfg = model_cfg
+        self.cfg = cfg
+        self.shapes = {k: tuple(v) for k, v in shapes.items()}
+        self._basis_cache: dict = {}
+
+    # ---- shared helpers ----------------------------------------------------------------------
+    def _layout(self, name: str, plan: RoundPlan, uplink: bool):
+        shape = self.shapes[name]
+        sel = selection_for(name, shape, self.model_cfg, self.cfg, plan.mask if uplink else None)
+        if not is_lowrank(shape, self.cfg):
+            return sel, "dense", None, None
+        if self.cfg.method == "svd" or plan.round < self.cfg.powersgd_warmup_rounds:
+            return sel, "lowrank", None, None
+        basis = plan.shared.bases[name]
+        key = (name, basis.side, tuple(sel.heads) if sel.heads is not None else None)
+        hit = self._basis_cache.get(key)
+        if hit is not None and hit[0] is basis.matrix:   # same shared basis object: reuse
+            b = hit[1]
+        else:
+            b = effective_basis(basis, sel)
+            self._basis_cache[key] = (basis.matrix, b)
+        return sel, "lowrank", basis.side, b
+
+    def _bits(self, uplink: bool, dense: bool) -> int:
+        if not uplink:
+            return self.cfg.downlink_bits
+        return self.cfg.dense_bits if dense else self.cfg.factor_bits
+
+    # ---- encode ------------------------------------------------------------------------------
+    def encode(self, tensors: dict[str, torch.Tensor], plan: RoundPlan, uplink: bool, gen: torch.Generator
+               ) -> tuple[list[pb.LowRankFactor], list[pb.DenseUpdate], dict[str, torch.Tensor]]:
+        """Compress ``tensors`` (full shapes). Returns the factor and dense messages and, per
+        name, the full-shape float32 tensor the receiver will reconstruct (absent: not sent)."""
+        cfg = self.cfg
+        factors, dense, sent = [], [], {}
+        rank = cfg.rank if uplink else cfg.down_rank
+        for name in sorted(tensors):
+            if name not in self.shapes:
+                raise KeyError(f"{name!r} is not a parameter of this model")
+            x = tensors[name].detach().float()
+            shape = self.shapes[name]
+            if tuple(x.shape) != shape:
+                raise ValueError(f"{name}: shape {tuple(x.shape)}, expected {shape}")
+            sel, kind, side, b = self._layout(name, plan, uplink)
+            heads = pb.HeadSelection(heads=sel.heads) if sel.heads is not None else None
+            xs = sel.take(x)
+            if kind == "dense":
+                if not plan.send_dense:
+                    continue
+                bits = self._bits(uplink, True)
+                rows = xs.reshape(1, -1) if xs.dim() < 2 else xs
+                msg, deq = _quant_encode(rows, bits, cfg.stochastic_rounding, gen)
+                dense.append(pb.DenseUpdate(name=name, value=msg, heads=heads))
+                sent[name] = Part(sel=sel, value=deq.reshape(xs.shape)).dense(shape)
+                continue
+            left, right = compress(xs, side, b, rank, cfg, gen)
+            bits = self._bits(uplink, False)
+            f = pb.LowRankFactor(name=name, rank=(left if left is not None else right).size(0), heads=heads)
+            dl = dr = None
+            if left is not None:
+                m, dl = _quant_encode(left, bits, cfg.stochastic_rounding, gen)
+                f.left.CopyFrom(m)
+            if right is not None:
+                m, dr = _quant_encode(right, bits, cfg.stochastic_rounding, gen)
+                f.right.CopyFrom(m)
+            factors.append(f)
+            sent[name] = Part(sel=sel, side=side, basis=b, left=dl, right=dr).dense(shape)
+        return factors, dense, sent
+
+    # ---- decode ------------------------------------------------------------------------------
+    def _tensor(self, msg: pb.Tensor, what: str, shape: tuple[int, int], bits: int) -> torch.Tensor:
+        """Decode a float tensor that must have logical ``shape``; quantised iff ``bits``."""
+        try:
+            if bits:
+                q, scales, got_bits = decode_int_rows(msg, what, max_elements=math.prod(shape))
+                if got_bits != bits:
+                    raise UpdateDecodeError(f"{what}: {got_bits}-bit payload, this run uses {bits}-bit")
+                t = dequantize_rows(q, scales)
+            else:
+                t = decode_tensor(msg, what, max_elements=math.prod(shape), allowed={pb.FLOAT32}).float()
+        except TensorDecodeError as e:
+            raise UpdateDecodeError(str(e)) from None
+        if t.numel() != math.prod(shape):
+            raise UpdateDecodeError(f"{what}: shape {list(t.shape)}, expected {list(shape)}")
+        t = t.reshape(shape)
+        if not torch.isfinite(t).all():
+            raise UpdateDecodeError(f"{what}: non-finite values")
+        return t
+
+    def _check_heads(self, name: str, got: pb.HeadSelection | None, sel: Selection) -> None:
+        heads = list(got.heads) if got is not None else None
+        if (heads or None) != sel.heads:
+            raise UpdateDecodeError(f"{name}: covers heads {heads or 'all'}, the round's active heads are "
+                                    f"{sel.heads if sel.heads is not None else 'all'}")
+
+    def decode(self, factors, dense, plan: RoundPlan, uplink: bool) -> DecodedTensors:
+        """Validate and dequantise received factor/dense messages against the plan."""
+        cfg = self.cfg
+        rank = cfg.rank if uplink else cfg.down_rank
+        out = DecodedTensors()
+        for f in factors:
+            name = f.name
+            if name not in self.shapes:
+                raise UpdateDecodeError(f"factor for unknown parameter {name!r}")
+            if name in out.parts:
+                raise UpdateDecodeError(f"{name}: sent twice")
+            sel, kind, side, b = self._layout(name, plan, uplink)
+            if kind != "lowrank":
+                raise UpdateDecodeError(f"{name}: low-rank factor for a tensor this codec sends dense")
+            self._check_heads(name, f.heads if f.HasField("heads") else None, sel)
+            m, n = sel.sub_shape(self.shapes[name])
+            if side is None:
+                r = min(rank, m, n)
+            else:
+                r = b.size(1)
+            if f.rank != r:
+                raise UpdateDecodeError(f"{name}: rank {f.rank}, expected {r}")
+            want_left, want_right = side in (None, "right"), side in (None, "left")
+            if f.HasField("left") != want_left or f.HasField("right") != want_right:
+                raise UpdateDecodeError(f"{name}: expected {'left ' if want_left else ''}"
+                                        f"{'right' if want_right else ''} factor(s) for this round's layout")
+            bits = self._bits(uplink, False)
+            left = self._tensor(f.left, f"{name}.left", (r, m), bits) if want_left else None
+            right = self._tensor(f.right, f"{name}.right", (r, n), bits) if want_right else None
+            out.parts[name] = Part(sel=sel, side=side, basis=b, left=left, right=right)
+        for d in dense:
+            name = d.name
+            if name not in self.shapes:
+                raise UpdateDecodeError(f"dense update for unknown parameter {name!r}")
+            if name in out.parts:
+                raise UpdateDecodeError(f"{name}: sent twice")
+            sel, kind, _, _ = self._layout(name, plan, uplink)
+            if kind != "dense":
+                raise UpdateDecodeError(f"{name}: dense update for a tensor this codec sends low-rank")
+            if not plan.send_dense:
+                raise UpdateDecodeError(f"{name}: dense tensors are not sent in round {plan.round}")
+            self._check_heads(name, d.heads if d.HasField("heads") else None, sel)
+            sub = sel.sub_shape(self.shapes[name])
+            bits = self._bits(uplink, True)
+            rows = (1, math.prod(sub)) if len(sub) < 2 else sub
+            value = self._tensor(d.value, name, rows, bits).reshape(sub)
+            out.parts[name] = Part(sel=sel, value=value)
+        return out

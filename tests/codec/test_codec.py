@@ -1,0 +1,253 @@
+"""Worker encode -> coordinator decode/aggregate -> downlink, on the tiny MLA shapes."""
+
+import pytest
+import torch
+
+from coordinator.codec import (ClientCodec, CodecConfig, ExactAggregator, RoundPlan, ServerCodec, SharedState,
+                               UpdateDecodeError, apply_downlink, state_hash)
+from coordinator.codec.wire import TensorCodec
+from mla_model import MLAConfig
+from protos.fedmla.v1 import types_pb2 as pb
+from worker.trainer import init_global_state
+
+MODEL = MLAConfig.preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def global_state():
+    return init_global_state(MODEL, 0)
+
+
+def shapes_of(state):
+    return {n: tuple(t.shape) for n, t in state.items()}
+
+
+def perturbed(state, seed, scale=1e-2):
+    g = torch.Generator().manual_seed(seed)
+    return {n: t + scale * torch.randn(t.shape, generator=g) for n, t in state.items()}
+
+
+@pytest.mark.parametrize("method", ["svd", "powersgd"])
+def test_aggregate_equals_weighted_sum_of_reconstructions(global_state, method):
+    cfg = CodecConfig(method=method, rank=3, head_selection=True, keep_ratio=0.5, powersgd_warmup_rounds=0)
+    server = ServerCodec(MODEL, cfg, global_state)
+    server.importance = torch.rand(MODEL.n_layers, MODEL.n_heads, generator=torch.Generator().manual_seed(1)).double()
+    plan = server.plan()
+    assert not plan.mask.all()
+    counts = {"a": 10, "b": 30, "c": 7}
+    agg = server.aggregator(plan)
+    expected = {n: torch.zeros(s, dtype=torch.float64) for n, s in server.shapes.items()}
+    for i, (cid, n) in enumerate(counts.items()):
+        client = ClientCodec(MODEL, cfg, server.shapes, cid)
+        msg = client.encode(global_state, perturbed(global_state, i), plan, None, n)
+        decoded = server.decode(pb.ModelUpdate.FromString(msg.SerializeToString()), plan)
+        agg.add(cid, decoded)
+        for name, part in decoded.tensors.parts.items():
+            # each client's reconstruction, independently recomputed from its own factors
+            if part.value is not None:
+                recon = part.sel.scatter(part.value, server.shapes[name])
+            elif part.side is None:
+                recon = part.sel.scatter(part.left.t() @ part.right, server.shapes[name])
+            elif part.side == "left":
+                recon = part.sel.scatter(part.basis @ part.right, server.shapes[name])
+            else:
+                recon = part.sel.scatter(part.left.t() @ part.basis.t(), server.shapes[name])
+            expected[name] += recon.double() * n
+    got = agg.finish()
+    total = sum(counts.values())
+    for name in expected:
+        want = expected[name] / total
+        err = (got[name].double() - want).norm() / want.norm().clamp_min(1e-30)
+        assert err <= 1e-6, name
+
+
+def test_aggregation_hand_computed_and_not_mean_of_factors():
+    # Two rank-1 updates of a 2x2 matrix, weights 1 and 3.
+    from coordinator.codec.layout import Selection
+    from coordinator.codec.server import DecodedUpdate
+    from coordinator.codec.wire import DecodedTensors, Part
+
+    def upd(left, right, n):
+        return DecodedUpdate(DecodedTensors({"w": Part(sel=Selection(), left=torch.tensor([left]),
+                                                      right=torch.tensor([right]))}), None, n, {})
+
+    agg = ExactAggregator({"w": (2, 2)}, 1, 1)
+    agg.begin_round(None, RoundPlan(0, torch.ones(1, 1, dtype=torch.bool), SharedState(0)))
+    agg.add("x", upd([1.0, 0.0], [1.0, 2.0], 1))
+    agg.add("y", upd([0.0, 1.0], [3.0, 4.0], 3))
+    got = agg.finish()["w"]
+    assert torch.allclose(got, torch.tensor([[1.0, 2.0], [9.0, 12.0]]) / 4)
+    mean_left = (torch.tensor([1.0, 0.0]) * 1 + torch.tensor([0.0, 1.0]) * 3) / 4
+    mean_right = (torch.tensor([1.0, 2.0]) * 1 + torch.tensor([3.0, 4.0]) * 3) / 4
+    assert not torch.allclose(got, torch.outer(mean_left, mean_right))
+
+
+def test_aggregation_is_bit_identical_in_any_arrival_order(global_state):
+    cfg = CodecConfig(method="svd", rank=2)
+    server = ServerCodec(MODEL, cfg, global_state)
+    plan = server.plan()
+    msgs = {}
+    for i, cid in enumerate(["c0", "c1", "c2", "c3"]):
+        msgs[cid] = ClientCodec(MODEL, cfg, server.shapes, cid).encode(global_state, perturbed(global_state, i, 0.1),
+                                                                       plan, None, 5 + i)
+    results = []
+    for order in (["c0", "c1", "c2", "c3"], ["c3", "c1", "c0", "c2"]):
+        agg = server.aggregator(plan)
+        for cid in order:
+            agg.add(cid, server.decode(msgs[cid], plan))
+        results.append(state_hash(agg.finish()))
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("method", ["svd", "powersgd", "dense"])
+def test_error_feedback_preserves_the_sum(global_state, method):
+    cfg = CodecConfig(method=method, rank=1, factor_bits=4, keep_ratio=0.25, explore_heads=0, powersgd_warmup_rounds=0)
+    server = ServerCodec(MODEL, cfg, global_state)
+    server.importance = torch.tensor([[0.1, 0.9, 0.2, 0.3], [0.5, 0.1, 0.2, 0.3]], dtype=torch.float64)
+    plan = server.plan()
+    assert plan.mask.tolist() == [[False, True, False, False], [True, False, False, False]]
+    client = ClientCodec(MODEL, cfg, server.shapes, "a")
+    old = {n: 1e-3 * torch.ones(s) for n, s in server.shapes.items()}
+    client.load_state_dict(old)
+    local = perturbed(global_state, 3)
+    msg = client.encode(global_state, local, plan, None, 4)
+    decoded = server.decode(msg, plan)
+    for name, shape in server.shapes.items():
+        delta = local[name] - global_state[name] + old[name]
+        part = decoded.tensors.parts.get(name)
+        sent = part.dense(shape) if part is not None else torch.zeros(shape)
+        assert torch.allclose(sent + client.residual[name], delta, atol=1e-6), name
+    # wo of layer 0: only head 1's columns may be non-zero in what was sent; the rest is all residual
+    name = "layers.0.attn.wo.weight"
+    sent = decoded.tensors.parts[name].dense(server.shapes[name])
+    dv = MODEL.v_head_dim
+    assert torch.count_nonzero(sent[:, :dv]) == 0 and torch.count_nonzero(sent[:, 2 * dv:]) == 0
+    delta = local[name] - global_state[name] + old[name]
+    assert torch.allclose(client.residual[name][:, :dv], delta[:, :dv])
+
+
+def test_quantised_factor_error_is_bounded(global_state):
+    cfg = CodecConfig(method="svd", rank=2, factor_bits=8, head_selection=False)
+    cfg32 = cfg.model_copy(update={"factor_bits": 0, "dense_bits": 0})
+    server = ServerCodec(MODEL, cfg, global_state)
+    plan = server.plan()
+    local = perturbed(global_state, 5)
+    d8 = server.decode(ClientCodec(MODEL, cfg, server.shapes, "a").encode(global_state, local, plan, None, 1), plan)
+    s32 = ServerCodec(MODEL, cfg32, global_state)
+    d32 = s32.decode(ClientCodec(MODEL, cfg32, server.shapes, "a").encode(global_state, local, plan, None, 1), plan)
+    name = "layers.1.ffn.w1.weight"
+    p8, p32 = d8.tensors.parts[name], d32.tensors.parts[name]
+    for a, b in ((p8.left, p32.left), (p8.right, p32.right)):
+        scale = b.abs().amax(dim=1) / 127
+        assert ((a - b).abs() <= scale[:, None] / 2 + 1e-7).all()
+
+
+def test_coordinator_and_worker_hashes_match_after_rounds(global_state):
+    from worker.data import ClientData
+    from worker.trainer import LocalTrainer, TrainerConfig
+
+    # round 0 is a powersgd warm-up (svd) round, rounds 1-2 use the shared bases
+    cfg = CodecConfig(method="powersgd", rank=2, keep_ratio=0.5, dense_every=2, powersgd_warmup_rounds=1)
+    tc = TrainerConfig(local_steps=2, batch_size=2, seq_len=16, warmup_steps=0, total_steps=10)
+    trainer = LocalTrainer(MODEL, tc)
+    g = torch.Generator().manual_seed(0)
+    data = [ClientData(f"c{i}", torch.randint(0, 256, (400,), generator=g, dtype=torch.uint8),
+                       torch.empty(0, dtype=torch.uint8)) for i in range(2)]
+    server = ServerCodec(MODEL, cfg, global_state)
+    shapes = server.shapes
+    clients = [ClientCodec(MODEL, cfg, shapes, c.name) for c in data]
+    w_state, w_shared, w_codec = dict(global_state), server.shared, TensorCodec(MODEL, cfg, shapes)
+    for r in range(3):
+        plan = server.plan()
+        agg = server.aggregator(plan)
+        for c, codec in zip(data, clients):
+            res = trainer.train(w_state, c, round_idx=r)
+            agg.add(c.name, server.decode(codec.encode(w_state, res.state, plan, res.importance, res.num_examples), plan))
+        down = server.finish_round(plan, agg.finish(), agg.importance())
+        w_state, w_shared = apply_downlink(w_state, w_shared, pb.ModelUpdate.FromString(down.SerializeToString()),
+                                           w_codec)
+        assert state_hash(w_state) == server.global_hash()
+        assert w_shared.digest() == server.shared.digest()
+    assert state_hash(w_state) != state_hash(global_state)
+    assert server.importance is not None and not server.plan().mask.all()
+
+
+def test_decode_rejects_bad_updates(global_state):
+    cfg = CodecConfig(method="powersgd", rank=2, keep_ratio=0.5, powersgd_warmup_rounds=0)
+    server = ServerCodec(MODEL, cfg, global_state)
+    server.importance = torch.rand(2, 4, generator=torch.Generator().manual_seed(0)).double()
+    plan = server.plan()
+    good = ClientCodec(MODEL, cfg, server.shapes, "a").encode(global_state, perturbed(global_state, 1), plan,
+                                                              torch.rand(2, 4), 8)
+    server.decode(good, plan)
+
+    def broken(fn):
+        m = pb.ModelUpdate()
+        m.CopyFrom(good)
+        fn(m)
+        return m
+
+    cases = [
+        (lambda m: setattr(m.factors[0], "name", "nope.weight"), "unknown parameter 'nope.weight'"),
+        (lambda m: setattr(m.factors[0], "rank", 5), "rank 5, expected 2"),
+        (lambda m: m.factors.append(m.factors[0]), "sent twice"),
+        (lambda m: m.factors[[f.name for f in m.factors].index("layers.0.attn.wo.weight")].heads.heads.append(3)
+         if 3 not in m.factors[[f.name for f in m.factors].index("layers.0.attn.wo.weight")].heads.heads
+         else m.factors[[f.name for f in m.factors].index("layers.0.attn.wo.weight")].heads.heads.pop(),
+         "layers.0.attn.wo.weight: covers heads"),
+        (lambda m: setattr(m.dense[0].value, "data", m.dense[0].value.data[:-1]), "data bytes"),
+        (lambda m: setattr(m, "num_examples", 0), "num_examples"),
+        (lambda m: m.importance.scores.pop(), "importance has 7 scores"),
+        (lambda m: m.importance.scores.__setitem__(0, float("nan")), "finite"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(UpdateDecodeError, match=msg.replace("(", r"\(").replace("[", r"\[")):
+            server.decode(broken(fn), plan)
+    # a non-finite factor value travels as a non-finite scale
+    m = pb.ModelUpdate()
+    m.CopyFrom(good)
+    f = next(f for f in m.factors if f.HasField("left"))
+    f.left.quant.scales.data = torch.full((f.rank,), float("inf")).numpy().tobytes()
+    with pytest.raises(UpdateDecodeError, match=f"{f.name}.left: non-finite"):
+        server.decode(m, plan)
+
+
+def test_stale_round_is_rejected(global_state):
+    cfg = CodecConfig(rank=1)
+    server = ServerCodec(MODEL, cfg, global_state)
+    plan = server.plan()
+    agg = server.aggregator(plan)
+    msg = ClientCodec(MODEL, cfg, server.shapes, "a").encode(global_state, perturbed(global_state, 1), plan, None, 1)
+    agg.add("a", server.decode(msg, plan))
+    with pytest.raises(ValueError, match="already contributed"):
+        agg.add("a", server.decode(msg, plan))
+    server.finish_round(plan, agg.finish(), None)
+    with pytest.raises(UpdateDecodeError, match="round 0"):
+        server.decode(msg, plan)
+
+
+def test_server_checkpoint_resumes_bit_identically(global_state):
+    cfg = CodecConfig(rank=2, outer="nesterov", dense_every=2)
+    shapes = shapes_of(global_state)
+
+    def one_round(server, seed):
+        plan = server.plan()
+        agg = server.aggregator(plan)
+        for i, cid in enumerate(["a", "b"]):
+            msg = ClientCodec(MODEL, cfg, shapes, cid).encode(server.global_state,
+                                                             perturbed(server.global_state, seed + i), plan,
+                                                             torch.rand(2, 4, generator=torch.Generator().manual_seed(i)),
+                                                             3 + i)
+            agg.add(cid, server.decode(msg, plan))
+        return server.finish_round(plan, agg.finish(), agg.importance())
+
+    a = ServerCodec(MODEL, cfg, global_state)
+    one_round(a, 0)
+    saved = a.state_dict()
+    b = ServerCodec(MODEL, cfg, init_global_state(MODEL, 1))
+    b.load_state_dict(saved)
+    assert b.global_hash() == a.global_hash() and b.shared.digest() == a.shared.digest()
+    da, db = one_round(a, 10), one_round(b, 10)
+    assert da.SerializeToString() == db.SerializeToString()
+    assert a.global_hash() == b.global_hash()
+    assert torch.equal(a.plan().mask, b.plan().mask)
