@@ -1,0 +1,1 @@
+"""fedmla workers: local trainer, gRPC client, simulations, data."""
