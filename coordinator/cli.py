@@ -23,6 +23,7 @@ app.add_typer(bench, name="bench")
 # Modules that define a `register(app, bench)` function adding their commands.
 COMMAND_MODULES = [
     "mla_model.cli",
+    "coordinator.commands",
 ]
 
 

@@ -322,29 +322,39 @@ class Coordinator:
             raise AlreadyExists(f"client {client!r} already submitted an update for round {rnd.id}", "replay")
         return rnd
 
-    async def submit(self, client: str, header: cpb.SubmitUpdateRequest.Header | None,
-                     chunks: AsyncIterator[bytes]) -> cpb.SubmitUpdateResponse:
-        """Receive, validate and spool one update; refuses with a CoordinatorError."""
+    async def submit(self, client: str, requests: AsyncIterator) -> cpb.SubmitUpdateResponse:
+        """Receive, validate and spool one update from a stream of ``SubmitUpdateRequest``
+        (header on the first). Refuses with a CoordinatorError and changes nothing.
+
+        At most ``max_concurrent_uploads`` streams are read at once and the slot is
+        taken before the first chunk is read, so memory does not grow with the
+        number of clients submitting together."""
         started = time.perf_counter()
-        rnd = None
         try:
             self._known(client)
-            if header is None:
-                raise InvalidArgument("the first SubmitUpdate chunk must carry the header (round, version, size, sha256)",
-                                      "malformed")
-            rnd = self._check_round(client, header.round_id, header.model_version)
-            limit = self.settings.max_update_bytes
-            if header.total_bytes <= 0:
-                raise InvalidArgument(f"header.total_bytes must be positive, got {header.total_bytes}", "malformed")
-            if header.total_bytes > limit:
-                raise ResourceExhausted(f"update of {header.total_bytes} bytes exceeds this round's limit of "
-                                        f"{limit} bytes (codec.max_update_bytes)", "size")
-            if client in rnd.receiving:
-                raise AlreadyExists(f"an update from {client!r} for round {rnd.id} is already being received", "replay")
-            rnd.receiving.add(client)
-            try:
-                async with self._upload_slots:
-                    payload = await self._read_payload(header, chunks)
+            async with self._upload_slots:
+                it = requests.__aiter__()
+                try:
+                    first = await it.__anext__()
+                except StopAsyncIteration:
+                    first = None
+                if first is None or not first.HasField("header"):
+                    raise InvalidArgument("the first SubmitUpdate chunk must carry the header (round, version, "
+                                          "size, sha256)", "malformed")
+                header = first.header
+                rnd = self._check_round(client, header.round_id, header.model_version)
+                limit = self.settings.max_update_bytes
+                if header.total_bytes <= 0:
+                    raise InvalidArgument(f"header.total_bytes must be positive, got {header.total_bytes}", "malformed")
+                if header.total_bytes > limit:
+                    raise ResourceExhausted(f"update of {header.total_bytes} bytes exceeds this round's limit of "
+                                            f"{limit} bytes (codec.max_update_bytes)", "size")
+                if client in rnd.receiving:
+                    raise AlreadyExists(f"an update from {client!r} for round {rnd.id} is already being received",
+                                        "replay")
+                rnd.receiving.add(client)
+                try:
+                    payload = await self._read_payload(header, first, it)
                     msg = pb.ModelUpdate()
                     try:
                         msg.ParseFromString(payload)
@@ -358,8 +368,9 @@ class Coordinator:
                     path = self.spool_root / f"round-{rnd.id:06d}" / f"{client}.pb"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     await asyncio.to_thread(path.write_bytes, payload)
-            finally:
-                rnd.receiving.discard(client)
+                finally:
+                    rnd.receiving.discard(client)
+                    self._changed.set()
         except CoordinatorError as e:
             raise self._reject(e, client) from None
         rnd.replies[client] = Reply(path, len(payload), update.num_examples, update.metrics)
@@ -370,9 +381,14 @@ class Coordinator:
         self._changed.set()
         return cpb.SubmitUpdateResponse(round_id=rnd.id, bytes_received=len(payload), replies_in_round=len(rnd.replies))
 
-    async def _read_payload(self, header, chunks: AsyncIterator[bytes]) -> bytes:
-        buf = bytearray()
-        async for data in chunks:
+    async def _read_payload(self, header, first, rest: AsyncIterator) -> bytes:
+        buf = bytearray(first.data)
+        if len(buf) > header.total_bytes:
+            raise ResourceExhausted(f"received more than the {header.total_bytes} bytes the header announced", "size")
+        async for msg in rest:
+            if msg.HasField("header"):
+                raise InvalidArgument("only the first SubmitUpdate chunk may carry a header", "malformed")
+            data = msg.data
             if len(buf) + len(data) > header.total_bytes:
                 raise ResourceExhausted(f"received more than the {header.total_bytes} bytes the header announced",
                                         "size")

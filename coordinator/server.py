@@ -26,7 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from protos.fedmla.v1 import coordinator_pb2 as cpb
 from protos.fedmla.v1 import coordinator_pb2_grpc as cpb_grpc
 
-from .errors import CoordinatorError, InvalidArgument
+from .errors import CoordinatorError
 from .metrics import CoordinatorMetrics
 from .rounds import CHUNK_BYTES, Coordinator
 from .settings import CoordinatorSettings
@@ -145,23 +145,8 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServiceServicer):
             yield cpb.DownloadModelResponse(data=bytes(view[off: off + CHUNK_BYTES]))
 
     async def SubmitUpdate(self, request_iterator, context):
-        it = request_iterator.__aiter__()
         try:
-            first = await it.__anext__()
-        except StopAsyncIteration:
-            first = None
-
-        async def chunks():
-            if first is not None:
-                yield first.data
-            async for msg in it:
-                if msg.HasField("header"):
-                    raise InvalidArgument("only the first SubmitUpdate chunk may carry a header", "malformed")
-                yield msg.data
-
-        try:
-            header = first.header if first is not None and first.HasField("header") else None
-            return await self.coord.submit(CLIENT.get(), header, chunks())
+            return await self.coord.submit(CLIENT.get(), request_iterator)
         except CoordinatorError as e:
             await _abort(context, e)
 
