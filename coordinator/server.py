@@ -181,7 +181,12 @@ class CoordinatorServer:
         s = self.settings
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0)]
+                ("grpc.so_reuseport", 0),
+                # Bound what the transport buffers for streams we have not read yet: no
+                # window growth by BDP probing, a 64 KiB window per stream. Together with
+                # the upload slots this keeps memory flat in the number of clients.
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", 64 << 10)]
         server = grpc.aio.server(interceptors=[AuthInterceptor(TokenChecker(self.store), self.metrics)], options=opts)
         cpb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(self.coord), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
