@@ -16,7 +16,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,28 +31,6 @@ def _peak_rss_bytes(pid: int) -> int:
 def _percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
-
-
-def start_coordinator_process(store: Path, args: list[str], log_path: Path, timeout: float = 60.0
-                              ) -> tuple[subprocess.Popen, int]:
-    """Start `python -m coordinator.cli coordinator` on port 0; return (process, port)."""
-    port_file = store.parent / f"{store.name}.port"
-    port_file.unlink(missing_ok=True)
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    log = open(log_path, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "coordinator", "--store", str(store),
-                             "--port", "0", "--port-file", str(port_file), *args],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
-    deadline = time.time() + timeout
-    while not port_file.exists():
-        if proc.poll() is not None:
-            raise RuntimeError(f"coordinator exited with {proc.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise TimeoutError(f"coordinator did not start within {timeout}s; see {log_path}")
-        time.sleep(0.05)
-    return proc, int(port_file.read_text())
 
 
 async def _clients(target: str, tokens: list[str], payloads: list[bytes], rounds: int) -> dict:
@@ -97,6 +74,7 @@ def run_bench(clients: int, preset: str = "small", rounds: int = 1, rank: int = 
     from mla_model import MLAConfig
 
     from .store import Store
+    from .testing import start_coordinator_process
     from .synthetic import synthetic_update
     from .validation import ModelSpec
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 from protos.fedmla.v1 import coordinator_pb2 as cpb
 from worker.transport import CoordinatorClient
@@ -42,3 +46,25 @@ def make_clients(bg, names, join=True, num_examples=10):
             c.join(num_examples=num_examples)
         out.append(c)
     return out
+
+
+def start_coordinator_process(store: Path, args: list[str], log_path: Path, timeout: float = 60.0
+                              ) -> tuple[subprocess.Popen, int]:
+    """Start `python -m coordinator.cli coordinator` on port 0; return (process, port)."""
+    port_file = store.parent / f"{store.name}.port"
+    port_file.unlink(missing_ok=True)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "coordinator", "--store", str(store),
+                             "--port", "0", "--port-file", str(port_file), *args],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+    deadline = time.time() + timeout
+    while not port_file.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"coordinator exited with {proc.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise TimeoutError(f"coordinator did not start within {timeout}s; see {log_path}")
+        time.sleep(0.05)
+    return proc, int(port_file.read_text())

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from protos.fedmla.v1 import types_pb2 as pb
-from protos.tensors import TensorDecodeError, decode_int_rows, decode_tensor, dtype_name
+from protos.tensors import TensorDecodeError, decode_int_rows, decode_tensor
 
 from .aggregation import DecodedUpdate, DenseUpdate, LowRankUpdate
 from .errors import InvalidArgument, ResourceExhausted
