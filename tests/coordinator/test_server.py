@@ -209,3 +209,28 @@ def test_head_mask_follows_importance_and_run_finishes(coordinator):
     # round 2's mask: the two most important heads (1 and 3) of every layer
     assert t.round_id == 2
     assert list(t.active_heads.active) == [False, True, False, True] * L
+
+
+@pytest.mark.coord(clients_per_round=1, min_replies=1)
+def test_client_not_sampled_waits_and_cannot_submit(coordinator):
+    bg = coordinator
+    a, b = make_clients(bg, ["a", "b"])
+    sampled = wait_for(lambda: bg.call(lambda: bg.coord.round and list(bg.coord.round.sampled)), what="round open")
+    chosen, idle = (a, b) if sampled == ["a"] else (b, a)
+    t = ready_task(chosen)
+    assert idle.get_task().status == cpb.GetTaskResponse.WAIT
+    code, details = code_of(lambda: idle.submit(update_for(bg, t), t.round_id, t.model.version))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "not sampled" in details
+
+
+@pytest.mark.coord(clients_per_round=2, min_replies=1, client_timeout_s=1.0, round_timeout_s=120)
+def test_silent_client_is_a_dropout_and_round_closes_before_deadline(coordinator):
+    bg = coordinator
+    a, b = make_clients(bg, ["a", "b"])
+    t = ready_task(a)
+    a.submit(update_for(bg, t), t.round_id, t.model.version)
+    # b never calls again: after client_timeout_s it is a dropout and the round commits
+    wait_for(lambda: a.heartbeat().current_round >= 2 or None, what="round 1 to close", timeout=30)
+    r = bg.call(lambda: bg.store.rounds())[0]
+    assert (r["status"], r["replied"], r["dropped"]) == ("committed", 1, 1)
+    assert "dropped" in r["reason"]
