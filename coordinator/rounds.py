@@ -145,7 +145,7 @@ class Coordinator:
         self.finished = False
         self._changed = asyncio.Event()
         self._upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
-        self._delta_cache: dict[int, bytes] = {}
+        self._delta_cache: dict[int, tuple[bytes, str]] = {}
         self.spool_root = self.store.root / "spool"
         shutil.rmtree(self.spool_root, ignore_errors=True)  # updates of an interrupted round
         self.metrics.model_version.set(self.version)
@@ -250,23 +250,26 @@ class Coordinator:
     def download(self, client: str, req: cpb.DownloadModelRequest) -> tuple[cpb.DownloadModelResponse.Header, bytes]:
         """The header and payload of a model download (the servicer chunks it)."""
         self._known(client)
-        kind, base, data = cpb.DownloadModelResponse.FULL, 0, self.model_bytes
-        if req.HasField("since_version") and req.since_version != self.version:
+        kind, base, data, sha = cpb.DownloadModelResponse.FULL, 0, self.model_bytes, self.model_sha
+        if req.HasField("since_version"):
             delta = self._delta(req.since_version)
             if delta is not None:
-                kind, base, data = cpb.DownloadModelResponse.DELTA, req.since_version, delta
-        elif req.HasField("since_version"):
-            kind, base, data = cpb.DownloadModelResponse.DELTA, self.version, canonical_bytes({})
+                kind, base, (data, sha) = cpb.DownloadModelResponse.DELTA, req.since_version, delta
         self.metrics.bytes.labels("down").inc(len(data))
         if self.round is not None:
             self.round.bytes_down[client] = self.round.bytes_down.get(client, 0) + len(data)
         header = cpb.DownloadModelResponse.Header(kind=kind, model=self.model_version_msg(), base_version=base,
-                                                  total_bytes=len(data), payload_sha256=sha256_hex(data))
+                                                  total_bytes=len(data), payload_sha256=sha)
         return header, data
 
-    def _delta(self, since: int) -> bytes | None:
+    def _delta(self, since: int) -> tuple[bytes, str] | None:
+        """(safetensors bytes of the tensors changed since ``since``, their SHA-256), or
+        None when that version is unknown or its checkpoint was pruned."""
         if since in self._delta_cache:
             return self._delta_cache[since]
+        if since == self.version:
+            empty = canonical_bytes({})
+            return empty, sha256_hex(empty)
         rec = self.store.model(since) if 0 <= since < self.version else None
         if rec is None:
             return None
@@ -275,8 +278,8 @@ class Coordinator:
         changed = {k: v for k, v in self.state.items()
                    if k not in old or old[k].shape != v.shape or not torch.equal(old[k].view(torch.int32), v.view(torch.int32))}
         data = canonical_bytes(changed)
-        self._delta_cache[since] = data
-        return data
+        self._delta_cache[since] = (data, sha256_hex(data))
+        return self._delta_cache[since]
 
     def heartbeat(self, client: str, req: cpb.HeartbeatRequest) -> cpb.HeartbeatResponse:
         c = self.clients.get(client)
@@ -492,8 +495,10 @@ class Coordinator:
             bytes_up=sum(r.bytes_up for r in rnd.replies.values()), bytes_down=sum(rnd.bytes_down.values()),
             fedavg_fp32_bytes=len(rnd.replies) * self.spec.num_elements() * 4, aggregation_s=agg_s, reason=reason)
         seen = {n: c.last_seen for n, c in self.clients.items()}
-        await asyncio.to_thread(self.store.commit_round, rec, records, importance,
-                                (data, sha) if ok else None, seen, s.keep_checkpoints)
+        # The file on a worker thread; the SQLite transaction here, on the loop thread
+        # that owns the connection (so no other call can interleave with it).
+        path = await asyncio.to_thread(self.store.write_checkpoint, new_version, data) if ok else None
+        self.store.record_round(rec, records, importance, (path, sha) if ok else None, seen, s.keep_checkpoints)
         if ok:
             self.state, self.model_bytes, self.model_sha, self.version = new_state, data, sha, new_version
             self._delta_cache.clear()

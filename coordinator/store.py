@@ -328,10 +328,24 @@ class Store:
     def commit_round(self, rnd: RoundRecord, clients: list[ClientRoundRecord], importance: list[list[float]] | None,
                      checkpoint: tuple[bytes, str] | None, client_seen: dict[str, float],
                      keep_checkpoints: int = 3) -> None:
-        """Atomically record one finished round (and its new model, if any)."""
-        if checkpoint is not None:
-            path = self.checkpoint_path(rnd.model_version)
-            write_atomic(path, checkpoint[0])
+        """Atomically record one finished round (and its new model, if any).
+
+        The coordinator calls the two halves itself: :meth:`write_checkpoint` on a
+        worker thread, :meth:`record_round` on the thread that owns the connection."""
+        path = self.write_checkpoint(rnd.model_version, checkpoint[0]) if checkpoint is not None else None
+        self.record_round(rnd, clients, importance, (path, checkpoint[1]) if checkpoint is not None else None,
+                          client_seen, keep_checkpoints)
+
+    def write_checkpoint(self, version: int, data: bytes) -> Path:
+        """Put a checkpoint file in place (durably). It is not current until recorded."""
+        path = self.checkpoint_path(version)
+        write_atomic(path, data)
+        return path
+
+    def record_round(self, rnd: RoundRecord, clients: list[ClientRoundRecord], importance: list[list[float]] | None,
+                     model: tuple[Path, str] | None, client_seen: dict[str, float], keep_checkpoints: int = 3) -> None:
+        """One transaction: the round, its client rows, head importance, client totals
+        and, last, the row that makes ``model`` = (checkpoint path, sha256) current."""
         with self._tx():
             self.db.execute("INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
                 rnd.id, rnd.status, rnd.model_version, rnd.base_version, rnd.started_at, rnd.ended_at, rnd.sampled,
@@ -349,11 +363,10 @@ class Store:
             if importance is not None:
                 self.db.execute("INSERT INTO head_importance VALUES (?,?,?,?)",
                                 (rnd.id, len(importance), len(importance[0]) if importance else 0, json.dumps(importance)))
-            if checkpoint is not None:
-                # Written last: the row that makes the new checkpoint the current model.
+            if model is not None:
                 self.db.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, 0)", (
-                    rnd.model_version, rnd.id, path.relative_to(self.root).as_posix(), checkpoint[1], time.time()))
-        if checkpoint is not None and keep_checkpoints > 0:
+                    rnd.model_version, rnd.id, model[0].relative_to(self.root).as_posix(), model[1], time.time()))
+        if model is not None and keep_checkpoints > 0:
             self._prune(keep_checkpoints)
 
     def _prune(self, keep: int) -> None:
