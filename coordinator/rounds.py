@@ -463,10 +463,14 @@ class Coordinator:
         t0 = time.perf_counter()
         ok = len(rnd.replies) >= s.min_replies
         new_state = None
+        importance, data, sha = None, None, None
         if ok:
-            new_state, importance, data, sha = await asyncio.to_thread(self._aggregate, rnd)
+            try:
+                new_state, importance, data, sha = await asyncio.to_thread(self._aggregate, rnd)
+            except Exception as e:  # a faulty aggregator fails the round, not the coordinator
+                log.exception("aggregation of round %d failed", rnd.id)
+                ok, reason = False, f"aggregation failed: {type(e).__name__}: {e}"
         else:
-            importance, data, sha = None, None, None
             reason = f"{reason}: {len(rnd.replies)} replies < min_replies {s.min_replies}"
         agg_s = time.perf_counter() - t0
         records = []

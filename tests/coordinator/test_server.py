@@ -234,3 +234,28 @@ def test_silent_client_is_a_dropout_and_round_closes_before_deadline(coordinator
     r = bg.call(lambda: bg.store.rounds())[0]
     assert (r["status"], r["replied"], r["dropped"]) == ("committed", 1, 1)
     assert "dropped" in r["reason"]
+
+
+class ExplodingAggregator:
+    def begin_round(self, global_state, task):
+        pass
+
+    def add(self, client_id, update, num_examples):
+        raise RuntimeError("codec bug")
+
+    def finish(self):
+        return {}
+
+
+def test_failing_aggregator_fails_the_round_not_the_service(tmp_path):
+    from coordinator.inprocess import BackgroundCoordinator
+    from coordinator.testing import settings_for
+    with BackgroundCoordinator(settings_for(tmp_path, clients_per_round=1, min_replies=1),
+                               aggregator=ExplodingAggregator()) as bg:
+        (a,) = make_clients(bg, ["a"])
+        t = ready_task(a)
+        a.submit(update_for(bg, t), t.round_id, t.model.version)
+        t2 = ready_task(a)
+        assert (t2.round_id, t2.model.version) == (2, 0)
+        r = bg.call(lambda: bg.store.rounds())[0]
+        assert r["status"] == "failed" and "codec bug" in r["reason"]
