@@ -55,7 +55,7 @@ def test_full_round_with_several_clients(coordinator):
     assert all(torch.equal(state1[k], apply_download(full)[k]) for k in state1)
 
 
-@pytest.mark.coord(clients_per_round=4, min_replies=2, max_update_bytes=64 << 10)
+@pytest.mark.coord(clients_per_round=4, min_replies=2, max_update_bytes=64 << 10, rank=4, max_rank=4)
 def test_bad_payloads_refused_with_status_while_round_completes(coordinator):
     bg = coordinator
     good1, good2, bad, other = make_clients(bg, ["g1", "g2", "bad", "zz"])
@@ -77,9 +77,9 @@ def test_bad_payloads_refused_with_status_while_round_completes(coordinator):
     def high_rank(m):
         f = next(f for f in m.factors if f.name == "layers.0.ffn.w1.weight")
         rows, cols = spec(bg).shapes[f.name]
-        f.rank = 65
-        f.left.CopyFrom(encode_tensor(torch.zeros(rows, 65)))
-        f.right.CopyFrom(encode_tensor(torch.zeros(65, cols)))
+        f.rank = 6
+        f.left.CopyFrom(encode_tensor(torch.zeros(rows, 6)))
+        f.right.CopyFrom(encode_tensor(torch.zeros(6, cols)))
 
     def f64(m):
         m.dense[0].value.CopyFrom(encode_tensor(torch.zeros(tuple(m.dense[0].value.shape), dtype=torch.float64)))
@@ -90,7 +90,7 @@ def test_bad_payloads_refused_with_status_while_round_completes(coordinator):
     cases = {
         "unknown name": (lambda: bad.submit(with_(set_name), rid, ver), grpc.StatusCode.INVALID_ARGUMENT),
         "non-finite": (lambda: bad.submit(with_(nan), rid, ver), grpc.StatusCode.INVALID_ARGUMENT),
-        "rank": (lambda: bad.submit(with_(high_rank), rid, ver), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        "rank": (lambda: bad.submit(with_(high_rank), rid, ver), grpc.StatusCode.INVALID_ARGUMENT),
         "dtype": (lambda: bad.submit(with_(f64), rid, ver), grpc.StatusCode.INVALID_ARGUMENT),
         "shape": (lambda: bad.submit(with_(wrong_shape), rid, ver), grpc.StatusCode.INVALID_ARGUMENT),
         "garbage bytes": (lambda: bad.submit(b"\xff\x01garbage" * 10, rid, ver), grpc.StatusCode.INVALID_ARGUMENT),
@@ -99,10 +99,19 @@ def test_bad_payloads_refused_with_status_while_round_completes(coordinator):
         "stale version": (lambda: bad.submit(update_for(bg, t), rid, ver + 3), grpc.StatusCode.FAILED_PRECONDITION),
         "too big": (lambda: bad.submit(b"\x00" * (65 << 10), rid, ver), grpc.StatusCode.RESOURCE_EXHAUSTED),
     }
+    messages = {}
     for what, (call, want) in cases.items():
         code, details = code_of(call)
         assert code == want, (what, code, details)
-        assert details, what
+        messages[what] = details
+    # each message names the thing at fault
+    assert "layers.0.attn.bogus.weight" in messages["unknown name"]
+    assert "NaN" in messages["non-finite"]
+    assert "rank 6 outside [1, max_rank=4]" in messages["rank"]
+    assert "FLOAT64" in messages["dtype"]
+    assert "shape" in messages["shape"] and "ModelUpdate" in messages["garbage bytes"]
+    assert "replayed" in messages["late round"] and "version" in messages["stale version"]
+    assert "exceeds" in messages["too big"]
     assert bg.call(lambda: len(bg.coord.round.replies)) == 0   # nothing changed
     # a corrupted upload: the header's hash does not match the bytes
     payload = update_for(bg, t).SerializeToString()
