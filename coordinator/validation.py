@@ -76,12 +76,17 @@ def _values(t: pb.Tensor, what: str, max_elements: int, limits: UpdateLimits) ->
         if t.HasField("quant") and t.quant.scheme != pb.Quantization.SCHEME_NONE:
             if not limits.allow_quantized:
                 raise InvalidArgument(f"{what}: quantised tensors are not allowed in this round", "dtype")
-            q, scales, _ = decode_int_rows(t, what, max_elements)
-            out = q.float() * scales[:, None]
-        else:
-            out = decode_tensor(t, what, max_elements, allowed=set(limits.allowed_dtypes)).float()
+            q, scales, bits = decode_int_rows(t, what, max_elements)
+            # Integers times finite scales are finite unless the product overflows:
+            # checking the (R,) scales at the largest |q| spares a pass over the values.
+            if not torch.isfinite(scales * (127.0 if bits == 8 else 8.0)).all():
+                raise InvalidArgument(f"{what}: quantisation scale overflows float32", "non_finite")
+            return q.float() * scales[:, None]
+        out = decode_tensor(t, what, max_elements, allowed=set(limits.allowed_dtypes)).float()
     except TensorDecodeError as e:
-        reason = "dtype" if "dtype" in str(e) else ("size" if "limit" in str(e) else "shape")
+        text = str(e)
+        reason = ("dtype" if "dtype" in text else "size" if "limit" in text else
+                  "non_finite" if "non-finite" in text else "shape")
         raise InvalidArgument(str(e), reason) from None
     if not torch.isfinite(out).all():
         raise InvalidArgument(f"{what}: contains NaN or infinite values", "non_finite")

@@ -136,3 +136,13 @@ def test_too_many_metrics_resource_exhausted():
         m.metrics[f"m{i}"] = 1.0
     with pytest.raises(ResourceExhausted):
         decode_update(m, SPEC, LIMITS)
+
+
+def test_scale_that_overflows_when_dequantised_refused():
+    m = good()
+    f = factor(m, "layers.0.attn.wq_a.weight")
+    sc = torch.ones(f.left.shape[0])
+    sc[0] = 3.0e38   # finite, but 127 * scale is not
+    f.left.quant.scales.CopyFrom(encode_tensor(sc))
+    with pytest.raises(InvalidArgument, match="overflows"):
+        decode_update(m, SPEC, LIMITS)
