@@ -100,3 +100,57 @@ def test_sigkill_during_round_resumes_from_committed_model(tmp_path):
         for c in clients.values():
             c.close()
     assert ref.model.sha256 == resumed.model.sha256 and ref.data == resumed.data
+
+
+def test_killed_at_random_moments_always_restarts_from_a_committed_round(tmp_path):
+    """SIGKILL at seeded random moments while rounds run (mid-upload, mid-aggregation,
+    mid-commit, idle): every restart opens the store, serves the last committed model
+    (its bytes hash to what the database recorded) and never goes back in versions."""
+    import hashlib
+    import random
+    import sqlite3
+    import threading
+
+    import grpc
+
+    rng = random.Random(1234)
+    store_dir = tmp_path / "store"
+    st = Store(store_dir)
+    tokens = {n: st.create_token(n) for n in NAMES}
+    st.close()
+    log = tmp_path / "coordinator.log"
+    seen_version = 0
+    for attempt in range(4):
+        proc, port = start_coordinator_process(store_dir, ARGS, log)
+        try:
+            clients = connect(port, tokens)
+            first = clients["a"].download()
+            assert first.model.version >= seen_version
+            db = sqlite3.connect(store_dir / "fedmla.sqlite")
+            version, path, sha = db.execute("SELECT version, path, sha256 FROM models ORDER BY version DESC LIMIT 1").fetchone()
+            committed = db.execute("SELECT COUNT(*) FROM rounds WHERE status='committed'").fetchone()[0]
+            db.close()
+            assert version == committed == first.model.version and sha == first.model.sha256
+            assert hashlib.sha256((store_dir / path).read_bytes()).hexdigest() == sha == hashlib.sha256(first.data).hexdigest()
+            seen_version = first.model.version
+            killer = threading.Timer(rng.uniform(0.2, 2.5), lambda: os.kill(proc.pid, signal.SIGKILL))
+            killer.start()
+            try:
+                while True:
+                    for name, c in clients.items():
+                        r = c.get_task()
+                        if r.status == cpb.GetTaskResponse.READY:
+                            c.submit(update(r.task.round_id, name), r.task.round_id, r.task.model.version)
+                        seen_version = max(seen_version, r.model.version)
+            except grpc.RpcError as e:
+                assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN), e
+            killer.join()
+            proc.wait(10)
+            for c in clients.values():
+                c.close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert seen_version >= 1   # rounds did commit between the kills
