@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "coordinator.dashboard.cli",
     "kernels.bench",
     "worker.bench_comm",
+    "coordinator.commands",
 ]
 
 

@@ -1,4 +1,4 @@
-"""fedmla workers: local trainer, data, and (later) the gRPC client, Ray and Flower apps.
+"""fedmla workers: local trainer, data, gRPC client, Ray simulation and Flower apps.
 
 Kept import-light: submodules are imported where they are used.
 """

@@ -122,3 +122,106 @@ class ModelUpdate(_message.Message):
     num_examples: int
     metrics: _containers.ScalarMap[str, float]
     def __init__(self, factors: _Optional[_Iterable[_Union[LowRankFactor, _Mapping]]] = ..., dense: _Optional[_Iterable[_Union[DenseUpdate, _Mapping]]] = ..., importance: _Optional[_Union[HeadScores, _Mapping]] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ClientCapabilities(_message.Message):
+    __slots__ = ("device", "free_memory_bytes", "num_examples", "software_version", "extra")
+    class ExtraEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    FREE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    free_memory_bytes: int
+    num_examples: int
+    software_version: str
+    extra: _containers.ScalarMap[str, str]
+    def __init__(self, device: _Optional[str] = ..., free_memory_bytes: _Optional[int] = ..., num_examples: _Optional[int] = ..., software_version: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class HyperParameters(_message.Message):
+    __slots__ = ("local_steps", "learning_rate", "batch_size", "seq_len", "extra")
+    class ExtraEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
+    local_steps: int
+    learning_rate: float
+    batch_size: int
+    seq_len: int
+    extra: _containers.ScalarMap[str, str]
+    def __init__(self, local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CodecSettings(_message.Message):
+    __slots__ = ("rank", "max_rank", "quant_bits", "keep_ratio", "max_update_bytes", "extra")
+    class ExtraEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    MAX_RANK_FIELD_NUMBER: _ClassVar[int]
+    QUANT_BITS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    max_rank: int
+    quant_bits: int
+    keep_ratio: float
+    max_update_bytes: int
+    extra: _containers.ScalarMap[str, str]
+    def __init__(self, rank: _Optional[int] = ..., max_rank: _Optional[int] = ..., quant_bits: _Optional[int] = ..., keep_ratio: _Optional[float] = ..., max_update_bytes: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class HeadMask(_message.Message):
+    __slots__ = ("num_layers", "num_heads", "active")
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_HEADS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    num_layers: int
+    num_heads: int
+    active: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., active: _Optional[_Iterable[bool]] = ...) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("version", "sha256")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    sha256: str
+    def __init__(self, version: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("round_id", "model", "hyper", "active_heads", "codec", "deadline_unix_ms", "model_config_json", "seed")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    HYPER_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_HEADS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    model: ModelVersion
+    hyper: HyperParameters
+    active_heads: HeadMask
+    codec: CodecSettings
+    deadline_unix_ms: int
+    model_config_json: str
+    seed: int
+    def __init__(self, round_id: _Optional[int] = ..., model: _Optional[_Union[ModelVersion, _Mapping]] = ..., hyper: _Optional[_Union[HyperParameters, _Mapping]] = ..., active_heads: _Optional[_Union[HeadMask, _Mapping]] = ..., codec: _Optional[_Union[CodecSettings, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., model_config_json: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,124 @@
+"""`fedmla bench coordinator`: ingestion throughput, submit latency and peak RSS.
+
+A coordinator runs as a subprocess (so its RSS is its own) on a fresh store with
+``clients_per_round = min_replies = N``; N asyncio clients in this process, each on
+its own channel, join, wait for their task and submit at once a realistic compressed
+update (rank-r int8 factors of every 2-D parameter of the model, dense 1-D tensors,
+head importance). Reported: updates/s from the first submit to the last reply,
+p50/p99 submit latency, the coordinator's peak RSS (VmHWM) after the last round
+committed, and the round timings the store recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
+
+
+async def _clients(target: str, tokens: list[str], payloads: list[bytes], rounds: int) -> dict:
+    from protos.fedmla.v1 import coordinator_pb2 as cpb
+    from worker.transport import AsyncCoordinatorClient
+
+    clients = [AsyncCoordinatorClient(target, t, timeout=600) for t in tokens]
+    await asyncio.gather(*(c.join(num_examples=100 + i) for i, c in enumerate(clients)))
+    latencies: list[float] = []
+    per_round = []
+    for _ in range(rounds):
+        async def ready(c):
+            while True:
+                r = await c.get_task()
+                if r.status == cpb.GetTaskResponse.READY:
+                    return r.task
+                if r.status == cpb.GetTaskResponse.FINISHED:
+                    raise RuntimeError("run finished early")
+                await asyncio.sleep(0.05)
+        tasks = await asyncio.gather(*(ready(c) for c in clients))
+        start_all = time.perf_counter()
+
+        async def submit(i, c, task):
+            t0 = time.perf_counter()
+            await c.submit(payloads[i % len(payloads)], task.round_id, task.model.version)
+            latencies.append(time.perf_counter() - t0)
+        await asyncio.gather(*(submit(i, c, t) for i, (c, t) in enumerate(zip(clients, tasks))))
+        per_round.append(time.perf_counter() - start_all)
+        # wait for the commit before the next round (or the end)
+        while True:
+            r = await clients[0].get_task()
+            if r.model.version > tasks[0].model.version:
+                break
+            await asyncio.sleep(0.05)
+    await asyncio.gather(*(c.close() for c in clients))
+    return {"latencies": latencies, "ingest_seconds": per_round}
+
+
+def run_bench(clients: int, preset: str = "small", rounds: int = 1, rank: int = 8, quant_bits: int = 8,
+              distinct_updates: int = 8) -> dict:
+    from mla_model import MLAConfig
+
+    from .store import Store
+    from .testing import start_coordinator_process
+    from .synthetic import synthetic_update
+    from .validation import ModelSpec
+
+    spec = ModelSpec.from_config(MLAConfig.preset(preset))
+    payloads = [synthetic_update(spec, rank=rank, quant_bits=quant_bits, seed=s).SerializeToString()
+                for s in range(distinct_updates)]
+    with tempfile.TemporaryDirectory(prefix="fedmla-bench-") as tmp:
+        store_dir = Path(tmp) / "store"
+        st = Store(store_dir)
+        tokens = [st.create_token(f"client-{i:05d}") for i in range(clients)]
+        st.close()
+        log_path = Path(tmp) / "coordinator.log"
+        proc, port = start_coordinator_process(store_dir, [
+            "--preset", preset, "--clients-per-round", str(clients), "--min-replies", str(clients),
+            "--rounds", str(rounds), "--round-timeout-s", "3600", "--rank", str(min(rank, 64)),
+            "--quant-bits", str(quant_bits), "--log-level", "warning"], log_path)
+        try:
+            rss_idle = _peak_rss_bytes(proc.pid)
+            t0 = time.perf_counter()
+            res = asyncio.run(_clients(f"127.0.0.1:{port}", tokens, payloads, rounds))
+            wall = time.perf_counter() - t0
+            peak = _peak_rss_bytes(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        st = Store(store_dir, create=False)
+        rounds_rows = st.rounds()
+        st.close()
+    lat = res["latencies"]
+    ingest = sum(res["ingest_seconds"])
+    return {
+        "clients": clients, "preset": preset, "rounds": rounds, "rank": rank, "quant_bits": quant_bits,
+        "update_bytes_mean": int(statistics.mean(len(p) for p in payloads)),
+        "updates": len(lat),
+        "updates_per_s": len(lat) / ingest if ingest else None,
+        "submit_latency_s": {"p50": _percentile(lat, 0.5), "p99": _percentile(lat, 0.99), "max": max(lat)},
+        "coordinator_peak_rss_bytes": peak,
+        "coordinator_rss_after_start_bytes": rss_idle,
+        "aggregation_s": [r["aggregation_s"] for r in rounds_rows],
+        "round_status": [r["status"] for r in rounds_rows],
+        "wall_s": wall,
+        "cpu_count": os.cpu_count(),
+    }

@@ -1,0 +1,105 @@
+"""Typed settings of a coordinator (pydantic-settings).
+
+Sources, lowest priority first: defaults, environment (``FEDMLA_COORDINATOR_<FIELD>``),
+the ``--config FILE`` (YAML, JSON or TOML), then command-line flags (``--<field-name>``).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CoordinatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEDMLA_COORDINATOR_", extra="forbid")
+
+    # ---- network -------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address to bind the gRPC server to")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    port_file: Path | None = Field(None, description="write the bound gRPC port to this file once serving")
+    tls_cert: Path | None = Field(None, description="server certificate (PEM); enables TLS")
+    tls_key: Path | None = Field(None, description="server private key (PEM)")
+    tls_client_ca: Path | None = Field(None, description="CA (PEM) that client certificates must chain to; enables mutual TLS")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus metrics HTTP port (unset: off)")
+    metrics_host: str = Field("127.0.0.1", description="address of the metrics HTTP server")
+    max_concurrent_uploads: int = Field(8, ge=1, description="updates read and validated at once; others wait")
+    shutdown_grace_s: float = Field(5.0, ge=0, description="time in-flight calls get on SIGTERM")
+    # ---- store and model -----------------------------------------------------------
+    store: Path = Field(Path("runs/coordinator"), description="store directory (SQLite + checkpoints)")
+    preset: str = Field("tiny", description="MLA model preset of a new run")
+    init_seed: int = Field(0, description="seed of the initial global model")
+    keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept on disk (older ones are deleted)")
+    # ---- rounds ----------------------------------------------------------------------
+    seed: int = Field(0, description="seed of client sampling, head masks and task seeds")
+    rounds: int = Field(0, ge=0, description="stop after this many committed rounds (0: run until stopped)")
+    clients_per_round: int = Field(2, ge=1, description="clients sampled per round")
+    min_clients: int = Field(0, ge=0, description="joined clients needed to open a round (0: clients_per_round)")
+    min_replies: int = Field(1, ge=1, description="replies needed to commit a round")
+    round_timeout_s: float = Field(60.0, gt=0, description="deadline of a round after it opens")
+    client_timeout_s: float = Field(120.0, gt=0, description="a client silent this long is inactive (a dropout if sampled)")
+    heartbeat_interval_s: float = Field(10.0, gt=0)
+    aggregator: str = Field("fedavg", description="'fedavg' or 'package.module:factory' (factory(settings) -> Aggregator)")
+    server_lr: float = Field(1.0, gt=0, description="outer learning rate applied to the averaged update")
+    # ---- task sent to workers ------------------------------------------------------------
+    local_steps: int = Field(10, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(64, ge=1)
+    hyper_extra: dict[str, str] = Field(default_factory=dict, description="extra hyperparameters (JSON object)")
+    rank: int = Field(8, ge=1, description="rank workers compress to")
+    max_rank: int = Field(64, ge=1, description="factors of higher rank are refused")
+    quant_bits: int = Field(8, description="8, 4, or 0 (unquantised)")
+    keep_ratio: float = Field(1.0, gt=0, le=1, description="fraction of heads per layer in the active mask")
+    random_heads: int = Field(0, ge=0, description="extra random heads per layer added to the mask")
+    max_update_bytes: int = Field(64 << 20, ge=1024, description="largest serialized update accepted")
+    codec_extra: dict[str, str] = Field(default_factory=dict, description="extra codec settings (JSON object)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CoordinatorSettings":
+        if self.quant_bits not in (0, 4, 8):
+            raise ValueError(f"quant_bits must be 0, 4 or 8, got {self.quant_bits}")
+        if self.rank > self.max_rank:
+            raise ValueError(f"rank {self.rank} exceeds max_rank {self.max_rank}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("mutual TLS (tls_client_ca) needs tls_cert and tls_key")
+        if self.min_replies > self.clients_per_round:
+            raise ValueError(f"min_replies {self.min_replies} exceeds clients_per_round {self.clients_per_round}")
+        return self
+
+    @property
+    def clients_to_start(self) -> int:
+        return self.min_clients or self.clients_per_round
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings mapping in a YAML, JSON or TOML file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"cannot read config file {path}: {e}") from None
+    if path.suffix in (".toml",):
+        data = tomllib.loads(text)
+    elif path.suffix in (".json",):
+        data = json.loads(text)
+    else:
+        import yaml
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    section = data.get("coordinator", data)
+    return {k.replace("-", "_"): v for k, v in section.items()}
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> CoordinatorSettings:
+    """Settings from a file with flag overrides (``None`` overrides are ignored)."""
+    values = read_config_file(config_file) if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return CoordinatorSettings(**values)

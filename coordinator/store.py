@@ -1,0 +1,429 @@
+"""The coordinator's durable state: one SQLite file and safetensors checkpoints.
+
+Layout of a store directory::
+
+    STORE/fedmla.sqlite                      the database below
+    STORE/checkpoints/model-v000003.safetensors   global model after 3 committed rounds
+
+Schema (version 1; a read-only dashboard may read every table)::
+
+    meta(key TEXT PRIMARY KEY, value TEXT)
+        app='fedmla-coordinator', schema_version='1', run_id, created_at,
+        model_config (MLAConfig JSON), run_config (coordinator settings JSON)
+    tokens(token_id TEXT PK, client TEXT, secret_sha256 TEXT, created_at REAL, revoked_at REAL)
+    clients(name TEXT PK, status TEXT  -- joined | left | inactive
+            , joined_at REAL, last_seen REAL, rounds_joined INT, bytes_up INT, bytes_down INT,
+            capabilities TEXT  -- JSON)
+    models(version INT PK, round_id INT, path TEXT, sha256 TEXT, created_at REAL,
+           pruned INT  -- 1 once the checkpoint file has been deleted to save space)
+    rounds(id INT PK, status TEXT  -- committed | failed
+           , model_version INT  -- version produced (committed) or unchanged (failed)
+           , base_version INT, started_at REAL, ended_at REAL, sampled INT, replied INT,
+           dropped INT, rejected INT, train_loss REAL, val_loss REAL, bytes_up INT,
+           bytes_down INT, fedavg_fp32_bytes INT, aggregation_s REAL, reason TEXT)
+    client_rounds(round_id INT, client TEXT, status TEXT  -- replied | dropped | rejected
+                  , bytes_up INT, bytes_down INT, local_loss REAL, num_examples INT,
+                  rejection_reason TEXT, metrics TEXT  -- JSON, PRIMARY KEY(round_id, client))
+    head_importance(round_id INT PK, num_layers INT, num_heads INT, scores TEXT)  -- JSON (L, H)
+
+Commit protocol (one per round): the checkpoint is written to a temporary file,
+fsynced and renamed into place (directory fsynced), then ONE SQLite transaction
+records the model version, the round, its per-client rows, head importance and client
+totals. The database row pointing at the checkpoint is written last, so a process
+killed at any moment leaves either the old round or the new one, never half of one;
+an orphan checkpoint from an interrupted commit is overwritten by the next commit.
+
+A store that is not a SQLite database, lacks the ``meta`` marks, has another schema
+version, was made for a different model, or whose latest checkpoint is missing or
+fails its SHA-256 is refused with :class:`~coordinator.errors.StoreError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import StoreError, Unauthenticated
+
+APP = "fedmla-coordinator"
+SCHEMA_VERSION = "1"
+DB_NAME = "fedmla.sqlite"
+CKPT_DIR = "checkpoints"
+TOKEN_PREFIX = "fm1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens(token_id TEXT PRIMARY KEY, client TEXT NOT NULL, secret_sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL, revoked_at REAL);
+CREATE INDEX IF NOT EXISTS tokens_client ON tokens(client);
+CREATE TABLE IF NOT EXISTS clients(name TEXT PRIMARY KEY, status TEXT NOT NULL, joined_at REAL, last_seen REAL,
+    rounds_joined INTEGER NOT NULL DEFAULT 0, bytes_up INTEGER NOT NULL DEFAULT 0,
+    bytes_down INTEGER NOT NULL DEFAULT 0, capabilities TEXT);
+CREATE TABLE IF NOT EXISTS models(version INTEGER PRIMARY KEY, round_id INTEGER, path TEXT NOT NULL,
+    sha256 TEXT NOT NULL, created_at REAL NOT NULL, pruned INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS rounds(id INTEGER PRIMARY KEY, status TEXT NOT NULL, model_version INTEGER NOT NULL,
+    base_version INTEGER NOT NULL, started_at REAL, ended_at REAL, sampled INTEGER, replied INTEGER,
+    dropped INTEGER, rejected INTEGER, train_loss REAL, val_loss REAL, bytes_up INTEGER, bytes_down INTEGER,
+    fedavg_fp32_bytes INTEGER, aggregation_s REAL, reason TEXT);
+CREATE TABLE IF NOT EXISTS client_rounds(round_id INTEGER NOT NULL, client TEXT NOT NULL, status TEXT NOT NULL,
+    bytes_up INTEGER, bytes_down INTEGER, local_loss REAL, num_examples INTEGER, rejection_reason TEXT,
+    metrics TEXT, PRIMARY KEY(round_id, client));
+CREATE TABLE IF NOT EXISTS head_importance(round_id INTEGER PRIMARY KEY, num_layers INTEGER, num_heads INTEGER,
+    scores TEXT);
+"""
+_TABLES = {"meta", "tokens", "clients", "models", "rounds", "client_rounds", "head_importance"}
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    version: int
+    round_id: int | None
+    path: Path
+    sha256: str
+
+
+@dataclass
+class ClientRoundRecord:
+    client: str
+    status: str                      # replied | dropped | rejected
+    bytes_up: int = 0
+    bytes_down: int = 0
+    local_loss: float | None = None
+    num_examples: int = 0
+    rejection_reason: str | None = None
+    metrics: dict | None = None
+
+
+@dataclass
+class RoundRecord:
+    id: int
+    status: str                      # committed | failed
+    model_version: int
+    base_version: int
+    started_at: float
+    ended_at: float
+    sampled: int
+    replied: int
+    dropped: int
+    rejected: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    fedavg_fp32_bytes: int = 0
+    aggregation_s: float = 0.0
+    reason: str = ""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class Store:
+    """Open (and if asked, create) a store directory; see the module docstring."""
+
+    def __init__(self, root: str | Path, create: bool = True):
+        self.root = Path(root)
+        self.local_writes = 0
+        self.db_path = self.root / DB_NAME
+        self.ckpt_dir = self.root / CKPT_DIR
+        if not self.db_path.exists():
+            if not create:
+                raise StoreError(f"no fedmla store at {self.root} ({DB_NAME} missing)")
+            if self.root.exists() and not self.root.is_dir():
+                raise StoreError(f"store path {self.root} exists and is not a directory")
+            if self.root.exists():
+                foreign = sorted(p.name for p in self.root.iterdir() if p.name not in (CKPT_DIR,))
+                if foreign:
+                    raise StoreError(f"store directory {self.root} is not empty and holds no {DB_NAME} "
+                                     f"(found {foreign[:5]}); refusing to use a foreign directory")
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.ckpt_dir.mkdir(exist_ok=True)
+            self.db = self._connect()
+            # One script, one transaction: a crash leaves no half-made store behind.
+            inserts = "".join(f"INSERT INTO meta(key, value) VALUES ('{k}', '{v}');" for k, v in [
+                ("app", APP), ("schema_version", SCHEMA_VERSION), ("run_id", uuid.uuid4().hex),
+                ("created_at", repr(time.time()))])
+            self.db.executescript(f"BEGIN;{_SCHEMA}{inserts}COMMIT;")
+        else:
+            self.db = self._connect()
+            self._check()
+        self.ckpt_dir.mkdir(exist_ok=True)
+
+    @contextlib.contextmanager
+    def _tx(self):
+        """One write transaction (the connection is in autocommit mode otherwise)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        self.local_writes += 1
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=30)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            return db
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.db_path} is not a usable SQLite database ({e}); it is corrupt or not a "
+                             f"fedmla store. Refusing to touch it: move it away or choose another --store") from None
+
+    def _check(self) -> None:
+        try:
+            ok = self.db.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.db_path} is corrupt or not a SQLite database ({e}); refusing to use it") from None
+        if ok != "ok":
+            raise StoreError(f"{self.db_path} failed SQLite's integrity check ({ok}); refusing to use it")
+        if "meta" not in tables:
+            raise StoreError(f"{self.db_path} is a SQLite database but not a fedmla store (no meta table)")
+        meta = dict(self.db.execute("SELECT key, value FROM meta"))
+        if meta.get("app") != APP:
+            raise StoreError(f"{self.db_path} belongs to {meta.get('app')!r}, not {APP!r}; refusing to use it")
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"{self.db_path} has schema version {meta.get('schema_version')!r}; this coordinator "
+                             f"reads version {SCHEMA_VERSION}")
+        missing = _TABLES - tables
+        if missing:
+            raise StoreError(f"{self.db_path} lacks tables {sorted(missing)}; the store is damaged")
+
+    # ---- meta --------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    @property
+    def run_id(self) -> str:
+        return self.meta("run_id")
+
+    def bind_run(self, model_config_json: str, run_config_json: str) -> None:
+        """Record the model config on first start; afterwards refuse a different model."""
+        stored = self.meta("model_config")
+        if stored is None:
+            with self._tx():
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('model_config', ?)", (model_config_json,))
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('run_config', ?)", (run_config_json,))
+            return
+        if json.loads(stored) != json.loads(model_config_json):
+            raise StoreError(f"store {self.root} was made for another model config ({stored}); this coordinator "
+                             f"runs {model_config_json}. Use a new --store for a new model")
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('run_config', ?)", (run_config_json,))
+
+    # ---- tokens ------------------------------------------------------------------
+    def create_token(self, client: str) -> str:
+        if not client or len(client) > 128 or not all(c.isalnum() or c in "-_." for c in client):
+            raise ValueError(f"client name {client!r} must be 1-128 characters of letters, digits, '-', '_', '.'")
+        token_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        with self._tx():
+            self.db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, NULL)",
+                            (token_id, client, hashlib.sha256(secret.encode()).hexdigest(), time.time()))
+        return f"{TOKEN_PREFIX}.{token_id}.{secret}"
+
+    def revoke_tokens(self, client: str) -> int:
+        with self._tx():
+            cur = self.db.execute("UPDATE tokens SET revoked_at=? WHERE client=? AND revoked_at IS NULL",
+                                  (time.time(), client))
+        return cur.rowcount
+
+    def list_tokens(self) -> list[dict]:
+        rows = self.db.execute("SELECT token_id, client, created_at, revoked_at FROM tokens ORDER BY client, created_at")
+        return [dict(token_id=r[0], client=r[1], created_at=r[2], revoked_at=r[3]) for r in rows]
+
+    def data_version(self) -> tuple[int, int]:
+        """Changes whenever any connection commits (e.g. ``fedmla token revoke`` in another process)."""
+        return self.db.execute("PRAGMA data_version").fetchone()[0], self.local_writes
+
+    def token_table(self) -> dict[str, tuple[str, str]]:
+        """{token_id: (client, secret_sha256)} for tokens not revoked."""
+        rows = self.db.execute("SELECT token_id, client, secret_sha256 FROM tokens WHERE revoked_at IS NULL")
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    # ---- clients -----------------------------------------------------------------
+    def upsert_client(self, name: str, status: str, capabilities: dict | None, now: float) -> None:
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO clients(name, status, joined_at, last_seen, capabilities) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET status=excluded.status, last_seen=excluded.last_seen, "
+                "capabilities=COALESCE(excluded.capabilities, clients.capabilities)",
+                (name, status, now, now, json.dumps(capabilities) if capabilities is not None else None))
+
+    def set_client_status(self, name: str, status: str, now: float) -> None:
+        with self._tx():
+            self.db.execute("UPDATE clients SET status=?, last_seen=? WHERE name=?", (status, now, name))
+
+    def clients(self) -> list[dict]:
+        cols = ["name", "status", "joined_at", "last_seen", "rounds_joined", "bytes_up", "bytes_down", "capabilities"]
+        return [dict(zip(cols, r)) for r in self.db.execute(f"SELECT {', '.join(cols)} FROM clients ORDER BY name")]
+
+    # ---- models and rounds -------------------------------------------------------
+    def checkpoint_path(self, version: int) -> Path:
+        return self.ckpt_dir / f"model-v{version:06d}.safetensors"
+
+    def latest_model(self) -> ModelRecord | None:
+        r = self.db.execute("SELECT version, round_id, path, sha256 FROM models ORDER BY version DESC LIMIT 1").fetchone()
+        return ModelRecord(r[0], r[1], self.root / r[2], r[3]) if r else None
+
+    def model(self, version: int) -> ModelRecord | None:
+        r = self.db.execute("SELECT version, round_id, path, sha256 FROM models WHERE version=? AND pruned=0",
+                            (version,)).fetchone()
+        return ModelRecord(r[0], r[1], self.root / r[2], r[3]) if r else None
+
+    def read_checkpoint(self, rec: ModelRecord) -> bytes:
+        """The checkpoint's bytes, verified against the SHA-256 the database recorded."""
+        try:
+            data = rec.path.read_bytes()
+        except OSError as e:
+            raise StoreError(f"checkpoint of model version {rec.version} unreadable at {rec.path} ({e}); "
+                             f"the store is damaged") from None
+        if hashlib.sha256(data).hexdigest() != rec.sha256:
+            raise StoreError(f"checkpoint {rec.path} does not match the SHA-256 recorded for model version "
+                             f"{rec.version}; the store is corrupt. Refusing to start from it")
+        return data
+
+    def last_round_id(self) -> int:
+        r = self.db.execute("SELECT MAX(id) FROM rounds").fetchone()
+        return r[0] or 0
+
+    def commit_initial(self, data: bytes, sha256: str) -> ModelRecord:
+        if self.latest_model() is not None:
+            raise StoreError("the store already holds a model; refusing to overwrite it")
+        path = self.checkpoint_path(0)
+        write_atomic(path, data)
+        with self._tx():
+            self.db.execute("INSERT INTO models VALUES (0, NULL, ?, ?, ?, 0)",
+                            (path.relative_to(self.root).as_posix(), sha256, time.time()))
+        return ModelRecord(0, None, path, sha256)
+
+    def commit_round(self, rnd: RoundRecord, clients: list[ClientRoundRecord], importance: list[list[float]] | None,
+                     checkpoint: tuple[bytes, str] | None, client_seen: dict[str, float],
+                     keep_checkpoints: int = 3) -> None:
+        """Atomically record one finished round (and its new model, if any).
+
+        The coordinator calls the two halves itself: :meth:`write_checkpoint` on a
+        worker thread, :meth:`record_round` on the thread that owns the connection."""
+        path = self.write_checkpoint(rnd.model_version, checkpoint[0]) if checkpoint is not None else None
+        self.record_round(rnd, clients, importance, (path, checkpoint[1]) if checkpoint is not None else None,
+                          client_seen, keep_checkpoints)
+
+    def write_checkpoint(self, version: int, data: bytes) -> Path:
+        """Put a checkpoint file in place (durably). It is not current until recorded."""
+        path = self.checkpoint_path(version)
+        write_atomic(path, data)
+        return path
+
+    def record_round(self, rnd: RoundRecord, clients: list[ClientRoundRecord], importance: list[list[float]] | None,
+                     model: tuple[Path, str] | None, client_seen: dict[str, float], keep_checkpoints: int = 3) -> None:
+        """One transaction: the round, its client rows, head importance, client totals
+        and, last, the row that makes ``model`` = (checkpoint path, sha256) current."""
+        with self._tx():
+            self.db.execute("INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
+                rnd.id, rnd.status, rnd.model_version, rnd.base_version, rnd.started_at, rnd.ended_at, rnd.sampled,
+                rnd.replied, rnd.dropped, rnd.rejected, rnd.train_loss, rnd.val_loss, rnd.bytes_up, rnd.bytes_down,
+                rnd.fedavg_fp32_bytes, rnd.aggregation_s, rnd.reason))
+            for c in clients:
+                self.db.execute("INSERT OR REPLACE INTO client_rounds VALUES (?,?,?,?,?,?,?,?,?)", (
+                    rnd.id, c.client, c.status, c.bytes_up, c.bytes_down, c.local_loss, c.num_examples,
+                    c.rejection_reason, json.dumps(c.metrics or {})))
+                self.db.execute(
+                    "UPDATE clients SET rounds_joined=rounds_joined+?, bytes_up=bytes_up+?, bytes_down=bytes_down+? "
+                    "WHERE name=?", (1 if c.status == "replied" else 0, c.bytes_up, c.bytes_down, c.client))
+            for name, seen in client_seen.items():
+                self.db.execute("UPDATE clients SET last_seen=MAX(COALESCE(last_seen, 0), ?) WHERE name=?", (seen, name))
+            if importance is not None:
+                self.db.execute("INSERT INTO head_importance VALUES (?,?,?,?)",
+                                (rnd.id, len(importance), len(importance[0]) if importance else 0, json.dumps(importance)))
+            if model is not None:
+                self.db.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, 0)", (
+                    rnd.model_version, rnd.id, model[0].relative_to(self.root).as_posix(), model[1], time.time()))
+        if model is not None and keep_checkpoints > 0:
+            self._prune(keep_checkpoints)
+
+    def _prune(self, keep: int) -> None:
+        old = self.db.execute("SELECT version, path FROM models WHERE pruned=0 AND version > 0 ORDER BY version DESC "
+                              "LIMIT -1 OFFSET ?", (keep,)).fetchall()
+        for version, path in old:
+            with self._tx():
+                self.db.execute("UPDATE models SET pruned=1 WHERE version=?", (version,))
+            try:
+                (self.root / path).unlink()
+            except FileNotFoundError:
+                pass
+
+    def rounds(self) -> list[dict]:
+        cur = self.db.execute("SELECT * FROM rounds ORDER BY id")
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r)) for r in cur]
+
+    def client_rounds(self, round_id: int) -> list[dict]:
+        cur = self.db.execute("SELECT * FROM client_rounds WHERE round_id=? ORDER BY client", (round_id,))
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r)) for r in cur]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class TokenChecker:
+    """Maps bearer tokens to client names with a constant-time secret compare.
+
+    The token table is cached and reloaded whenever the database changes (SQLite's
+    ``data_version``), so ``fedmla token revoke`` takes effect on the next call.
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._version = None
+        self._table: dict[str, tuple[str, str]] = {}
+
+    def _refresh(self) -> None:
+        v = self.store.data_version()
+        if v != self._version:
+            self._table = self.store.token_table()
+            self._version = v
+
+    def client_for(self, token: str | None) -> str:
+        if not token:
+            raise Unauthenticated("missing token: send the metadata 'authorization: Bearer <token>' "
+                                  "(create one with `fedmla token create --client NAME`)", "auth")
+        parts = token.split(".")
+        if len(parts) != 3 or parts[0] != TOKEN_PREFIX:
+            raise Unauthenticated("malformed token: expected the form printed by `fedmla token create`", "auth")
+        self._refresh()
+        entry = self._table.get(parts[1])
+        digest = hashlib.sha256(parts[2].encode()).hexdigest()
+        # Compare even for an unknown id so that timing does not tell ids apart.
+        expected = entry[1] if entry else "0" * 64
+        if not hmac.compare_digest(digest, expected) or entry is None:
+            raise Unauthenticated("invalid or revoked token", "auth")
+        return entry[0]
