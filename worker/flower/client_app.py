@@ -34,7 +34,7 @@ from .wire import decode_full_state, decode_mask
 
 FEDMLA_KEY = "fedmla"          # ConfigRecord of a fedmla message (both directions)
 RUN_KEY = "run"                # FlowerConfig JSON inside the config record
-_GLOBAL, _SHARED, _RESIDUAL, _META = "fedmla.global", "fedmla.shared", "fedmla.residual", "fedmla.meta"
+_GLOBAL, _SHARED, _RESIDUAL = "fedmla.global", "fedmla.shared", "fedmla.residual"
 
 app = ClientApp()
 
@@ -60,13 +60,13 @@ def _load_global(state: RecordDict) -> tuple[dict[str, torch.Tensor], SharedStat
         return None
     glob = state.array_records[_GLOBAL].to_torch_state_dict()
     shared = SharedState.from_tensors(state.array_records[_SHARED].to_torch_state_dict())
-    return glob, shared, str(state.config_records[_META]["hash"])
+    # The hash is recomputed from the stored tensors, never trusted from a label.
+    return glob, shared, state_hash(glob)
 
 
-def _save_global(state: RecordDict, glob: dict[str, torch.Tensor], shared: SharedState, h: str) -> None:
+def _save_global(state: RecordDict, glob: dict[str, torch.Tensor], shared: SharedState) -> None:
     state[_GLOBAL] = ArrayRecord(torch_state_dict={n: t.contiguous() for n, t in glob.items()})
     state[_SHARED] = ArrayRecord(torch_state_dict=shared.to_tensors())
-    state[_META] = ConfigRecord({"hash": h})
 
 
 def synchronise(node: _Node, rec: ConfigRecord) -> tuple[dict[str, torch.Tensor], SharedState, str]:
@@ -118,7 +118,7 @@ def _fedmla_train(msg: Message, context: Context) -> Message:
         return _resync_reply(msg, "", str(e))
     if h != rec["global-hash"]:
         return _resync_reply(msg, h, "reconstructed global weights hash differently")
-    _save_global(node.state, glob, shared, h)
+    _save_global(node.state, glob, shared)
     rnd = int(rec["round"])
     if shared.round != rnd:
         return _resync_reply(msg, h, f"shared state is at round {shared.round}, the plan at {rnd}")
@@ -158,7 +158,7 @@ def _fedmla_evaluate(msg: Message, context: Context) -> Message:
         return _resync_reply(msg, "", str(e))
     if h != rec["global-hash"]:
         return _resync_reply(msg, h, "reconstructed global weights hash differently")
-    _save_global(node.state, glob, shared, h)
+    _save_global(node.state, glob, shared)
     metrics = MetricRecord({"num-examples": 1})
     windows = _local_eval_windows(node)
     if windows is not None:
