@@ -105,6 +105,17 @@ class FlowerConfig(BaseModel):
             data["trainer"]["warmup_steps"] = min(data["trainer"]["warmup_steps"], steps)
         return cls.model_validate(data)
 
+    @classmethod
+    def from_bench(cls, bench, strategy: str = "fedavg", data_dir: str | None = None,
+                   rounds: int | None = None) -> "FlowerConfig":
+        """The same model, trainer, codec, clients and data as a communication-benchmark
+        ``BenchConfig`` (read by attribute; this module does not import the benchmark)."""
+        return cls(strategy=strategy, rounds=rounds or bench.rounds, num_nodes=bench.num_clients,
+                   preset=bench.preset, model_overrides=dict(bench.model_overrides), trainer=bench.trainer,
+                   codec=bench.codec, data_dir=data_dir, partition=bench.partition, alpha=bench.alpha,
+                   max_bytes_per_client=bench.max_bytes_per_client,
+                   eval_windows_per_client=bench.eval_windows_per_client, seed=bench.seed)
+
     def with_rounds(self, rounds: int) -> "FlowerConfig":
         """Same config with ``rounds`` and the trainer's schedule spanning them."""
         tr = self.trainer.model_copy(update={"total_steps": rounds * self.trainer.local_steps})

@@ -177,3 +177,13 @@ def test_more_nodes_than_folder_clients_are_repartitioned(tmp_path):
     cfg = FlowerConfig(data_dir=str(tmp_path), trainer={"seq_len": 32})
     data = load_federated_data(cfg, 3)
     assert len(data.clients) == 3 and data.validation.size(0) > 0
+
+
+def test_config_from_the_comm_benchmark_uses_the_same_data_and_model():
+    from worker.bench_comm import load_data, quick_config
+    bench = quick_config()
+    cfg = FlowerConfig.from_bench(bench)
+    assert cfg.strategy == "fedavg" and cfg.num_nodes == bench.num_clients and cfg.rounds == bench.rounds
+    assert cfg.trainer == bench.trainer and cfg.codec == bench.codec
+    assert cfg.model_cfg() == FlowerConfig(preset=bench.preset, model_overrides=bench.model_overrides).model_cfg()
+    assert load_federated_data(cfg, cfg.num_nodes).fingerprint() == load_data(bench, None).fingerprint()
