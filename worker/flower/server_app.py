@@ -13,11 +13,12 @@ centrally on the same held-out windows after every round.
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -126,10 +127,11 @@ def run_flower_simulation(config: FlowerConfig | dict | None = None, verbose: bo
 
     cfg = config if isinstance(config, FlowerConfig) else FlowerConfig.model_validate(config or {})
     sink: dict = {}
-    ncpu = max(1, int(torch.get_num_threads()))
+    # No more Ray CPUs than the nodes can use (each actor loads torch); at least one node's worth.
+    num_cpus = max(cfg.node_cpus, min(float(os.cpu_count() or 1), cfg.num_nodes * cfg.node_cpus))
     backend = {
         # address "local": always a new Ray instance of our own, never someone else's cluster.
-        "init_args": {"address": "local", "num_cpus": max(ncpu, int(cfg.node_cpus)), "include_dashboard": False,
+        "init_args": {"address": "local", "num_cpus": math.ceil(num_cpus), "include_dashboard": False,
                       "logging_level": "WARNING" if not verbose else "INFO", "log_to_driver": verbose},
         "client_resources": {"num_cpus": cfg.node_cpus, "num_gpus": 0.0},
     }

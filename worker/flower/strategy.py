@@ -181,7 +181,7 @@ class FedMLAStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
-        if self.cfg.client_eval_windows <= 0 or not self.rounds:
+        if not self.rounds:
             return []
         return self._messages(self.rounds[-1]["nodes"], MessageType.EVALUATE, server_round, {})
 
@@ -194,12 +194,17 @@ class FedMLAStrategy(Strategy):
             if reply.has_error():
                 rec["rejected"][f"eval {node}"] = f"error: {reply.error.reason}"
                 continue
-            body = reply.content.config_records[FEDMLA_KEY]
+            body = reply.content.config_records.get(FEDMLA_KEY)
+            if body is None:
+                rec["rejected"][f"eval {node}"] = "reply without a fedmla record"
+                continue
             self.node_hash[node] = str(body["hash"]) if body["status"] == "ok" else _STALE
             hashes[str(node)] = str(body["hash"])
-            m = reply.content.metric_records["metrics"]
+            m = reply.content.metric_records.get("metrics", {})
             if "eval_loss" in m:
                 losses.append((int(m["num-examples"]), float(m["eval_loss"])))
+        if not hashes:
+            return None
         rec["client_hashes"] = hashes
         rec["hash_ok"] = bool(hashes) and all(h == target for h in hashes.values())
         if not rec["hash_ok"]:
