@@ -34,9 +34,10 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 from google.protobuf.message import DecodeError
 
-from coordinator.codec import ServerCodec, UpdateDecodeError
+from coordinator.codec import ServerCodec, UpdateDecodeError, state_hash
 from protos.fedmla.v1 import types_pb2 as pb
 
+from ..trainer import init_global_state
 from .client_app import FEDMLA_KEY, RUN_KEY
 from .config import FlowerConfig
 from .wire import dense_message, encode_full_state, encode_mask
@@ -64,6 +65,8 @@ class FedMLAStrategy(Strategy):
         self._plan = None
         self._rec: dict | None = None
         self._run_json = cfg.to_json()
+        # A node without a model rebuilds it from the seed only if that is where we started.
+        self._seeded = self.codec.global_hash() == state_hash(init_global_state(self.model_cfg, cfg.seed))
 
     def summary(self) -> None:
         c = self.cfg.codec
@@ -81,7 +84,7 @@ class FedMLAStrategy(Strategy):
             return {"sync": "none"}, 0
         starts = {h: i for i, (h, _) in enumerate(self.history)}
         start = None
-        if held is None:
+        if held is None and self._seeded:
             start, origin = 0, "seed"
         elif held in starts:
             start, origin = starts[held], held

@@ -187,3 +187,13 @@ def test_config_from_the_comm_benchmark_uses_the_same_data_and_model():
     assert cfg.trainer == bench.trainer and cfg.codec == bench.codec
     assert cfg.model_cfg() == FlowerConfig(preset=bench.preset, model_overrides=bench.model_overrides).model_cfg()
     assert load_federated_data(cfg, cfg.num_nodes).fingerprint() == load_data(bench, None).fingerprint()
+
+
+def test_a_run_not_started_from_the_seed_sends_new_nodes_the_full_model(task_identity):
+    cfg = _small_cfg()
+    start = init_global_state(cfg.model_cfg(), cfg.seed + 1)       # e.g. a checkpoint
+    strategy = FedMLAStrategy(cfg, start, min_available_nodes=len(NODES))
+    grid, ctx = _Grid(NODES), _contexts()
+    msgs, _, rec = _round(strategy, grid, ctx, 1)
+    assert [m.content["fedmla"]["sync"] for m in msgs] == ["full"] * 3
+    assert rec["aggregated"] == 3 and rec["hash_ok"]
