@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "kernels.bench",
     "worker.bench_comm",
     "coordinator.commands",
+    "worker.runtime",
 ]
 
 
