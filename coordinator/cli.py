@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "worker.bench_comm",
     "coordinator.commands",
     "worker.runtime",
+    "worker.simulate",
 ]
 
 

@@ -84,6 +84,8 @@ class Worker:
         self._hb_stop = threading.Event()
         self._round = 0
         self.rounds_done = 0
+        self.bytes_up = self.bytes_down = 0
+        self.fedavg_up = self.fedavg_down = 0     # what FedAvg fp32 sends: dense deltas up, full model down
 
     # ---- helpers ---------------------------------------------------------------------
     def _save_meta(self) -> None:
@@ -123,8 +125,19 @@ class Worker:
     def _sync(self, model: pb.ModelVersion) -> None:
         if self.version == model.version and self.global_state is not None:
             return
-        self.global_state, mv = self._call(self.client.download_state, self.global_state, self.version)
-        self.version = mv.version
+        from .transport import ModelIntegrityError, apply_download
+        dl = self._call(self.client.download, self.version if self.global_state is not None else None)
+        self.bytes_down += len(dl.data)
+        try:
+            state = apply_download(dl, self.global_state)
+        except ModelIntegrityError:
+            if dl.kind != cpb.DownloadModelResponse.DELTA:
+                raise
+            dl = self._call(self.client.download, None)     # resync from the full model
+            self.bytes_down += len(dl.data)
+            state = apply_download(dl)
+        self.global_state, self.version = state, dl.model.version
+        self.fedavg_down += 4 * sum(t.numel() for t in state.values())
 
     # ---- main loop -------------------------------------------------------------------
     def run(self) -> int:
@@ -136,6 +149,10 @@ class Worker:
             while True:
                 reply = self._call(self.client.get_task)
                 if reply.status == cpb.GetTaskResponse.FINISHED:
+                    try:      # end holding the final global model (verified against its hash)
+                        self._sync(reply.model)
+                    except grpc.RpcError as e:
+                        self.opts.log(f"could not download the final model: {e.code().name}")
                     self.opts.log(f"run finished after round {reply.current_round}; {self.rounds_done} round(s) here")
                     try:
                         self.client.leave("run finished")
@@ -167,6 +184,8 @@ class Worker:
         msg = dense_update(self.global_state, res.state, res.importance, res.num_examples, res.metrics)
         try:
             self._call(self.client.submit, msg, task.round_id, task.model.version)
+            self.bytes_up += msg.ByteSize()
+            self.fedavg_up += 4 * sum(t.numel() for t in self.global_state.values())
             self.opts.log(f"round {task.round_id}: submitted {msg.ByteSize()} bytes, "
                           f"train loss {res.metrics['train_loss']:.4f}")
         except grpc.RpcError as e:
