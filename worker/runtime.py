@@ -180,6 +180,7 @@ class Worker:
         self._round = task.round_id
         self._sync(task.model)
         trainer = self._trainer(task.model_config_json, task.hyper, task.seed)
+        self.opts.log(f"round {task.round_id}: training {task.hyper.local_steps} steps from v{self.version}")
         res = trainer.train(self.global_state, self.data, round_idx=task.round_id, client_key=self.data.name)
         msg = dense_update(self.global_state, res.state, res.importance, res.num_examples, res.metrics)
         try:
