@@ -174,6 +174,7 @@ class Worker:
             raise
         finally:
             self._hb_stop.set()
+            hb.join(timeout=70)      # never close the channel under a heartbeat in flight
             self.client.close()
 
     def _do_round(self, task: pb.Task) -> None:

@@ -55,3 +55,34 @@ def test_sigkilled_worker_is_a_dropout(tmp_path):
                 p.wait()
         coord.terminate()
         coord.wait(30)
+
+
+def test_worker_carries_on_after_coordinator_restart(tmp_path):
+    store_dir = tmp_path / "store"
+    st = Store(store_dir)
+    token = st.create_token("w")
+    st.close()
+    args = ["--rounds", "3", "--clients-per-round", "1", "--min-replies", "1", "--round-timeout-s", "60",
+            "--heartbeat-interval-s", "1", "--local-steps", "3", "--batch-size", "2", "--seq-len", "32"]
+    coord, port = start_coordinator_process(store_dir, args, tmp_path / "coord.log")
+    worker, wlog = start_worker(tmp_path, port, "w", token, 0)
+    try:
+        wait_for(lambda: "round 1: submitted" in wlog.read_text(), timeout=120, every=0.05, what="round 1")
+        coord.send_signal(signal.SIGKILL)
+        coord.wait(30)
+        coord, _ = start_coordinator_process(store_dir, [*args, "--port", str(port)], tmp_path / "coord.log")
+        assert worker.wait(timeout=180) == 0, wlog.read_text()
+        st = Store(store_dir, create=False)
+        committed = [r["id"] for r in st.rounds() if r["status"] == "committed"]
+        st.close()
+        assert len(committed) == 3
+        text = wlog.read_text()
+        assert "run finished" in text
+        for r in committed:   # each committed round was submitted exactly once by the worker
+            assert text.count(f"round {r}: submitted") + text.count(f"round {r}: already accepted") <= 1
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        coord.terminate()
+        coord.wait(30)
