@@ -89,7 +89,8 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                    local_steps: int = 10, batch_size: int = 8, seq_len: int = 64, lr: float = 3e-3,
                    data: str = "builtin", partition: str = "natural", seed: int = 0, actors: int | None = None,
                    address: str | None = None, store: Path | None = None, coordinator: str | None = None,
-                   token_dir: Path | None = None, ca: Path | None = None, log=print) -> dict:
+                   token_dir: Path | None = None, ca: Path | None = None, dashboard_port: int | None = None,
+                   log=print) -> dict:
     import os
 
     import ray
@@ -123,6 +124,12 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                 raise DataError(f"--token-dir {token_dir} holds no token files")
             target, tokens = coordinator, {p.stem: p.read_text().strip() for p in files}
             names = list(tokens)
+        dash = None
+        if bg is not None and dashboard_port is not None:
+            from coordinator.dashboard.server import DashboardServer
+            from coordinator.dashboard.sqlite_source import SqliteSource
+            dash = DashboardServer(SqliteSource(bg.settings.store), host="127.0.0.1", port=dashboard_port).start()
+            log(f"dashboard: {dash.url}")
         datas = {n: fed.clients[i] for i, n in enumerate(names)}
         model_cfg = MLAConfig.preset(preset)
         evaluator = LocalTrainer(model_cfg, TrainerConfig(seq_len=seq_len, importance=False))
@@ -173,6 +180,8 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                             for r in results})
         return out
     finally:
+        if locals().get("dash") is not None:
+            dash.stop()
         if bg is not None:
             bg.stop()
         tmp.cleanup()
@@ -198,6 +207,8 @@ def register(app, bench) -> None:
         token_dir: Path = typer.Option(None, "--token-dir", help="with --coordinator: one token file per client"),
         ca: Path = typer.Option(None, "--ca", help="CA certificate (PEM) of a TLS coordinator"),
         json_path: Path = typer.Option(None, "--json", help="write the results as JSON"),
+        dashboard_port: int = typer.Option(None, "--dashboard-port",
+                                           help="serve the run's dashboard on 127.0.0.1:PORT (0: any free port; unset: off)"),
     ) -> None:
         """Federated training of N virtual clients on Ray against a real gRPC coordinator."""
         from rich.console import Console
@@ -213,7 +224,7 @@ def register(app, bench) -> None:
             res = run_simulation(clients=clients, clients_per_round=clients_per_round, rounds=rounds, preset=preset,
                                  local_steps=local_steps, data=data, partition=partition, seed=seed, actors=actors,
                                  address=address, store=store, coordinator=coordinator, token_dir=token_dir, ca=ca,
-                                 log=console.print)
+                                 dashboard_port=dashboard_port, log=console.print)
         except DataError as e:
             typer.echo(f"error: bad data: {e}", err=True)
             raise typer.Exit(2)
