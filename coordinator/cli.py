@@ -27,6 +27,8 @@ COMMAND_MODULES = [
     "kernels.bench",
     "worker.bench_comm",
     "coordinator.commands",
+    "worker.runtime",
+    "worker.simulate",
 ]
 
 
