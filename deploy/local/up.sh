@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # A multi-node fedmla deployment on this one machine, on loopback:
 #   - a Ray cluster of three nodes (a head and two workers, `ray start`),
-#   - the coordinator with TLS and per-client tokens (and, with --mtls, client
-#     certificates), its dashboard and Prometheus metrics,
+#   - the coordinator with TLS and per-client tokens, Prometheus metrics, and the
+#     read-only dashboard over its store,
 #   - a job that runs the federated clients as Ray actors spread over the Ray nodes,
 #     talking to the coordinator over gRPC with TLS and their tokens.
 #
-#   deploy/local/up.sh [--dir DIR] [--clients N] [--rounds R] [--preset NAME] [--mtls] [--no-job]
+#   deploy/local/up.sh [--dir DIR] [--clients N] [--rounds R] [--preset NAME] [--no-job]
 #   deploy/local/down.sh [--dir DIR]
 #
 # Every process is started in a session of its own and its id recorded in DIR/pids;
@@ -15,7 +15,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-dir=runs/local-cluster clients=4 rounds=2 preset=tiny job=1 mtls=0
+dir=runs/local-cluster clients=4 rounds=2 preset=tiny job=1
 
 usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 while [ $# -gt 0 ]; do
@@ -25,7 +25,6 @@ while [ $# -gt 0 ]; do
     --rounds) rounds=$2; shift 2 ;;
     --preset) preset=$2; shift 2 ;;
     --no-job) job=0; shift ;;
-    --mtls) mtls=1; shift ;;
     -h|--help) usage 0 ;;
     *) echo "up.sh: unknown argument '$1'" >&2; usage ;;
   esac
@@ -69,7 +68,7 @@ wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
 }
 
 # ---- certificates and tokens ---------------------------------------------------------
-[ -f "$dir/certs/server.crt" ] || bash "$root/deploy/tls/make-certs.sh" "$dir/certs" --host localhost --ip 127.0.0.1 --client workers >/dev/null
+[ -f "$dir/certs/server.crt" ] || bash "$root/deploy/tls/make-certs.sh" "$dir/certs" --host localhost --ip 127.0.0.1 >/dev/null
 store=$dir/store
 for i in $(seq 0 $((clients - 1))); do
   name=client-$i
@@ -84,39 +83,38 @@ start ray-head ray start --head --block --node-ip-address 127.0.0.1 --port "$gcs
   --num-cpus 1 --object-store-memory 150000000 --include-dashboard true \
   --dashboard-host 127.0.0.1 --dashboard-port "$ray_dash" --temp-dir "$ray_tmp" --disable-usage-stats
 wait_for 90 "the Ray head" ray status --address "127.0.0.1:$gcs_port"
-for i in 1 2; do
-  start "ray-node-$i" ray start --block --address "127.0.0.1:$gcs_port" --node-ip-address 127.0.0.1 \
-    --num-cpus 1 --object-store-memory 150000000
-done
-nodes_alive() {
-  python3 - "$gcs_port" <<'PY'
+nodes_alive() {  # nodes_alive N: at least N live nodes in the cluster
+  python3 - "$gcs_port" "$1" <<'PY'
 import sys, ray
 ray.init(address=f"127.0.0.1:{sys.argv[1]}", logging_level="ERROR", log_to_driver=False)
 alive = sum(1 for n in ray.nodes() if n["Alive"])
 ray.shutdown()
-sys.exit(0 if alive >= 3 else 1)
+sys.exit(0 if alive >= int(sys.argv[2]) else 1)
 PY
 }
-wait_for 90 "three live Ray nodes" nodes_alive
+# One node at a time: two raylets registering at once can time out on a busy 2-core host.
+for i in 1 2; do
+  start "ray-node-$i" ray start --block --address "127.0.0.1:$gcs_port" --node-ip-address 127.0.0.1 \
+    --num-cpus 1 --object-store-memory 150000000
+  wait_for 120 "Ray node $i to join" nodes_alive $((i + 1))
+done
 
-# ---- coordinator with TLS, mutual TLS and tokens ------------------------------------------
+# ---- coordinator with TLS and tokens ---------------------------------------------------
 dash_port=$(free_port) metrics_port=$(free_port)
 rm -f "$dir/coordinator.port"
-client_tls=()
-mtls_args=()
-if [ "$mtls" = 1 ]; then
-  client_tls=(--cert "$dir/certs/clients/workers.crt" --key "$dir/certs/clients/workers.key")
-  mtls_args=(--tls-client-ca "$dir/certs/ca.crt")
-fi
 start coordinator fedmla coordinator --store "$store" --preset "$preset" --host 127.0.0.1 --port 0 \
   --port-file "$dir/coordinator.port" \
-  --tls-cert "$dir/certs/server.crt" --tls-key "$dir/certs/server.key" "${mtls_args[@]}" \
+  --tls-cert "$dir/certs/server.crt" --tls-key "$dir/certs/server.key" \
   --rounds "$rounds" --clients-per-round "$clients" --min-replies "$clients" \
-  --metrics-port "$metrics_port" --dashboard-port "$dash_port"
+  --metrics-port "$metrics_port"
 wait_for 60 "the coordinator's port file" test -s "$dir/coordinator.port"
 coord_port=$(cat "$dir/coordinator.port")
 wait_for 30 "the coordinator's health service" python3 -m coordinator.healthcheck \
-  --address "localhost:$coord_port" --ca "$dir/certs/ca.crt" "${client_tls[@]}"
+  --address "localhost:$coord_port" --ca "$dir/certs/ca.crt"
+
+# The dashboard: read-only over the coordinator's store, on loopback.
+start dashboard fedmla dashboard --store "$store" --host 127.0.0.1 --port "$dash_port"
+wait_for 30 "the dashboard" python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$dash_port/api/health', timeout=2)"
 
 cat > "$dir/ports.env" <<ENV
 RAY_ADDRESS=127.0.0.1:$gcs_port
@@ -129,12 +127,12 @@ ENV
 # ---- the job: the clients as Ray actors on the cluster --------------------------------------
 if [ "$job" = 1 ]; then
   start job fedmla simulate --address "127.0.0.1:$gcs_port" --coordinator "localhost:$coord_port" \
-    --token-dir "$dir/tokens" --ca "$dir/certs/ca.crt" "${client_tls[@]}" --clients "$clients" \
+    --token-dir "$dir/tokens" --ca "$dir/certs/ca.crt" --clients "$clients" \
     --json "$dir/job.json"
 fi
 
 echo "fedmla local cluster is up ($dir)"
-echo "  coordinator   localhost:$coord_port (TLS$([ "$mtls" = 1 ] && echo " + client certificates") + tokens), store $store"
+echo "  coordinator   localhost:$coord_port (TLS + tokens), store $store"
 echo "  dashboard     http://127.0.0.1:$dash_port"
 echo "  metrics       http://127.0.0.1:$metrics_port/metrics"
 echo "  Ray           127.0.0.1:$gcs_port, dashboard http://127.0.0.1:$ray_dash"
