@@ -194,7 +194,9 @@ def _run_rpc_fuzz(live, cfg):
     run()
     # still serving, with the same task, and memory bounded (generous: this process hosts the server)
     # (a garbage Leave/Join with valid auth may change this client's membership, not the run)
-    client.get_task()
+    (probe,) = make_clients(bg, [f"probe{len(stats)}-{rss0:.0f}"])
+    probe.get_task()
+    probe.channel.close()
     assert _state(bg) == start
     assert _rss_mb() - rss0 < 300, stats
     print("rpc fuzz status counts:", stats)
