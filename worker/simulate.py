@@ -148,9 +148,13 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
             work = [pools[i % k].run.remote(target, [(n, tokens[n], datas[n]) for n in names[i::k]],
                                             str(Path(tmp.name) / "clients"), ca_bytes) for i in range(k)]
             per_round, last_v, t_round = [], bg.coord.version if bg else None, time.monotonic()
+            first_v = last_v
             pending = list(work)
-            while pending:
-                _, pending = ray.wait(pending, timeout=0.5, num_returns=len(pending))
+            while True:
+                if pending:
+                    _, pending = ray.wait(pending, timeout=0.5, num_returns=len(pending))
+                # Checked once more after the clients finish: the last commit can land in
+                # the same wait as the clients' exit.
                 if bg is not None and bg.coord.version != last_v:
                     last_v = bg.coord.version
                     now = time.monotonic()
@@ -159,6 +163,8 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                     t_round = now
                     log(f"round {len(per_round)}/{rounds}: model v{last_v} val loss {loss:.4f} "
                         f"({per_round[-1]['seconds']:.1f}s)")
+                elif not pending:
+                    break
             results = [r for rs in ray.get(work) for r in rs]
         finally:
             for p in locals().get("pools", []):
@@ -168,7 +174,8 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
         if failed:
             raise RuntimeError("; ".join(f"client {r['name']}: exit {r['code']} {r['error']}" for r in failed))
         final = val_loss(bg.coord.state) if bg else None
-        out = dict(rounds=len(per_round) if bg else max(r["rounds"] for r in results),
+        # Committed versions, not observed ones: two commits can fall between two polls.
+        out = dict(rounds=(bg.coord.version - first_v) if bg else max(r["rounds"] for r in results),
                    initial_val_loss=initial, final_val_loss=final,
                    bytes_up=sum(r["bytes_up"] for r in results), bytes_down=sum(r["bytes_down"] for r in results),
                    fedavg_fp32_bytes=sum(r["fedavg_up"] + r["fedavg_down"] for r in results),
