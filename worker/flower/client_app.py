@@ -109,7 +109,8 @@ def _resync_reply(msg: Message, held_hash: str, reason: str) -> Message:
 
 # ---- fedmla ----------------------------------------------------------------------------------------
 
-def _fedmla_train(msg: Message, context: Context) -> Message:
+def _synchronised(msg: Message, context: Context):
+    """Bring this node's global copy up to the server's; (rec, node, glob, shared, hash) or a resync reply."""
     rec = msg.content.config_records[FEDMLA_KEY]
     node = _Node(FlowerConfig.from_json(str(rec[RUN_KEY])), context)
     try:
@@ -119,6 +120,14 @@ def _fedmla_train(msg: Message, context: Context) -> Message:
     if h != rec["global-hash"]:
         return _resync_reply(msg, h, "reconstructed global weights hash differently")
     _save_global(node.state, glob, shared)
+    return rec, node, glob, shared, h
+
+
+def _fedmla_train(msg: Message, context: Context) -> Message:
+    synced = _synchronised(msg, context)
+    if isinstance(synced, Message):
+        return synced
+    rec, node, glob, shared, h = synced
     rnd = int(rec["round"])
     if shared.round != rnd:
         return _resync_reply(msg, h, f"shared state is at round {shared.round}, the plan at {rnd}")
@@ -150,15 +159,10 @@ def _local_eval_windows(node: _Node) -> torch.Tensor | None:
 
 
 def _fedmla_evaluate(msg: Message, context: Context) -> Message:
-    rec = msg.content.config_records[FEDMLA_KEY]
-    node = _Node(FlowerConfig.from_json(str(rec[RUN_KEY])), context)
-    try:
-        glob, shared, h = synchronise(node, rec)
-    except UpdateDecodeError as e:
-        return _resync_reply(msg, "", str(e))
-    if h != rec["global-hash"]:
-        return _resync_reply(msg, h, "reconstructed global weights hash differently")
-    _save_global(node.state, glob, shared)
+    synced = _synchronised(msg, context)
+    if isinstance(synced, Message):
+        return synced
+    rec, node, glob, shared, h = synced
     metrics = MetricRecord({"num-examples": 1})
     windows = _local_eval_windows(node)
     if windows is not None:
