@@ -10,18 +10,22 @@ import typing
 from pathlib import Path
 
 import typer
+from pydantic import BaseModel
 
 from .settings import CoordinatorSettings
 
 
+def _is_json(annotation) -> bool:
+    """Dicts and nested settings models are given as JSON objects on the command line."""
+    return typing.get_origin(annotation) is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel))
+
+
 def _flag_type(annotation):
-    """The plain type a flag parses into (Optional[X] -> X, dicts are JSON strings)."""
+    """The plain type a flag parses into (Optional[X] -> X, JSON objects -> str)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
         annotation = args[0]
-    if typing.get_origin(annotation) is dict:
-        return str
-    return annotation
+    return str if _is_json(annotation) else annotation
 
 
 def _coordinator_command(config: Path | None, log_level: str, **flags) -> None:
@@ -30,7 +34,7 @@ def _coordinator_command(config: Path | None, log_level: str, **flags) -> None:
     import asyncio
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, field in CoordinatorSettings.model_fields.items():
-        if typing.get_origin(field.annotation) is dict and flags.get(name) is not None:
+        if _is_json(field.annotation) and flags.get(name) is not None:
             try:
                 flags[name] = json.loads(flags[name])
             except json.JSONDecodeError as e:

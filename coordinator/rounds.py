@@ -18,6 +18,22 @@ Round life cycle (driven by :meth:`Coordinator.run`)::
              otherwise the round is recorded as failed and the model stays
     -> next round (round ids always increase; model version = committed rounds)
 
+Two kinds of update (``settings.updates``):
+
+- ``codec`` (default): the coordinator owns a :class:`~coordinator.codec.ServerCodec`. A
+  round's plan (active-head mask from the importance moving average, shared bases) goes
+  out with the task and the codec config (``Task.codec.config_json``); workers send
+  low-rank quantised updates with importance; at the close the decoded updates are
+  aggregated exactly in client-id order, the outer optimiser steps and the codec
+  produces the downlink, which the coordinator applies to itself. The downlink is kept
+  (store table ``downlinks``) so a worker k versions behind catches up with the chain
+  of k downlinks (``CODEC_CHAIN``) instead of the full model (``CODEC_FULL``: weights +
+  shared state). The codec's whole state (momentum, residual, importance, bases) is saved
+  beside every checkpoint, so a restarted coordinator continues bit-identically.
+- ``dense``: fp32 deltas validated by :mod:`coordinator.validation`, aggregated by
+  :class:`~coordinator.aggregation.FedAvg` or an ``--aggregator`` plug-in; downloads are
+  the full model or the changed tensors.
+
 Accepted updates are spooled to ``STORE/spool/round-N/`` while the round is open, so
 that memory stays O(model) whatever the number of clients and the aggregation order
 does not depend on arrival order. A restarted coordinator discards the spool of the
@@ -52,7 +68,7 @@ from .metrics import CoordinatorMetrics
 from .settings import CoordinatorSettings
 from .store import ClientRoundRecord, RoundRecord, Store
 from .validation import ModelSpec, UpdateLimits, decode_update
-from .weights import canonical_bytes, load_safetensors_bytes, sha256_hex
+from .weights import canonical_bytes, load_safetensors_bytes, model_hash, sha256_hex
 
 log = logging.getLogger("fedmla.coordinator")
 
@@ -89,6 +105,7 @@ class OpenRound:
     receiving: set[str] = field(default_factory=set)
     bytes_down: dict[str, int] = field(default_factory=dict)
     closing: bool = False
+    plan: object | None = None           # codec runs: the round's coordinator.codec RoundPlan
 
     def pending(self) -> list[str]:
         return [c for c in self.sampled if c not in self.replies and c not in self.left]
@@ -134,6 +151,12 @@ class Coordinator:
             raise StoreError(str(e)) from None
         self.version, self.model_bytes, self.model_sha = rec.version, data, rec.sha256
         self.importance = self._load_importance()
+        self.codec = self._load_codec(rec) if settings.updates == "codec" else None
+        # The codec's shared state at self.version (the codec's own moves ahead during a commit).
+        self.shared = self.codec.shared if self.codec is not None else None
+        self._codec_json = settings.codec.model_dump_json()
+        self._downlinks: dict[int, bytes] = {}          # version -> the downlink that produced it
+        self._full_cache: tuple[int, bytes, str] | None = None
         self.next_round_id = self.store.last_round_id() + 1
         self.clients: dict[str, ClientState] = {}
         now = time.time()
@@ -154,6 +177,33 @@ class Coordinator:
                  self.version, self.model_sha[:12], self.next_round_id)
 
     # ---- helpers ------------------------------------------------------------------
+    def _load_codec(self, rec):
+        """The codec state at model version ``rec``: saved with it, or fresh (round = version)."""
+        from .codec import ServerCodec
+        cfg = self.settings.codec
+        stored = self.store.meta("codec_config")
+        if stored is not None and json.loads(stored) != json.loads(cfg.model_dump_json()):
+            old, new = json.loads(stored), json.loads(cfg.model_dump_json())
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise StoreError(f"store {self.store.root} was run with another codec config (fields {diff} differ: "
+                             f"{ {k: old.get(k) for k in diff} } stored, { {k: new.get(k) for k in diff} } now); "
+                             f"the codec's state is tied to its config. Keep the config or start a new --store")
+        if stored is None:
+            self.store.set_meta("codec_config", cfg.model_dump_json())
+        codec = ServerCodec(self.cfg, cfg, self.state)
+        data = self.store.read_codec_state(rec)
+        if data is None:      # a new run, or a store whose earlier rounds were dense
+            codec.shared.round = rec.version
+            return codec
+        try:
+            codec.load_state_dict(load_safetensors_bytes(data, None, f"codec state {rec.codec_path}"))
+        except ValueError as e:
+            raise StoreError(str(e)) from None
+        if model_hash(codec.global_state) != rec.sha256 or codec.shared.round != rec.version:
+            raise StoreError(f"codec state {rec.codec_path} does not belong to model version {rec.version} "
+                             f"(weights or round differ); the store is damaged")
+        return codec
+
     def _load_importance(self) -> torch.Tensor | None:
         row = self.store.db.execute("SELECT scores FROM head_importance ORDER BY round_id DESC LIMIT 1").fetchone()
         return torch.tensor(json.loads(row[0]), dtype=torch.float32) if row else None
@@ -198,6 +248,16 @@ class Coordinator:
             mask[layer, sorted(keep)] = True
         return mask
 
+    def codec_settings(self) -> pb.CodecSettings:
+        s = self.settings
+        if self.codec is None:
+            return pb.CodecSettings(rank=s.rank, max_rank=s.max_rank, quant_bits=s.quant_bits, keep_ratio=s.keep_ratio,
+                                    max_update_bytes=s.max_update_bytes, extra=s.codec_extra)
+        c = s.codec
+        return pb.CodecSettings(rank=c.rank, max_rank=c.rank, quant_bits=c.factor_bits,
+                                keep_ratio=c.keep_ratio if c.head_selection else 1.0,
+                                max_update_bytes=s.max_update_bytes, config_json=self._codec_json)
+
     def limits(self, rnd: OpenRound) -> UpdateLimits:
         return UpdateLimits(max_rank=self.settings.max_rank, max_update_bytes=self.settings.max_update_bytes,
                             active_heads=rnd.active_heads)
@@ -213,8 +273,7 @@ class Coordinator:
             hyper=pb.HyperParameters(local_steps=s.local_steps, learning_rate=s.learning_rate, batch_size=s.batch_size,
                                      seq_len=s.seq_len, extra=s.hyper_extra),
             active_heads=pb.HeadMask(num_layers=L, num_heads=H, active=rnd.active_heads.flatten().tolist()),
-            codec=pb.CodecSettings(rank=s.rank, max_rank=s.max_rank, quant_bits=s.quant_bits, keep_ratio=s.keep_ratio,
-                                   max_update_bytes=s.max_update_bytes, extra=s.codec_extra),
+            codec=self.codec_settings(),
             deadline_unix_ms=int(rnd.deadline * 1000), model_config_json=self.config_json,
             seed=_seed_for(s.seed, "task", rnd.id, client))
 
@@ -251,7 +310,9 @@ class Coordinator:
         """The header and payload of a model download (the servicer chunks it)."""
         self._known(client)
         kind, base, data, sha = cpb.DownloadModelResponse.FULL, 0, self.model_bytes, self.model_sha
-        if req.HasField("since_version"):
+        if self.codec is not None:
+            kind, base, data, sha = self._codec_download(req)
+        elif req.HasField("since_version"):
             delta = self._delta(req.since_version)
             if delta is not None:
                 kind, base, (data, sha) = cpb.DownloadModelResponse.DELTA, req.since_version, delta
@@ -261,6 +322,33 @@ class Coordinator:
         header = cpb.DownloadModelResponse.Header(kind=kind, model=self.model_version_msg(), base_version=base,
                                                   total_bytes=len(data), payload_sha256=sha)
         return header, data
+
+    def _codec_download(self, req: cpb.DownloadModelRequest) -> tuple[int, int, bytes, str]:
+        """(kind, base version, payload, sha256) of a codec run's download: nothing when the
+        client is current, the chain of downlinks when it is behind by at most
+        ``keep_downlinks`` and the chain is smaller than the full state, else the full state."""
+        from .codec.transfer import encode_full_state
+        if self._full_cache is None or self._full_cache[0] != self.version:
+            full = encode_full_state(self.state, self.shared)
+            self._full_cache = (self.version, full, sha256_hex(full))
+        full, full_sha = self._full_cache[1], self._full_cache[2]
+        if req.HasField("since_version"):
+            since = req.since_version
+            if since == self.version:
+                empty = canonical_bytes({})
+                return cpb.DownloadModelResponse.DELTA, since, empty, sha256_hex(empty)
+            if since in self._delta_cache:
+                data, sha = self._delta_cache[since]
+                return cpb.DownloadModelResponse.CODEC_CHAIN, since, data, sha
+            if 0 <= since < self.version and self.version - since <= self.settings.keep_downlinks:
+                chain = [self._downlinks.get(v) for v in range(since + 1, self.version + 1)]
+                if any(c is None for c in chain):
+                    chain = self.store.downlinks(since, self.version)
+                if chain is not None and sum(map(len, chain)) < len(full):
+                    data = cpb.CodecDownlinks(base_version=since, downlinks=chain).SerializeToString()
+                    self._delta_cache[since] = (data, sha256_hex(data))
+                    return cpb.DownloadModelResponse.CODEC_CHAIN, since, data, self._delta_cache[since][1]
+        return cpb.DownloadModelResponse.CODEC_FULL, 0, full, full_sha
 
     def _delta(self, since: int) -> tuple[bytes, str] | None:
         """(safetensors bytes of the tensors changed since ``since``, their SHA-256), or
@@ -363,7 +451,7 @@ class Coordinator:
                         msg.ParseFromString(payload)
                     except DecodeError:
                         raise InvalidArgument("payload is not a serialized fedmla.v1.ModelUpdate", "malformed") from None
-                    update = await asyncio.to_thread(decode_update, msg, self.spec, self.limits(rnd))
+                    update = await asyncio.to_thread(self._decode, msg, rnd)
                     del msg
                     if self.round is not rnd or rnd.closing:
                         raise FailedPrecondition(f"round {rnd.id} closed while the update was being received",
@@ -383,6 +471,16 @@ class Coordinator:
         self.metrics.submit_seconds.observe(time.perf_counter() - started)
         self._changed.set()
         return cpb.SubmitUpdateResponse(round_id=rnd.id, bytes_received=len(payload), replies_in_round=len(rnd.replies))
+
+    def _decode(self, msg: pb.ModelUpdate, rnd: OpenRound):
+        """Validate one update against the round (a worker thread); raises InvalidArgument."""
+        if self.codec is None:
+            return decode_update(msg, self.spec, self.limits(rnd))
+        from .codec import UpdateDecodeError
+        try:
+            return self.codec.decode(msg, rnd.plan)
+        except UpdateDecodeError as e:
+            raise InvalidArgument(f"update does not fit round {rnd.id}'s codec plan: {e}", "invalid_update") from None
 
     async def _read_payload(self, header, first, rest: AsyncIterator) -> bytes:
         buf = bytearray(first.data)
@@ -432,7 +530,11 @@ class Coordinator:
         rng = random.Random(_seed_for(s.seed, "sample", rid))
         sampled = sorted(rng.sample(active, min(s.clients_per_round, len(active))))
         now = time.time()
-        rnd = OpenRound(rid, self.version, now, now + s.round_timeout_s, sampled, self._head_mask(rid))
+        if self.codec is not None:
+            plan = self.codec.plan()
+            rnd = OpenRound(rid, self.version, now, now + s.round_timeout_s, sampled, plan.mask.clone(), plan=plan)
+        else:
+            rnd = OpenRound(rid, self.version, now, now + s.round_timeout_s, sampled, self._head_mask(rid))
         self.round = rnd
         self.metrics.current_round.set(rid)
         log.info("round %d open: %d sampled from %d active, base version %d", rid, len(sampled), len(active),
@@ -463,10 +565,10 @@ class Coordinator:
         t0 = time.perf_counter()
         ok = len(rnd.replies) >= s.min_replies
         new_state = None
-        importance, data, sha = None, None, None
+        importance, data, sha, codec_out = None, None, None, None
         if ok:
             try:
-                new_state, importance, data, sha = await asyncio.to_thread(self._aggregate, rnd)
+                new_state, importance, data, sha, codec_out = await asyncio.to_thread(self._aggregate, rnd)
             except Exception as e:  # a faulty aggregator fails the round, not the coordinator
                 log.exception("aggregation of round %d failed", rnd.id)
                 ok, reason = False, f"aggregation failed: {type(e).__name__}: {e}"
@@ -502,10 +604,22 @@ class Coordinator:
         # The file on a worker thread; the SQLite transaction here, on the loop thread
         # that owns the connection (so no other call can interleave with it).
         path = await asyncio.to_thread(self.store.write_checkpoint, new_version, data) if ok else None
-        self.store.record_round(rec, records, importance, (path, sha) if ok else None, seen, s.keep_checkpoints)
+        codec_file = downlink = None
+        if ok and codec_out is not None:
+            downlink, codec_bytes, new_shared = codec_out
+            codec_file = (await asyncio.to_thread(self.store.write_codec_state, new_version, codec_bytes),
+                          sha256_hex(codec_bytes))
+        mask = rnd.active_heads.to(torch.int64).tolist()
+        self.store.record_round(rec, records, importance, (path, sha) if ok else None, seen, s.keep_checkpoints,
+                                mask=mask, codec=codec_file, downlink=downlink, keep_downlinks=s.keep_downlinks)
         if ok:
             self.state, self.model_bytes, self.model_sha, self.version = new_state, data, sha, new_version
             self._delta_cache.clear()
+            if downlink is not None:
+                self.shared = new_shared
+                self._downlinks[new_version] = downlink
+                for v in [v for v in self._downlinks if v <= new_version - s.keep_downlinks]:
+                    del self._downlinks[v]
             if importance is not None:
                 self.importance = torch.tensor(importance, dtype=torch.float32)
         self.metrics.aggregation_seconds.observe(time.perf_counter() - t0)
@@ -519,7 +633,12 @@ class Coordinator:
         self._changed.set()
 
     def _aggregate(self, rnd: OpenRound):
-        """Decode the spooled updates in client-id order into the aggregator (a worker thread)."""
+        """Decode the spooled updates in client-id order into the aggregator (a worker thread).
+
+        Returns (new state, round importance (L, H) list or None, checkpoint bytes, sha256,
+        codec output (downlink bytes, codec state bytes) or None)."""
+        if self.codec is not None:
+            return self._aggregate_codec(rnd)
         ctx = RoundContext(round_id=rnd.id, model_version=rnd.base_version, head_blocks=self.spec.head_blocks,
                            active_heads=rnd.active_heads, codec=dict(self.settings.codec_extra),
                            server_lr=self.settings.server_lr)
@@ -544,4 +663,32 @@ class Coordinator:
         new_state = {k: new_state[k].detach().to("cpu", torch.float32).contiguous() for k in self.state}
         importance = (imp_sum / imp_w).float().tolist() if imp_sum is not None else None
         data = canonical_bytes(new_state)
-        return new_state, importance, data, sha256_hex(data)
+        return new_state, importance, data, sha256_hex(data), None
+
+    def _codec_aggregator(self, plan):
+        return self.codec.aggregator(plan)
+
+    def _aggregate_codec(self, rnd: OpenRound):
+        """Exact aggregation, outer step and downlink. The codec's state changes only if
+        all of it succeeds (on an error it is put back as it was)."""
+        plan = rnd.plan
+        snapshot = self.codec.state_dict()
+        try:
+            agg = self._codec_aggregator(plan)
+            for client in sorted(rnd.replies):
+                msg = pb.ModelUpdate.FromString(rnd.replies[client].path.read_bytes())
+                update = self._decode(msg, rnd)
+                del msg
+                agg.add(client, update, update.num_examples)
+            aggregate = agg.finish()
+            importance = agg.importance()
+            down = self.codec.finish_round(plan, aggregate, importance)
+            new_state = {k: self.codec.global_state[k].detach().to("cpu", torch.float32).contiguous().clone()
+                         for k in self.state}
+            data = canonical_bytes(new_state)
+            codec_bytes = canonical_bytes(self.codec.state_dict())
+        except BaseException:
+            self.codec.load_state_dict(snapshot)
+            raise
+        imp = importance.float().tolist() if importance is not None else None
+        return new_state, imp, data, sha256_hex(data), (down.SerializeToString(), codec_bytes, self.codec.shared)

@@ -9,10 +9,17 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .codec.config import CodecConfig
+
+# Settings that only mean something with dense updates; with the codec, its config has them.
+DENSE_ONLY = {"rank": "codec.rank", "max_rank": "codec.rank", "quant_bits": "codec.factor_bits",
+              "keep_ratio": "codec.keep_ratio", "random_heads": "codec.explore_heads",
+              "server_lr": "codec.outer_lr", "aggregator": None, "codec_extra": None}
 
 
 class CoordinatorSettings(BaseSettings):
@@ -43,7 +50,18 @@ class CoordinatorSettings(BaseSettings):
     round_timeout_s: float = Field(60.0, gt=0, description="deadline of a round after it opens")
     client_timeout_s: float = Field(120.0, gt=0, description="a client silent this long is inactive (a dropout if sampled)")
     heartbeat_interval_s: float = Field(10.0, gt=0)
-    aggregator: str = Field("fedavg", description="'fedavg' or 'package.module:factory' (factory(settings) -> Aggregator)")
+    # ---- what workers send -------------------------------------------------------------
+    updates: Literal["codec", "dense"] = Field("codec", description=(
+        "codec: workers send head importance and low-rank quantised updates with error feedback, and "
+        "receive compressed downlinks (the settings under `codec`); dense: workers send fp32 deltas and "
+        "download changed tensors (plain FedAvg, or an --aggregator plug-in)"))
+    codec: CodecConfig = Field(default_factory=CodecConfig, description=(
+        "the update codec's config (JSON object of coordinator.codec.CodecConfig fields, e.g. "
+        "'{\"rank\": 8, \"keep_ratio\": 0.5}'); fixed for the life of a store"))
+    keep_downlinks: int = Field(64, ge=1, description=(
+        "codec downlinks kept so that a worker k <= this many versions behind catches up with them "
+        "instead of a full download"))
+    aggregator: str = Field("fedavg", description="dense updates only: 'fedavg' or 'package.module:factory' (factory(settings) -> Aggregator)")
     server_lr: float = Field(1.0, gt=0, description="outer learning rate applied to the averaged update")
     # ---- task sent to workers ------------------------------------------------------------
     local_steps: int = Field(10, ge=1)
@@ -69,6 +87,13 @@ class CoordinatorSettings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("mutual TLS (tls_client_ca) needs tls_cert and tls_key")
+        if self.updates == "codec":
+            bad = sorted(f for f in DENSE_ONLY if f in self.model_fields_set
+                         and getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True))
+            if bad:
+                hints = ", ".join(f"{f} (use {DENSE_ONLY[f]})" if DENSE_ONLY[f] else f for f in bad)
+                raise ValueError(f"settings {hints} apply to dense updates only; this coordinator runs the codec "
+                                 f"(updates='codec'). Set updates='dense' or use the codec's own settings")
         if self.min_replies > self.clients_per_round:
             raise ValueError(f"min_replies {self.min_replies} exceeds clients_per_round {self.clients_per_round}")
         return self

@@ -5,17 +5,18 @@ Layout of a store directory::
     STORE/fedmla.sqlite                      the database below
     STORE/checkpoints/model-v000003.safetensors   global model after 3 committed rounds
 
-Schema (version 1; a read-only dashboard may read every table)::
+Schema (version 2; a read-only dashboard may read every table)::
 
     meta(key TEXT PRIMARY KEY, value TEXT)
-        app='fedmla-coordinator', schema_version='1', run_id, created_at,
+        app='fedmla-coordinator', schema_version='2', run_id, created_at,
         model_config (MLAConfig JSON), run_config (coordinator settings JSON)
     tokens(token_id TEXT PK, client TEXT, secret_sha256 TEXT, created_at REAL, revoked_at REAL)
     clients(name TEXT PK, status TEXT  -- joined | left | inactive
             , joined_at REAL, last_seen REAL, rounds_joined INT, bytes_up INT, bytes_down INT,
             capabilities TEXT  -- JSON)
     models(version INT PK, round_id INT, path TEXT, sha256 TEXT, created_at REAL,
-           pruned INT  -- 1 once the checkpoint file has been deleted to save space)
+           pruned INT  -- 1 once the checkpoint file has been deleted to save space
+           , codec_path TEXT, codec_sha256 TEXT  -- the codec's coordinator state (codec runs))
     rounds(id INT PK, status TEXT  -- committed | failed
            , model_version INT  -- version produced (committed) or unchanged (failed)
            , base_version INT, started_at REAL, ended_at REAL, sampled INT, replied INT,
@@ -24,7 +25,13 @@ Schema (version 1; a read-only dashboard may read every table)::
     client_rounds(round_id INT, client TEXT, status TEXT  -- replied | dropped | rejected
                   , bytes_up INT, bytes_down INT, local_loss REAL, num_examples INT,
                   rejection_reason TEXT, metrics TEXT  -- JSON, PRIMARY KEY(round_id, client))
-    head_importance(round_id INT PK, num_layers INT, num_heads INT, scores TEXT)  -- JSON (L, H)
+    head_importance(round_id INT PK, num_layers INT, num_heads INT, scores TEXT  -- JSON (L, H)
+                    , mask TEXT  -- JSON (L, H) of 0/1: the round's active heads)
+    downlinks(version INT PK  -- the model version this codec downlink produces
+              , round_id INT, data BLOB  -- serialized fedmla.v1.ModelUpdate, sha256 TEXT)
+
+A version-1 store (no codec columns, no mask, no downlinks) is migrated in place, in one
+transaction, the first time a coordinator opens it.
 
 Commit protocol (one per round): the checkpoint is written to a temporary file,
 fsynced and renamed into place (directory fsynced), then ONE SQLite transaction
@@ -55,7 +62,7 @@ from pathlib import Path
 from .errors import StoreError, Unauthenticated
 
 APP = "fedmla-coordinator"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 DB_NAME = "fedmla.sqlite"
 CKPT_DIR = "checkpoints"
 TOKEN_PREFIX = "fm1"
@@ -69,7 +76,8 @@ CREATE TABLE IF NOT EXISTS clients(name TEXT PRIMARY KEY, status TEXT NOT NULL, 
     rounds_joined INTEGER NOT NULL DEFAULT 0, bytes_up INTEGER NOT NULL DEFAULT 0,
     bytes_down INTEGER NOT NULL DEFAULT 0, capabilities TEXT);
 CREATE TABLE IF NOT EXISTS models(version INTEGER PRIMARY KEY, round_id INTEGER, path TEXT NOT NULL,
-    sha256 TEXT NOT NULL, created_at REAL NOT NULL, pruned INTEGER NOT NULL DEFAULT 0);
+    sha256 TEXT NOT NULL, created_at REAL NOT NULL, pruned INTEGER NOT NULL DEFAULT 0, codec_path TEXT,
+    codec_sha256 TEXT);
 CREATE TABLE IF NOT EXISTS rounds(id INTEGER PRIMARY KEY, status TEXT NOT NULL, model_version INTEGER NOT NULL,
     base_version INTEGER NOT NULL, started_at REAL, ended_at REAL, sampled INTEGER, replied INTEGER,
     dropped INTEGER, rejected INTEGER, train_loss REAL, val_loss REAL, bytes_up INTEGER, bytes_down INTEGER,
@@ -78,9 +86,20 @@ CREATE TABLE IF NOT EXISTS client_rounds(round_id INTEGER NOT NULL, client TEXT 
     bytes_up INTEGER, bytes_down INTEGER, local_loss REAL, num_examples INTEGER, rejection_reason TEXT,
     metrics TEXT, PRIMARY KEY(round_id, client));
 CREATE TABLE IF NOT EXISTS head_importance(round_id INTEGER PRIMARY KEY, num_layers INTEGER, num_heads INTEGER,
-    scores TEXT);
+    scores TEXT, mask TEXT);
+CREATE TABLE IF NOT EXISTS downlinks(version INTEGER PRIMARY KEY, round_id INTEGER, data BLOB NOT NULL,
+    sha256 TEXT NOT NULL);
 """
-_TABLES = {"meta", "tokens", "clients", "models", "rounds", "client_rounds", "head_importance"}
+_TABLES = {"meta", "tokens", "clients", "models", "rounds", "client_rounds", "head_importance", "downlinks"}
+# Version 1 -> 2: codec state next to checkpoints, the round's head mask, codec downlinks.
+_MIGRATE_1_2 = """
+ALTER TABLE models ADD COLUMN codec_path TEXT;
+ALTER TABLE models ADD COLUMN codec_sha256 TEXT;
+ALTER TABLE head_importance ADD COLUMN mask TEXT;
+CREATE TABLE IF NOT EXISTS downlinks(version INTEGER PRIMARY KEY, round_id INTEGER, data BLOB NOT NULL,
+    sha256 TEXT NOT NULL);
+UPDATE meta SET value='2' WHERE key='schema_version';
+"""
 
 
 @dataclass(frozen=True)
@@ -89,6 +108,8 @@ class ModelRecord:
     round_id: int | None
     path: Path
     sha256: str
+    codec_path: Path | None = None      # the codec's coordinator state at this version (codec runs)
+    codec_sha256: str | None = None
 
 
 @dataclass
@@ -209,6 +230,16 @@ class Store:
         meta = dict(self.db.execute("SELECT key, value FROM meta"))
         if meta.get("app") != APP:
             raise StoreError(f"{self.db_path} belongs to {meta.get('app')!r}, not {APP!r}; refusing to use it")
+        if meta.get("schema_version") == "1" and {"models", "head_importance"} <= tables:
+            try:
+                self.db.executescript(f"BEGIN;{_MIGRATE_1_2}COMMIT;")
+            except sqlite3.DatabaseError as e:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise StoreError(f"{self.db_path}: migrating schema version 1 to 2 failed ({e}); the store is "
+                                 f"unchanged") from None
+            tables.add("downlinks")
+            meta["schema_version"] = SCHEMA_VERSION
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(f"{self.db_path} has schema version {meta.get('schema_version')!r}; this coordinator "
                              f"reads version {SCHEMA_VERSION}")
@@ -220,6 +251,10 @@ class Store:
     def meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     @property
     def run_id(self) -> str:
@@ -290,14 +325,56 @@ class Store:
     def checkpoint_path(self, version: int) -> Path:
         return self.ckpt_dir / f"model-v{version:06d}.safetensors"
 
+    _MODEL_COLS = "version, round_id, path, sha256, codec_path, codec_sha256"
+
+    def _model_record(self, r) -> ModelRecord | None:
+        if r is None:
+            return None
+        return ModelRecord(r[0], r[1], self.root / r[2], r[3], self.root / r[4] if r[4] else None, r[5])
+
     def latest_model(self) -> ModelRecord | None:
-        r = self.db.execute("SELECT version, round_id, path, sha256 FROM models ORDER BY version DESC LIMIT 1").fetchone()
-        return ModelRecord(r[0], r[1], self.root / r[2], r[3]) if r else None
+        return self._model_record(self.db.execute(
+            f"SELECT {self._MODEL_COLS} FROM models ORDER BY version DESC LIMIT 1").fetchone())
 
     def model(self, version: int) -> ModelRecord | None:
-        r = self.db.execute("SELECT version, round_id, path, sha256 FROM models WHERE version=? AND pruned=0",
-                            (version,)).fetchone()
-        return ModelRecord(r[0], r[1], self.root / r[2], r[3]) if r else None
+        return self._model_record(self.db.execute(
+            f"SELECT {self._MODEL_COLS} FROM models WHERE version=? AND pruned=0", (version,)).fetchone())
+
+    def codec_path(self, version: int) -> Path:
+        return self.ckpt_dir / f"codec-v{version:06d}.safetensors"
+
+    def read_codec_state(self, rec: ModelRecord) -> bytes | None:
+        """The codec state saved with ``rec`` (verified), or None if the version has none."""
+        if rec.codec_path is None:
+            return None
+        try:
+            data = rec.codec_path.read_bytes()
+        except OSError as e:
+            raise StoreError(f"codec state of model version {rec.version} unreadable at {rec.codec_path} ({e}); "
+                             f"the store is damaged") from None
+        if hashlib.sha256(data).hexdigest() != rec.codec_sha256:
+            raise StoreError(f"codec state {rec.codec_path} does not match the SHA-256 recorded for model version "
+                             f"{rec.version}; the store is corrupt. Refusing to start from it")
+        return data
+
+    def write_codec_state(self, version: int, data: bytes) -> Path:
+        """Put a codec state file in place (durably). It is not current until recorded."""
+        path = self.codec_path(version)
+        write_atomic(path, data)
+        return path
+
+    def downlinks(self, after: int, upto: int) -> list[bytes] | None:
+        """The codec downlinks producing versions after+1 .. upto, each verified, or None
+        if any of them is no longer kept."""
+        rows = self.db.execute("SELECT version, data, sha256 FROM downlinks WHERE version > ? AND version <= ? "
+                               "ORDER BY version", (after, upto)).fetchall()
+        if [r[0] for r in rows] != list(range(after + 1, upto + 1)):
+            return None
+        for version, data, sha in rows:
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise StoreError(f"{self.db_path}: the downlink of model version {version} does not match its "
+                                 f"SHA-256; the store is corrupt")
+        return [bytes(r[1]) for r in rows]
 
     def read_checkpoint(self, rec: ModelRecord) -> bytes:
         """The checkpoint's bytes, verified against the SHA-256 the database recorded."""
@@ -321,7 +398,8 @@ class Store:
         path = self.checkpoint_path(0)
         write_atomic(path, data)
         with self._tx():
-            self.db.execute("INSERT INTO models VALUES (0, NULL, ?, ?, ?, 0)",
+            self.db.execute("INSERT INTO models(version, round_id, path, sha256, created_at, pruned) "
+                            "VALUES (0, NULL, ?, ?, ?, 0)",
                             (path.relative_to(self.root).as_posix(), sha256, time.time()))
         return ModelRecord(0, None, path, sha256)
 
@@ -343,9 +421,12 @@ class Store:
         return path
 
     def record_round(self, rnd: RoundRecord, clients: list[ClientRoundRecord], importance: list[list[float]] | None,
-                     model: tuple[Path, str] | None, client_seen: dict[str, float], keep_checkpoints: int = 3) -> None:
-        """One transaction: the round, its client rows, head importance, client totals
-        and, last, the row that makes ``model`` = (checkpoint path, sha256) current."""
+                     model: tuple[Path, str] | None, client_seen: dict[str, float], keep_checkpoints: int = 3,
+                     mask: list[list[int]] | None = None, codec: tuple[Path, str] | None = None,
+                     downlink: bytes | None = None, keep_downlinks: int = 64) -> None:
+        """One transaction: the round, its client rows, head importance and mask, client
+        totals, the codec downlink and, last, the row that makes ``model`` = (checkpoint
+        path, sha256) current, with ``codec`` = (codec state path, sha256) beside it."""
         with self._tx():
             self.db.execute("INSERT INTO rounds VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", (
                 rnd.id, rnd.status, rnd.model_version, rnd.base_version, rnd.started_at, rnd.ended_at, rnd.sampled,
@@ -361,24 +442,33 @@ class Store:
             for name, seen in client_seen.items():
                 self.db.execute("UPDATE clients SET last_seen=MAX(COALESCE(last_seen, 0), ?) WHERE name=?", (seen, name))
             if importance is not None:
-                self.db.execute("INSERT INTO head_importance VALUES (?,?,?,?)",
-                                (rnd.id, len(importance), len(importance[0]) if importance else 0, json.dumps(importance)))
+                self.db.execute("INSERT INTO head_importance(round_id, num_layers, num_heads, scores, mask) "
+                                "VALUES (?,?,?,?,?)", (rnd.id, len(importance), len(importance[0]) if importance else 0,
+                                                       json.dumps(importance), json.dumps(mask) if mask else None))
+            if downlink is not None and model is not None:
+                self.db.execute("INSERT OR REPLACE INTO downlinks VALUES (?,?,?,?)", (
+                    rnd.model_version, rnd.id, downlink, hashlib.sha256(downlink).hexdigest()))
+                self.db.execute("DELETE FROM downlinks WHERE version <= ?", (rnd.model_version - keep_downlinks,))
             if model is not None:
-                self.db.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, 0)", (
-                    rnd.model_version, rnd.id, model[0].relative_to(self.root).as_posix(), model[1], time.time()))
+                self.db.execute("INSERT INTO models(version, round_id, path, sha256, created_at, pruned, codec_path, "
+                                "codec_sha256) VALUES (?, ?, ?, ?, ?, 0, ?, ?)", (
+                    rnd.model_version, rnd.id, model[0].relative_to(self.root).as_posix(), model[1], time.time(),
+                    codec[0].relative_to(self.root).as_posix() if codec else None, codec[1] if codec else None))
         if model is not None and keep_checkpoints > 0:
             self._prune(keep_checkpoints)
 
     def _prune(self, keep: int) -> None:
-        old = self.db.execute("SELECT version, path FROM models WHERE pruned=0 AND version > 0 ORDER BY version DESC "
-                              "LIMIT -1 OFFSET ?", (keep,)).fetchall()
-        for version, path in old:
+        old = self.db.execute("SELECT version, path, codec_path FROM models WHERE pruned=0 AND version > 0 "
+                              "ORDER BY version DESC LIMIT -1 OFFSET ?", (keep,)).fetchall()
+        for version, path, codec_path in old:
             with self._tx():
                 self.db.execute("UPDATE models SET pruned=1 WHERE version=?", (version,))
-            try:
-                (self.root / path).unlink()
-            except FileNotFoundError:
-                pass
+            for p in (path, codec_path):
+                if p:
+                    try:
+                        (self.root / p).unlink()
+                    except FileNotFoundError:
+                        pass
 
     def rounds(self) -> list[dict]:
         cur = self.db.execute("SELECT * FROM rounds ORDER BY id")

@@ -50,3 +50,74 @@ def synthetic_update(spec: ModelSpec, rank: int = 8, quant_bits: int = 8, seed: 
     L, H = spec.num_layers, spec.num_heads
     msg.importance.CopyFrom(pb.HeadScores(num_layers=L, num_heads=H, scores=torch.rand(L * H, generator=g).tolist()))
     return msg
+
+
+class SyntheticCodecClient:
+    """A client of a codec run that trains nothing: it keeps the global model and the
+    codec's shared state in step through real downloads (full state or downlink chains,
+    checked against the model hash) and answers each task with its codec's encoding of a
+    seeded pseudo-local model (global + noise), importance included.
+
+    Like ``fedmla worker`` it remembers the bytes it sent for (round, version) and sends
+    the same bytes if the coordinator offers that round again (after a coordinator
+    restart), so its error-feedback residual stays consistent with what was sent.
+    """
+
+    def __init__(self, client, name: str, num_examples: int = 10, scale: float = 1e-2):
+        self.client, self.name, self.num_examples, self.scale = client, name, num_examples, scale
+        self.state: dict[str, torch.Tensor] | None = None
+        self.shared = None
+        self.version = None
+        self.codec = None
+        self.sent: dict[tuple[int, int], bytes] = {}
+        self.downloads: list[int] = []      # download kinds, in order
+
+    def sync(self, task: pb.Task) -> None:
+        from coordinator.codec import CodecConfig, ClientCodec
+        from coordinator.codec.transfer import apply_chain, decode_full_state
+        from coordinator.codec.wire import TensorCodec
+        from mla_model import MLAConfig
+        from protos.fedmla.v1 import coordinator_pb2 as cpb
+
+        from .weights import model_hash
+        model_cfg = MLAConfig.model_validate_json(task.model_config_json)
+        cfg = CodecConfig.model_validate_json(task.codec.config_json)
+        if self.version == task.model.version:
+            return
+        dl = self.client.download(self.version)
+        self.downloads.append(dl.kind)
+        if dl.kind == cpb.DownloadModelResponse.CODEC_CHAIN:
+            chain = cpb.CodecDownlinks.FromString(dl.data)
+            tensors = TensorCodec(model_cfg, cfg, {n: tuple(t.shape) for n, t in self.state.items()})
+            state, shared = apply_chain(self.state, self.shared, list(chain.downlinks), tensors)
+        elif dl.kind == cpb.DownloadModelResponse.CODEC_FULL:
+            from mla_model import MLATransformer
+            with torch.device("meta"):
+                shapes = {n: tuple(t.shape) for n, t in MLATransformer(model_cfg).state_dict().items()}
+            state, shared = decode_full_state(dl.data, shapes)
+        else:
+            raise AssertionError(f"unexpected download kind {dl.kind} in a codec run")
+        if model_hash(state) != dl.model.sha256:
+            raise AssertionError(f"{self.name}: weights after download kind {dl.kind} do not match version "
+                                 f"{dl.model.version}")
+        self.state, self.shared, self.version = state, shared, dl.model.version
+        if self.codec is None:
+            self.codec = ClientCodec(model_cfg, cfg, {n: tuple(t.shape) for n, t in state.items()}, self.name)
+
+    def update_for(self, task: pb.Task) -> bytes:
+        """The serialized update for ``task`` (the same bytes if asked again)."""
+        from coordinator.codec import RoundPlan
+        key = (task.round_id, task.model.version)
+        if key in self.sent:
+            return self.sent[key]
+        self.sync(task)
+        g = torch.Generator().manual_seed(task.seed)
+        local = {n: t + torch.randn(t.shape, generator=g) * self.scale for n, t in self.state.items()}
+        m = task.active_heads
+        mask = torch.tensor(list(m.active), dtype=torch.bool).view(m.num_layers, m.num_heads)
+        plan = RoundPlan(round=self.shared.round, mask=mask, shared=self.shared,
+                         send_dense=self.shared.round % self.codec.cfg.dense_every == 0)
+        importance = torch.rand(m.num_layers, m.num_heads, generator=g)
+        msg = self.codec.encode(self.state, local, plan, importance, self.num_examples, {"loss": 2.0})
+        self.sent[key] = msg.SerializeToString()
+        return self.sent[key]

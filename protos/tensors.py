@@ -40,9 +40,19 @@ def encode_tensor(t: torch.Tensor) -> pb.Tensor:
     return pb.Tensor(dtype=_TO_PB[t.dtype], shape=list(t.shape), data=data)
 
 
+MAX_DIMS = 8
+MAX_DIM_PRODUCT = 1 << 40
+
+
 def _check_shape(shape, what: str, max_elements: int | None) -> int:
     if any(d < 0 for d in shape):
         raise TensorDecodeError(f"{what}: negative dimension in shape {list(shape)}")
+    if len(shape) > MAX_DIMS:
+        raise TensorDecodeError(f"{what}: {len(shape)} dimensions exceeds the limit of {MAX_DIMS}")
+    # Each dimension alone must be addressable, even when another one is 0 (no elements):
+    # torch computes strides from the nonzero ones.
+    if math.prod(d for d in shape if d) > MAX_DIM_PRODUCT:
+        raise TensorDecodeError(f"{what}: shape {list(shape)} is too large to address")
     n = math.prod(shape) if shape else 1
     if max_elements is not None and n > max_elements:
         raise TensorDecodeError(f"{what}: {n} elements exceeds the limit of {max_elements}")

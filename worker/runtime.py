@@ -1,20 +1,33 @@
 """The gRPC worker: join, then loop get_task -> download -> train -> submit until the run ends.
 
-Today's coordinator aggregates plain FedAvg and serves the full model or the changed
-tensors, so this worker uploads dense float32 deltas (local - global) restricted to
-nothing the coordinator would refuse. (The codec path — ``ClientCodec`` uplink and the
-coordinator's downlink ModelUpdate — is not wired into the coordinator yet.)
+What it sends follows the task: when ``task.codec.config_json`` is set (the
+coordinator's default ``codec`` mode) the update is encoded by
+:class:`~coordinator.codec.ClientCodec` (active heads only, low-rank, quantised, with
+this worker's error-feedback residual) and the global model arrives as codec downlinks
+(``CODEC_CHAIN``) applied with the same code the coordinator runs, or as the full state
+(``CODEC_FULL``); every result is checked against the model's SHA-256, and a mismatch
+falls back to a full download. Otherwise (``dense`` mode) it sends fp32 deltas.
 
-Restart safety: the state directory holds ``worker.json`` (last submitted round, the
-model version it trained from), written atomically. A restarted worker never trains a
-round it already submitted; a replay the coordinator refuses with ALREADY_EXISTS
-counts as done. When the coordinator is away the worker retries with exponential
-backoff and jitter; FINISHED ends the loop with exit code 0.
+Restart safety: the state directory holds
+
+- ``pending.safetensors``: written *before* an update is sent (write-ahead): the
+  serialized update, its round and model version, and the codec residual as it is once
+  that update counts as sent;
+- ``worker.json``: the last round the coordinator accepted, written after it did.
+
+A restarted worker never trains a round it already encoded: when the coordinator offers
+the round of the pending update again (the worker died before sending, or the
+coordinator restarted and lost it) the saved bytes are sent again, so the coordinator
+sees the same update and the residual stays consistent with what was sent. A refused
+update restores the residual from before it. A replay the coordinator refuses with
+ALREADY_EXISTS counts as done. When the coordinator is away the worker retries with
+exponential backoff and jitter; FINISHED ends the loop with exit code 0.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import threading
@@ -34,6 +47,15 @@ from .transport import CoordinatorClient, TLSConfig
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:
@@ -83,9 +105,15 @@ class Worker:
         self.trainers: dict = {}
         self._hb_stop = threading.Event()
         self._round = 0
-        self.rounds_done = 0
+        self.rounds_done = 0                      # rounds whose update the coordinator took (this process)
+        self._rounds: set[int] = set()
         self.bytes_up = self.bytes_down = 0
         self.fedavg_up = self.fedavg_down = 0     # what FedAvg fp32 sends: dense deltas up, full model down
+        self.shared = None                        # codec runs: the codec's shared state at self.version
+        self.codec = self.codec_tensors = None    # codec runs: ClientCodec (owns the residual), its TensorCodec
+        self.codec_json: str | None = None
+        self.model_cfg = None
+        self.shapes: dict[str, tuple[int, ...]] = {}
 
     # ---- helpers ---------------------------------------------------------------------
     def _save_meta(self) -> None:
@@ -122,27 +150,124 @@ class Worker:
             self.trainers = {key: LocalTrainer(MLAConfig.model_validate_json(model_cfg_json), cfg)}
         return self.trainers[key]
 
-    def _sync(self, model: pb.ModelVersion) -> None:
-        if self.version == model.version and self.global_state is not None:
-            return
-        from .transport import ModelIntegrityError, apply_download
-        dl = self._call(self.client.download, self.version if self.global_state is not None else None)
-        self.bytes_down += len(dl.data)
+    # ---- codec state -----------------------------------------------------------------
+    def _codec_for(self, config_json: str):
+        """The ClientCodec of this config (residual restored from the pending file)."""
+        from coordinator.codec import ClientCodec, CodecConfig
+        from coordinator.codec.wire import TensorCodec
+        if self.codec is not None and self.codec_json == config_json:
+            return self.codec
+        cfg = CodecConfig.model_validate_json(config_json)
+        shapes = {n: tuple(t.shape) for n, t in self.global_state.items()}
+        self.codec = ClientCodec(self.model_cfg, cfg, shapes, self.data.name)
+        self.codec_tensors = TensorCodec(self.model_cfg, cfg, shapes)
+        self.codec_json = config_json
+        pending = self._read_pending()
+        if pending is not None and pending["config"] == config_json:
+            self.codec.load_state_dict(pending["residual"])
+        return self.codec
+
+    def _read_pending(self) -> dict | None:
+        """The write-ahead record of the last encoded update, or None."""
+        from safetensors import safe_open
+        path = self.state_dir / "pending.safetensors"
+        if not path.exists():
+            return None
         try:
-            state = apply_download(dl, self.global_state)
-        except ModelIntegrityError:
-            if dl.kind != cpb.DownloadModelResponse.DELTA:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return dict(round_id=int(meta["round_id"]), version=int(meta["version"]), config=meta.get("config", ""),
+                        payload=tensors.pop("payload").numpy().tobytes() if "payload" in tensors else b"",
+                        residual={k[len("residual/"):]: v for k, v in tensors.items() if k.startswith("residual/")})
+        except Exception as e:  # our own file, damaged (e.g. a full disk): start over without it
+            self.opts.log(f"ignoring unreadable {path}: {e}")
+            return None
+
+    def _write_pending(self, round_id: int, version: int, payload: bytes, config: str,
+                       residual: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save
+        tensors = {f"residual/{k}": v.contiguous() for k, v in residual.items()}
+        tensors["payload"] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else \
+            torch.zeros(0, dtype=torch.uint8)
+        atomic_write_bytes(self.state_dir / "pending.safetensors",
+                           save(tensors, metadata=dict(round_id=str(round_id), version=str(version), config=config)))
+
+    # ---- model sync --------------------------------------------------------------------
+    def _download(self, since: int | None):
+        dl = self._call(self.client.download, since)
+        self.bytes_down += len(dl.data)
+        return dl
+
+    def _apply(self, dl, config_json: str | None):
+        """(state, shared) after a download; raises ModelIntegrityError on a hash mismatch."""
+        from coordinator.codec import UpdateDecodeError
+        from coordinator.codec.transfer import apply_chain, decode_full_state
+        from coordinator.weights import model_hash
+
+        from .transport import ModelIntegrityError, apply_download
+        kinds = cpb.DownloadModelResponse
+        if dl.kind == kinds.FULL or (dl.kind == kinds.DELTA and self.shared is None):     # a dense run
+            return apply_download(dl, self.global_state), None
+        try:
+            if dl.kind == kinds.DELTA:          # a codec run, and this worker is current
+                if dl.base_version != dl.model.version or self.version != dl.model.version:
+                    raise ModelIntegrityError(f"empty delta for version {dl.model.version}, this worker holds "
+                                              f"{self.version}")
+                state, shared = self.global_state, self.shared
+            elif dl.kind == kinds.CODEC_FULL:
+                shapes = {n: tuple(s) for n, s in self.shapes.items()}
+                state, shared = decode_full_state(dl.data, shapes)
+            elif dl.kind == kinds.CODEC_CHAIN:
+                if self.shared is None or self.global_state is None or config_json is None:
+                    raise ModelIntegrityError("a codec chain needs this worker's codec state; download the full state")
+                chain = cpb.CodecDownlinks.FromString(dl.data)
+                if chain.base_version != self.version or self.shared.round != self.version:
+                    raise ModelIntegrityError(f"chain starts at version {chain.base_version}, this worker holds "
+                                              f"{self.version} (codec round {self.shared.round})")
+                self._codec_for(config_json)
+                state, shared = apply_chain(self.global_state, self.shared, list(chain.downlinks), self.codec_tensors)
+            else:
+                raise ModelIntegrityError(f"unknown download kind {dl.kind}")
+        except UpdateDecodeError as e:
+            raise ModelIntegrityError(f"download does not decode: {e}") from None
+        except Exception as e:     # protobuf DecodeError of a damaged chain
+            if isinstance(e, ModelIntegrityError):
                 raise
-            dl = self._call(self.client.download, None)     # resync from the full model
-            self.bytes_down += len(dl.data)
-            state = apply_download(dl)
-        self.global_state, self.version = state, dl.model.version
+            raise ModelIntegrityError(f"download does not decode: {type(e).__name__}: {e}") from None
+        digest = model_hash(state)
+        if digest != dl.model.sha256:
+            raise ModelIntegrityError(f"reconstructed weights hash to {digest[:12]}, the coordinator's version "
+                                      f"{dl.model.version} is {dl.model.sha256[:12]}: download the full model")
+        return state, shared
+
+    def _sync(self, model: pb.ModelVersion, config_json: str | None = None) -> None:
+        codec_run = bool(config_json)
+        if self.version == model.version and self.global_state is not None and (self.shared is not None
+                                                                                 or not codec_run):
+            return
+        from .transport import ModelIntegrityError
+        have = self.global_state is not None and (self.shared is not None or not codec_run)
+        dl = self._download(self.version if have else None)
+        try:
+            state, shared = self._apply(dl, config_json)
+        except ModelIntegrityError as e:
+            if dl.kind in (cpb.DownloadModelResponse.FULL, cpb.DownloadModelResponse.CODEC_FULL):
+                raise
+            self.opts.log(f"resyncing from the full model ({e})")
+            dl = self._download(None)      # resync from the full model
+            state, shared = self._apply(dl, config_json)
+        self.global_state, self.shared, self.version = state, shared, dl.model.version
         self.fedavg_down += 4 * sum(t.numel() for t in state.values())
 
     # ---- main loop -------------------------------------------------------------------
     def run(self) -> int:
         joined = self._call(self.client.join, num_examples=self.data.num_train_tokens, device="cpu")
         self.opts.log(f"joined {self.opts.target} as {joined.client_id} (run {joined.run_id})")
+        from mla_model import MLAConfig, MLATransformer
+        self.model_cfg = MLAConfig.model_validate_json(joined.model_config_json)
+        with torch.device("meta"):
+            self.shapes = {n: tuple(t.shape) for n, t in MLATransformer(self.model_cfg).state_dict().items()}
         hb = threading.Thread(target=self._heartbeat_loop, args=(max(joined.heartbeat_interval_s, 0.5),), daemon=True)
         hb.start()
         try:
@@ -150,7 +275,7 @@ class Worker:
                 reply = self._call(self.client.get_task)
                 if reply.status == cpb.GetTaskResponse.FINISHED:
                     try:      # end holding the final global model (verified against its hash)
-                        self._sync(reply.model)
+                        self._sync(reply.model, self.codec_json)
                     except grpc.RpcError as e:
                         self.opts.log(f"could not download the final model: {e.code().name}")
                     self.opts.log(f"run finished after round {reply.current_round}; {self.rounds_done} round(s) here")
@@ -163,6 +288,11 @@ class Worker:
                     time.sleep(max(min(reply.retry_after_s, 5.0), 0.2))
                     continue
                 task = reply.task
+                pending = self._read_pending()
+                if (pending is not None and pending["payload"] and pending["round_id"] == task.round_id
+                        and pending["version"] == task.model.version):
+                    self._send(task, pending["payload"], None, resent=True)   # encoded before; send the same bytes
+                    continue
                 if self.meta.get("last_round", -1) >= task.round_id:
                     time.sleep(max(min(reply.retry_after_s, 2.0), 0.2))   # already submitted this round
                     continue
@@ -178,30 +308,62 @@ class Worker:
             self.client.close()
 
     def _do_round(self, task: pb.Task) -> None:
+        from coordinator.codec import RoundPlan
         self._round = task.round_id
-        self._sync(task.model)
+        config_json = task.codec.config_json or None
+        self._sync(task.model, config_json)
         trainer = self._trainer(task.model_config_json, task.hyper, task.seed)
         self.opts.log(f"round {task.round_id}: training {task.hyper.local_steps} steps from v{self.version}")
         res = trainer.train(self.global_state, self.data, round_idx=task.round_id, client_key=self.data.name)
-        msg = dense_update(self.global_state, res.state, res.importance, res.num_examples, res.metrics)
+        metrics = {k: float(v) for k, v in res.metrics.items()}
+        if config_json is None:
+            msg = dense_update(self.global_state, res.state, res.importance, res.num_examples, metrics)
+            old_residual = None
+        else:
+            codec = self._codec_for(config_json)
+            if self.shared.round != self.version:
+                raise RuntimeError(f"codec state is at round {self.shared.round} but the model at version "
+                                   f"{self.version}; this is a bug")
+            m = task.active_heads
+            mask = torch.tensor(list(m.active), dtype=torch.bool).view(m.num_layers, m.num_heads)
+            plan = RoundPlan(round=self.shared.round, mask=mask, shared=self.shared,
+                             send_dense=self.shared.round % codec.cfg.dense_every == 0)
+            old_residual = codec.state_dict()
+            msg = codec.encode(self.global_state, res.state, plan, res.importance, res.num_examples, metrics)
+        payload = msg.SerializeToString()
+        # Write-ahead: once this is on disk, this round's update is these bytes, whatever happens next.
+        self._write_pending(task.round_id, task.model.version, payload, self.codec_json or "",
+                            self.codec.state_dict() if config_json else {})
+        self._send(task, payload, old_residual, train_loss=res.metrics.get("train_loss"))
+
+    def _send(self, task: pb.Task, payload: bytes, old_residual: dict | None, resent: bool = False,
+              train_loss: float | None = None) -> None:
+        self._round = task.round_id
+        what = "re-sent the saved update" if resent else "submitted"
         try:
-            self._call(self.client.submit, msg, task.round_id, task.model.version)
-            self.bytes_up += msg.ByteSize()
-            self.fedavg_up += 4 * sum(t.numel() for t in self.global_state.values())
-            self.opts.log(f"round {task.round_id}: submitted {msg.ByteSize()} bytes, "
-                          f"train loss {res.metrics['train_loss']:.4f}")
+            self._call(self.client.submit, payload, task.round_id, task.model.version)
+            self.bytes_up += len(payload)
+            self.fedavg_up += 4 * sum(math.prod(s) for s in self.shapes.values())
+            loss = f", train loss {train_loss:.4f}" if train_loss is not None else ""
+            self.opts.log(f"round {task.round_id}: {what} {len(payload)} bytes{loss}")
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.ALREADY_EXISTS:
                 if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED,
                                 grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE):
                     self.opts.log(f"round {task.round_id}: update refused ({e.code().name}: {e.details()})")
+                    # Nothing was taken: the residual goes back to before this update.
+                    if self.codec is not None and old_residual is not None:
+                        self.codec.load_state_dict(old_residual)
+                    self._write_pending(task.round_id, task.model.version, b"", self.codec_json or "",
+                                        self.codec.state_dict() if self.codec is not None else {})
                     self._round = 0
                     return
                 raise
             self.opts.log(f"round {task.round_id}: already accepted earlier")
         self.meta.update(last_round=task.round_id, trained_from_version=task.model.version)
         self._save_meta()
-        self.rounds_done += 1
+        self._rounds.add(task.round_id)
+        self.rounds_done = len(self._rounds)
         self._round = 0
 
 

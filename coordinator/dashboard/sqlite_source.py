@@ -28,7 +28,7 @@ from .source import ClientRecord, ClientRoundRecord, HeadImportanceRecord, Round
 
 APP = "fedmla-coordinator"
 DB_NAME = "fedmla.sqlite"
-SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
 
 # The coordinator's store, schema version 1 (coordinator/store.py). meta holds app,
 # schema_version, run_id, created_at, model_config (MLAConfig JSON) and run_config

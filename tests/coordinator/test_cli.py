@@ -28,9 +28,19 @@ def cli(*args, check=True):
 
 def test_config_file_then_flags(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("coordinator:\n  clients_per_round: 5\n  min_replies: 3\n  codec_extra: {warm_start: 'true'}\n")
+    cfg.write_text("coordinator:\n  clients_per_round: 5\n  min_replies: 3\n  codec: {rank: 6, keep_ratio: 0.75}\n")
     s = load_settings(cfg, min_replies=4, port=0)
-    assert (s.clients_per_round, s.min_replies, s.port, s.codec_extra) == (5, 4, 0, {"warm_start": "true"})
+    assert (s.clients_per_round, s.min_replies, s.port, s.updates) == (5, 4, 0, "codec")
+    assert (s.codec.rank, s.codec.keep_ratio, s.codec.factor_bits) == (6, 0.75, 4)   # unset fields keep defaults
+    with pytest.raises(ValueError, match=r"codec_extra.*dense updates only"):
+        load_settings(cfg, codec_extra={"warm_start": "true"})
+    with pytest.raises(ValueError, match=r"rank \(use codec.rank\)"):
+        load_settings(cfg, rank=4)
+    dense = load_settings(cfg, updates="dense", rank=4, codec_extra={"warm_start": "true"})
+    assert (dense.rank, dense.codec_extra) == (4, {"warm_start": "true"})
+    (tmp_path / "badcodec.json").write_text(json.dumps({"codec": {"rank": 0}}))
+    with pytest.raises(ValueError, match="codec.rank"):
+        load_settings(tmp_path / "badcodec.json")
     (tmp_path / "bad.json").write_text(json.dumps({"clients_per_round": 1, "min_replies": 2}))
     with pytest.raises(ValueError, match="min_replies"):
         load_settings(tmp_path / "bad.json")

@@ -16,7 +16,7 @@ from worker.transport import CoordinatorClient
 K = 2
 NAMES = ["a", "b"]
 SPEC = ModelSpec.from_config(MLAConfig.preset("tiny"))
-ARGS = ["--preset", "tiny", "--clients-per-round", "2", "--min-replies", "2", "--round-timeout-s", "120",
+ARGS = ["--preset", "tiny", "--updates", "dense", "--clients-per-round", "2", "--min-replies", "2", "--round-timeout-s", "120",
         "--log-level", "warning"]
 
 

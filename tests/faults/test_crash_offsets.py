@@ -13,7 +13,7 @@ import pytest
 
 from coordinator.inprocess import BackgroundCoordinator
 from coordinator.store import Store
-from coordinator.synthetic import synthetic_update
+from coordinator.synthetic import SyntheticCodecClient, synthetic_update
 from coordinator.testing import settings_for, start_coordinator_process
 from coordinator.validation import ModelSpec
 from mla_model import MLAConfig
@@ -21,9 +21,10 @@ from protos.fedmla.v1 import coordinator_pb2 as cpb
 from worker.transport import CoordinatorClient
 
 ROUNDS = 24
+CODEC_ROUNDS = 12
 NAMES = ["a", "b"]
 SPEC = ModelSpec.from_config(MLAConfig.preset("tiny"))
-ARGS = ["--preset", "tiny", "--clients-per-round", "2", "--min-replies", "2", "--round-timeout-s", "120",
+ARGS = ["--preset", "tiny", "--updates", "dense", "--clients-per-round", "2", "--min-replies", "2", "--round-timeout-s", "120",
         "--log-level", "warning"]
 
 
@@ -38,34 +39,45 @@ def connect(port, tokens):
     return out
 
 
-def drive(clients):
-    """Submit deterministic updates until version ROUNDS is committed; return the final download."""
+def drive(clients, codec: dict[str, SyntheticCodecClient] | None = None):
+    """Submit deterministic updates until the last version is committed; return the final download.
+
+    ``codec``: one SyntheticCodecClient per name (kept across coordinator restarts, like a
+    worker process that outlives the coordinator); their updates are codec encodings."""
     submitted = set()
+    rounds = CODEC_ROUNDS if codec else ROUNDS
     while True:
         for name, c in clients.items():
             r = c.get_task()
-            if r.model.version >= ROUNDS:
+            if r.model.version >= rounds:
                 return c.download()
             if r.status == cpb.GetTaskResponse.READY and (name, r.task.round_id) not in submitted:
                 try:
-                    c.submit(update(r.task.round_id, name), r.task.round_id, r.task.model.version)
+                    if codec:
+                        codec[name].client = c
+                        payload = codec[name].update_for(r.task)
+                    else:
+                        payload = update(r.task.round_id, name)
+                    c.submit(payload, r.task.round_id, r.task.model.version)
                 except grpc.RpcError as e:
                     if e.code() not in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
                         raise
                 submitted.add((name, r.task.round_id))
 
 
-def reference(tmp_path):
-    with BackgroundCoordinator(settings_for(tmp_path / "ref", preset="tiny", clients_per_round=2, min_replies=2)) as bg:
+def reference(tmp_path, mode="dense"):
+    with BackgroundCoordinator(settings_for(tmp_path / "ref", preset="tiny", clients_per_round=2, min_replies=2,
+                                            updates=mode)) as bg:
         tokens = {n: bg.call(lambda n=n: bg.store.create_token(n)) for n in NAMES}
         clients = connect(bg.port, tokens)
-        final = drive(clients)
+        final = drive(clients, {n: SyntheticCodecClient(None, n) for n in NAMES} if mode == "codec" else None)
         for c in clients.values():
             c.close()
     return final
 
 
-def crashed_run(tmp_path, offsets):
+def crashed_run(tmp_path, offsets, mode="dense"):
+    codec = {n: SyntheticCodecClient(None, n) for n in NAMES} if mode == "codec" else None
     store_dir = tmp_path / "store"
     st = Store(store_dir)
     tokens = {n: st.create_token(n) for n in NAMES}
@@ -73,7 +85,8 @@ def crashed_run(tmp_path, offsets):
     log = tmp_path / "coordinator.log"
     killed = 0
     for off in [*offsets, None]:
-        proc, port = start_coordinator_process(store_dir, ARGS, log)
+        args = ARGS if mode == "dense" else [a if a != "dense" else "codec" for a in ARGS]
+        proc, port = start_coordinator_process(store_dir, args, log)
         try:
             clients = connect(port, tokens)
             killer = None
@@ -81,9 +94,9 @@ def crashed_run(tmp_path, offsets):
                 killer = threading.Timer(off, lambda: os.kill(proc.pid, signal.SIGKILL))
                 killer.start()
             try:
-                final = drive(clients)
+                final = drive(clients, codec)
                 if off is None:
-                    return final, killed
+                    return final, killed, codec
                 killer.cancel()          # run finished before this offset: the kill did not land
             except grpc.RpcError as e:
                 assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
@@ -100,17 +113,21 @@ def crashed_run(tmp_path, offsets):
     raise AssertionError("unreachable")
 
 
-def _check(tmp_path, n_offsets, seed):
+def _check(tmp_path, n_offsets, seed, mode="dense", span=0.3):
     rng = random.Random(seed)
-    ref = reference(tmp_path)
+    ref = reference(tmp_path, mode)
     results = []
     per_run = 4
     for i in range(0, n_offsets, per_run):
-        offs = [rng.uniform(0.01, 0.3) for _ in range(min(per_run, n_offsets - i))]
-        final, killed = crashed_run(tmp_path / f"run{i}", offs)
+        offs = [rng.uniform(0.01, span) for _ in range(min(per_run, n_offsets - i))]
+        final, killed, codec = crashed_run(tmp_path / f"run{i}", offs, mode)
         results.append((offs, killed, final.model.sha256 == ref.model.sha256))
-        assert final.model.version == ROUNDS and final.model.sha256 == ref.model.sha256 and final.data == ref.data
-    print("crash offsets (s), kills landed, hash matched:", results)
+        assert final.model.version == (ROUNDS if mode == "dense" else CODEC_ROUNDS)
+        assert final.model.sha256 == ref.model.sha256 and final.data == ref.data
+        if codec:   # the clients followed along with codec downloads that reproduced every version's hash
+            kinds = [k for c in codec.values() for k in c.downloads]
+            assert cpb.DownloadModelResponse.CODEC_CHAIN in kinds, kinds
+    print(f"{mode}: crash offsets (s), kills landed, hash matched:", results)
     assert sum(k for _, k, _ in results) >= max(1, n_offsets // 2)   # the kills did land mid-run
 
 
@@ -118,6 +135,17 @@ def test_coordinator_crash_offsets_fast(tmp_path):
     _check(tmp_path, 3, seed=9)
 
 
+def test_codec_coordinator_crash_offsets_fast(tmp_path):
+    """The codec's state (momentum, residual, importance, bases) and downlinks survive
+    SIGKILL at random points: the final model is bit-identical to an uninterrupted run."""
+    _check(tmp_path, 3, seed=11, mode="codec", span=1.0)
+
+
 @pytest.mark.slow
 def test_coordinator_crash_offsets_full(tmp_path):
     _check(tmp_path, 20, seed=2026)
+
+
+@pytest.mark.slow
+def test_codec_coordinator_crash_offsets_full(tmp_path):
+    _check(tmp_path, 20, seed=2027, mode="codec", span=1.5)

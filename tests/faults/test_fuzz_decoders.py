@@ -211,3 +211,13 @@ def test_fuzz_raw_bytes_every_rpc_fast(live):
 @pytest.mark.slow
 def test_fuzz_raw_bytes_every_rpc_full(live):
     _run_rpc_fuzz(live, dict(FULL, max_examples=1000))
+
+
+def test_zero_element_shape_with_huge_dims_is_refused():
+    """Found by hypothesis: a 0-element shape whose other dimensions overflow torch's
+    stride arithmetic used to raise RuntimeError instead of TensorDecodeError."""
+    from protos.tensors import TensorDecodeError, decode_tensor
+    bad = pb.Tensor(dtype=pb.FLOAT32, shape=[0, 209, 1265, 1265, 27_577_976_025], data=b"")
+    with pytest.raises(TensorDecodeError, match="too large to address"):
+        decode_tensor(bad, "t")
+    assert tuple(decode_tensor(pb.Tensor(dtype=pb.FLOAT32, shape=[0, 3], data=b""), "t").shape) == (0, 3)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.fedmla.v1 import types_pb2 as fedmla_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64mla/v1/coordinator.proto\x12\tfedmla.v1\x1a\x15\x66\x65\x64mla/v1/types.proto\"B\n\x0bJoinRequest\x12\x33\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32\x1d.fedmla.v1.ClientCapabilities\"\x92\x01\n\x0cJoinResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12\x19\n\x11model_config_json\x18\x04 \x01(\t\x12&\n\x05model\x18\x05 \x01(\x0b\x32\x17.fedmla.v1.ModelVersion\"\x10\n\x0eGetTaskRequest\"\x8d\x02\n\x0fGetTaskResponse\x12\x31\n\x06status\x18\x01 \x01(\x0e\x32!.fedmla.v1.GetTaskResponse.Status\x12\x1d\n\x04task\x18\x02 \x01(\x0b\x32\x0f.fedmla.v1.Task\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\x12\x15\n\rcurrent_round\x18\x04 \x01(\x03\x12&\n\x05model\x18\x05 \x01(\x0b\x32\x17.fedmla.v1.ModelVersion\"R\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\t\n\x05READY\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\r\n\tSUBMITTED\x10\x03\x12\x0c\n\x08\x46INISHED\x10\x04\"D\n\x14\x44ownloadModelRequest\x12\x1a\n\rsince_version\x18\x01 \x01(\x03H\x00\x88\x01\x01\x42\x10\n\x0e_since_version\"\xbc\x02\n\x15\x44ownloadModelResponse\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32\'.fedmla.v1.DownloadModelResponse.Header\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x1a\xa8\x01\n\x06Header\x12\x33\n\x04kind\x18\x01 \x01(\x0e\x32%.fedmla.v1.DownloadModelResponse.Kind\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.fedmla.v1.ModelVersion\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x16\n\x0epayload_sha256\x18\x05 \x01(\t\"1\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46ULL\x10\x01\x12\t\n\x05\x44\x45LTA\x10\x02\"\xba\x01\n\x13SubmitUpdateRequest\x12\x35\n\x06header\x18\x01 \x01(\x0b\x32%.fedmla.v1.SubmitUpdateRequest.Header\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x1a^\n\x06Header\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x16\n\x0epayload_sha256\x18\x04 \x01(\t\"Z\n\x14SubmitUpdateResponse\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\x12\x18\n\x10replies_in_round\x18\x03 \x01(\x05\"3\n\x10HeartbeatRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\r\n\x05state\x18\x02 \x01(\t\"\xc7\x01\n\x11HeartbeatResponse\x12\x33\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32#.fedmla.v1.HeartbeatResponse.Action\x12\x15\n\rcurrent_round\x18\x02 \x01(\x03\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\"H\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43ONTINUE\x10\x01\x12\x0c\n\x08NEW_TASK\x10\x02\x12\n\n\x06REJOIN\x10\x03\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0f\n\rLeaveResponse2\xbc\x03\n\x12\x43oordinatorService\x12\x37\n\x04Join\x12\x16.fedmla.v1.JoinRequest\x1a\x17.fedmla.v1.JoinResponse\x12@\n\x07GetTask\x12\x19.fedmla.v1.GetTaskRequest\x1a\x1a.fedmla.v1.GetTaskResponse\x12T\n\rDownloadModel\x12\x1f.fedmla.v1.DownloadModelRequest\x1a .fedmla.v1.DownloadModelResponse0\x01\x12Q\n\x0cSubmitUpdate\x12\x1e.fedmla.v1.SubmitUpdateRequest\x1a\x1f.fedmla.v1.SubmitUpdateResponse(\x01\x12\x46\n\tHeartbeat\x12\x1b.fedmla.v1.HeartbeatRequest\x1a\x1c.fedmla.v1.HeartbeatResponse\x12:\n\x05Leave\x12\x17.fedmla.v1.LeaveRequest\x1a\x18.fedmla.v1.LeaveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64mla/v1/coordinator.proto\x12\tfedmla.v1\x1a\x15\x66\x65\x64mla/v1/types.proto\"B\n\x0bJoinRequest\x12\x33\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32\x1d.fedmla.v1.ClientCapabilities\"\x92\x01\n\x0cJoinResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\x12\x19\n\x11model_config_json\x18\x04 \x01(\t\x12&\n\x05model\x18\x05 \x01(\x0b\x32\x17.fedmla.v1.ModelVersion\"\x10\n\x0eGetTaskRequest\"\x8d\x02\n\x0fGetTaskResponse\x12\x31\n\x06status\x18\x01 \x01(\x0e\x32!.fedmla.v1.GetTaskResponse.Status\x12\x1d\n\x04task\x18\x02 \x01(\x0b\x32\x0f.fedmla.v1.Task\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\x12\x15\n\rcurrent_round\x18\x04 \x01(\x03\x12&\n\x05model\x18\x05 \x01(\x0b\x32\x17.fedmla.v1.ModelVersion\"R\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\t\n\x05READY\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\r\n\tSUBMITTED\x10\x03\x12\x0c\n\x08\x46INISHED\x10\x04\"D\n\x14\x44ownloadModelRequest\x12\x1a\n\rsince_version\x18\x01 \x01(\x03H\x00\x88\x01\x01\x42\x10\n\x0e_since_version\"\xdd\x02\n\x15\x44ownloadModelResponse\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32\'.fedmla.v1.DownloadModelResponse.Header\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x1a\xa8\x01\n\x06Header\x12\x33\n\x04kind\x18\x01 \x01(\x0e\x32%.fedmla.v1.DownloadModelResponse.Kind\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.fedmla.v1.ModelVersion\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x16\n\x0epayload_sha256\x18\x05 \x01(\t\"R\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46ULL\x10\x01\x12\t\n\x05\x44\x45LTA\x10\x02\x12\x0f\n\x0b\x43ODEC_CHAIN\x10\x03\x12\x0e\n\nCODEC_FULL\x10\x04\"9\n\x0e\x43odecDownlinks\x12\x14\n\x0c\x62\x61se_version\x18\x01 \x01(\x03\x12\x11\n\tdownlinks\x18\x02 \x03(\x0c\"\xba\x01\n\x13SubmitUpdateRequest\x12\x35\n\x06header\x18\x01 \x01(\x0b\x32%.fedmla.v1.SubmitUpdateRequest.Header\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x1a^\n\x06Header\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x16\n\x0epayload_sha256\x18\x04 \x01(\t\"Z\n\x14SubmitUpdateResponse\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\x12\x18\n\x10replies_in_round\x18\x03 \x01(\x05\"3\n\x10HeartbeatRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\r\n\x05state\x18\x02 \x01(\t\"\xc7\x01\n\x11HeartbeatResponse\x12\x33\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32#.fedmla.v1.HeartbeatResponse.Action\x12\x15\n\rcurrent_round\x18\x02 \x01(\x03\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\"H\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x43ONTINUE\x10\x01\x12\x0c\n\x08NEW_TASK\x10\x02\x12\n\n\x06REJOIN\x10\x03\"\x1e\n\x0cLeaveRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x0f\n\rLeaveResponse2\xbc\x03\n\x12\x43oordinatorService\x12\x37\n\x04Join\x12\x16.fedmla.v1.JoinRequest\x1a\x17.fedmla.v1.JoinResponse\x12@\n\x07GetTask\x12\x19.fedmla.v1.GetTaskRequest\x1a\x1a.fedmla.v1.GetTaskResponse\x12T\n\rDownloadModel\x12\x1f.fedmla.v1.DownloadModelRequest\x1a .fedmla.v1.DownloadModelResponse0\x01\x12Q\n\x0cSubmitUpdate\x12\x1e.fedmla.v1.SubmitUpdateRequest\x1a\x1f.fedmla.v1.SubmitUpdateResponse(\x01\x12\x46\n\tHeartbeat\x12\x1b.fedmla.v1.HeartbeatRequest\x1a\x1c.fedmla.v1.HeartbeatResponse\x12:\n\x05Leave\x12\x17.fedmla.v1.LeaveRequest\x1a\x18.fedmla.v1.LeaveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,27 +45,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOWNLOADMODELREQUEST']._serialized_start=572
   _globals['_DOWNLOADMODELREQUEST']._serialized_end=640
   _globals['_DOWNLOADMODELRESPONSE']._serialized_start=643
-  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=959
+  _globals['_DOWNLOADMODELRESPONSE']._serialized_end=992
   _globals['_DOWNLOADMODELRESPONSE_HEADER']._serialized_start=740
   _globals['_DOWNLOADMODELRESPONSE_HEADER']._serialized_end=908
   _globals['_DOWNLOADMODELRESPONSE_KIND']._serialized_start=910
-  _globals['_DOWNLOADMODELRESPONSE_KIND']._serialized_end=959
-  _globals['_SUBMITUPDATEREQUEST']._serialized_start=962
-  _globals['_SUBMITUPDATEREQUEST']._serialized_end=1148
-  _globals['_SUBMITUPDATEREQUEST_HEADER']._serialized_start=1054
-  _globals['_SUBMITUPDATEREQUEST_HEADER']._serialized_end=1148
-  _globals['_SUBMITUPDATERESPONSE']._serialized_start=1150
-  _globals['_SUBMITUPDATERESPONSE']._serialized_end=1240
-  _globals['_HEARTBEATREQUEST']._serialized_start=1242
-  _globals['_HEARTBEATREQUEST']._serialized_end=1293
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1296
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1495
-  _globals['_HEARTBEATRESPONSE_ACTION']._serialized_start=1423
-  _globals['_HEARTBEATRESPONSE_ACTION']._serialized_end=1495
-  _globals['_LEAVEREQUEST']._serialized_start=1497
-  _globals['_LEAVEREQUEST']._serialized_end=1527
-  _globals['_LEAVERESPONSE']._serialized_start=1529
-  _globals['_LEAVERESPONSE']._serialized_end=1544
-  _globals['_COORDINATORSERVICE']._serialized_start=1547
-  _globals['_COORDINATORSERVICE']._serialized_end=1991
+  _globals['_DOWNLOADMODELRESPONSE_KIND']._serialized_end=992
+  _globals['_CODECDOWNLINKS']._serialized_start=994
+  _globals['_CODECDOWNLINKS']._serialized_end=1051
+  _globals['_SUBMITUPDATEREQUEST']._serialized_start=1054
+  _globals['_SUBMITUPDATEREQUEST']._serialized_end=1240
+  _globals['_SUBMITUPDATEREQUEST_HEADER']._serialized_start=1146
+  _globals['_SUBMITUPDATEREQUEST_HEADER']._serialized_end=1240
+  _globals['_SUBMITUPDATERESPONSE']._serialized_start=1242
+  _globals['_SUBMITUPDATERESPONSE']._serialized_end=1332
+  _globals['_HEARTBEATREQUEST']._serialized_start=1334
+  _globals['_HEARTBEATREQUEST']._serialized_end=1385
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1388
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1587
+  _globals['_HEARTBEATRESPONSE_ACTION']._serialized_start=1515
+  _globals['_HEARTBEATRESPONSE_ACTION']._serialized_end=1587
+  _globals['_LEAVEREQUEST']._serialized_start=1589
+  _globals['_LEAVEREQUEST']._serialized_end=1619
+  _globals['_LEAVERESPONSE']._serialized_start=1621
+  _globals['_LEAVERESPONSE']._serialized_end=1636
+  _globals['_COORDINATORSERVICE']._serialized_start=1639
+  _globals['_COORDINATORSERVICE']._serialized_end=2083
 # @@protoc_insertion_point(module_scope)

@@ -1,8 +1,9 @@
 from protos.fedmla.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -70,9 +71,13 @@ class DownloadModelResponse(_message.Message):
         KIND_UNSPECIFIED: _ClassVar[DownloadModelResponse.Kind]
         FULL: _ClassVar[DownloadModelResponse.Kind]
         DELTA: _ClassVar[DownloadModelResponse.Kind]
+        CODEC_CHAIN: _ClassVar[DownloadModelResponse.Kind]
+        CODEC_FULL: _ClassVar[DownloadModelResponse.Kind]
     KIND_UNSPECIFIED: DownloadModelResponse.Kind
     FULL: DownloadModelResponse.Kind
     DELTA: DownloadModelResponse.Kind
+    CODEC_CHAIN: DownloadModelResponse.Kind
+    CODEC_FULL: DownloadModelResponse.Kind
     class Header(_message.Message):
         __slots__ = ("kind", "model", "base_version", "total_bytes", "payload_sha256")
         KIND_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +96,14 @@ class DownloadModelResponse(_message.Message):
     header: DownloadModelResponse.Header
     data: bytes
     def __init__(self, header: _Optional[_Union[DownloadModelResponse.Header, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class CodecDownlinks(_message.Message):
+    __slots__ = ("base_version", "downlinks")
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DOWNLINKS_FIELD_NUMBER: _ClassVar[int]
+    base_version: int
+    downlinks: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, base_version: _Optional[int] = ..., downlinks: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class SubmitUpdateRequest(_message.Message):
     __slots__ = ("header", "data")

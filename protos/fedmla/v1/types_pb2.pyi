@@ -166,7 +166,7 @@ class HyperParameters(_message.Message):
     def __init__(self, local_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CodecSettings(_message.Message):
-    __slots__ = ("rank", "max_rank", "quant_bits", "keep_ratio", "max_update_bytes", "extra")
+    __slots__ = ("rank", "max_rank", "quant_bits", "keep_ratio", "max_update_bytes", "extra", "config_json")
     class ExtraEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -180,13 +180,15 @@ class CodecSettings(_message.Message):
     KEEP_RATIO_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXTRA_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     rank: int
     max_rank: int
     quant_bits: int
     keep_ratio: float
     max_update_bytes: int
     extra: _containers.ScalarMap[str, str]
-    def __init__(self, rank: _Optional[int] = ..., max_rank: _Optional[int] = ..., quant_bits: _Optional[int] = ..., keep_ratio: _Optional[float] = ..., max_update_bytes: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    config_json: str
+    def __init__(self, rank: _Optional[int] = ..., max_rank: _Optional[int] = ..., quant_bits: _Optional[int] = ..., keep_ratio: _Optional[float] = ..., max_update_bytes: _Optional[int] = ..., extra: _Optional[_Mapping[str, str]] = ..., config_json: _Optional[str] = ...) -> None: ...
 
 class HeadMask(_message.Message):
     __slots__ = ("num_layers", "num_heads", "active")
