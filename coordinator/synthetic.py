@@ -72,7 +72,8 @@ class SyntheticCodecClient:
         self.sent: dict[tuple[int, int], bytes] = {}
         self.downloads: list[int] = []      # download kinds, in order
 
-    def sync(self, task: pb.Task) -> None:
+    def sync(self, task: pb.Task, model: pb.ModelVersion | None = None) -> None:
+        """Download up to ``model`` (default: the task's model) with the task's codec config."""
         from coordinator.codec import CodecConfig, ClientCodec
         from coordinator.codec.transfer import apply_chain, decode_full_state
         from coordinator.codec.wire import TensorCodec
@@ -82,7 +83,8 @@ class SyntheticCodecClient:
         from .weights import model_hash
         model_cfg = MLAConfig.model_validate_json(task.model_config_json)
         cfg = CodecConfig.model_validate_json(task.codec.config_json)
-        if self.version == task.model.version:
+        target = model or task.model
+        if self.version == target.version:
             return
         dl = self.client.download(self.version)
         self.downloads.append(dl.kind)

@@ -39,3 +39,46 @@ def test_bad_data_clear_message(tmp_path):
     assert r.exit_code == 2
     assert "alice" in r.output and "missing" in r.output
     assert "Traceback" not in r.output
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_restarted_worker_resends_the_update_it_wrote_ahead(tmp_path, monkeypatch):
+    """A worker that dies after encoding (pending.safetensors written) but before sending
+    sends the very same bytes after restart, without training again."""
+    data = load_stdlib_corpus(num_clients=1, max_bytes_per_client=20_000)
+    settings = settings_for(tmp_path, updates="codec", rounds=1, clients_per_round=1, min_replies=1, local_steps=1,
+                            batch_size=2, seq_len=32, max_update_bytes=64 << 20)
+    with BackgroundCoordinator(settings) as bg:
+        token = bg.call(lambda: bg.store.create_token("w0"))
+        logs = []
+        first = Worker(WorkerOptions(bg.target, token, tmp_path / "w0", log=logs.append), data.clients[0])
+
+        def crash(self, *a, **kw):
+            raise _Crash()
+        monkeypatch.setattr(Worker, "_send", crash)
+        try:
+            first.run()
+        except _Crash:
+            pass
+        pending = first._read_pending()
+        assert pending is not None and pending["round_id"] == 1 and pending["payload"]
+        assert pending["residual"], "the codec residual is saved with the update"
+        monkeypatch.undo()
+
+        from worker.trainer import LocalTrainer
+
+        def no_training(*a, **kw):
+            raise AssertionError("the restarted worker trained again")
+        monkeypatch.setattr(LocalTrainer, "train", no_training)
+        second = Worker(WorkerOptions(bg.target, token, tmp_path / "w0", log=logs.append), data.clients[0])
+        assert second.run() == 0
+        assert any("re-sent the saved update" in m for m in logs), logs
+        rows = bg.call(lambda: bg.store.client_rounds(1))
+        assert [(r["client"], r["status"], r["bytes_up"]) for r in rows] == [("w0", "replied", len(pending["payload"]))]
+        # The coordinator committed from those bytes, and the worker ends on its model.
+        assert second.version == 1
+        from coordinator.weights import model_hash
+        assert model_hash(second.global_state) == bg.call(lambda: bg.coord.model_sha)

@@ -1,0 +1,193 @@
+"""The coordinator in its default codec mode, over real gRPC on loopback.
+
+Clients are :class:`coordinator.synthetic.SyntheticCodecClient`: real downloads (full
+state, downlink chains), real ClientCodec encodings, no training.
+"""
+
+import json
+import sqlite3
+
+import grpc
+import pytest
+import torch
+
+from coordinator.codec import CodecConfig, ServerCodec
+from coordinator.errors import StoreError
+from coordinator.inprocess import BackgroundCoordinator
+from coordinator.rounds import Coordinator
+from coordinator.store import Store
+from coordinator.synthetic import SyntheticCodecClient
+from coordinator.testing import make_clients, ready_task, settings_for, wait_for
+from coordinator.weights import load_safetensors_bytes, model_hash
+from protos.fedmla.v1 import coordinator_pb2 as cpb
+from protos.fedmla.v1 import types_pb2 as pb
+
+NAMES = ["alice", "bob"]
+
+
+def codec_settings(tmp_path, **kw):
+    base = dict(updates="codec", clients_per_round=2, min_replies=2, codec=CodecConfig(keep_ratio=0.5, rank=4))
+    base.update(kw)
+    return settings_for(tmp_path, **base)
+
+
+def run_rounds(bg, synth, n):
+    """Every client answers every task until version n is committed; the last task seen."""
+    done, last = set(), None
+    while True:
+        for name, s in synth.items():
+            if bg.call(lambda: bg.coord.version) >= n:
+                return last
+            r = s.client.get_task()
+            if r.status == cpb.GetTaskResponse.READY and (name, r.task.round_id) not in done:
+                s.client.submit(s.update_for(r.task), r.task.round_id, r.task.model.version)
+                done.add((name, r.task.round_id))
+                last = r.task
+
+
+def test_codec_rounds_downloads_store_and_hashes(tmp_path):
+    with BackgroundCoordinator(codec_settings(tmp_path, rounds=3)) as bg:
+        clients = make_clients(bg, NAMES)
+        synth = {n: SyntheticCodecClient(c, n) for n, c in zip(NAMES, clients)}
+        task = ready_task(clients[0])
+        cfg = CodecConfig.model_validate_json(task.codec.config_json)
+        assert cfg == bg.settings.codec and task.codec.rank == 4 and task.codec.keep_ratio == 0.5
+        last = run_rounds(bg, synth, 3)
+        coord = bg.coord
+        finished = wait_for(lambda: (r := clients[0].get_task()).status == cpb.GetTaskResponse.FINISHED and r,
+                            what="FINISHED")
+        assert finished.model.version == 3
+        # Every client ends on the coordinator's bits: first a full state, then chains of downlinks.
+        for s in synth.values():
+            s.sync(last, finished.model)
+            assert model_hash(s.state) == coord.model_sha and s.shared.digest() == coord.shared.digest()
+            assert s.downloads[0] == cpb.DownloadModelResponse.CODEC_FULL
+            assert set(s.downloads[1:]) == {cpb.DownloadModelResponse.CODEC_CHAIN}
+        # A client three versions behind gets a chain of three downlinks, smaller than the full state.
+        chain_dl = clients[0].download(0)
+        full_dl = clients[0].download()
+        assert chain_dl.kind == cpb.DownloadModelResponse.CODEC_CHAIN and full_dl.kind == cpb.DownloadModelResponse.CODEC_FULL
+        chain = cpb.CodecDownlinks.FromString(chain_dl.data)
+        assert chain.base_version == 0 and len(chain.downlinks) == 3
+        assert len(chain_dl.data) < len(full_dl.data) / 3
+        # Uplink bytes: the serialized updates, far below a dense fp32 delta.
+        rounds = bg.call(lambda: coord.store.rounds())
+        fp32 = coord.spec.num_elements() * 4
+        for r in rounds:
+            assert r["status"] == "committed" and r["replied"] == 2
+            assert r["bytes_up"] < r["fedavg_fp32_bytes"] / 10
+            rows = bg.call(lambda r=r: coord.store.client_rounds(r["id"]))
+            assert sum(c["bytes_up"] for c in rows) == r["bytes_up"]
+        assert rounds[0]["fedavg_fp32_bytes"] == 2 * fp32
+        # Store: mask and importance per round, codec state beside the checkpoint, downlinks kept.
+        db = sqlite3.connect(coord.store.db_path)
+        masks = [json.loads(m) for (m,) in db.execute("SELECT mask FROM head_importance ORDER BY round_id")]
+        assert len(masks) == 3
+        L, H = coord.spec.num_layers, coord.spec.num_heads
+        for i, m in enumerate(masks):
+            assert len(m) == L and all(len(row) == H for row in m)
+            # No importance before round 1: every head; then the top half plus one exploration head.
+            assert all(sum(row) == (H if i == 0 else H // 2 + 1) for row in m), (i, m)
+        assert [v for (v,) in db.execute("SELECT version FROM downlinks ORDER BY version")] == [1, 2, 3]
+        rec = coord.store.latest_model()
+        state = load_safetensors_bytes(coord.store.read_codec_state(rec))
+        assert model_hash({k[len("global/"):]: v for k, v in state.items() if k.startswith("global/")}) == rec.sha256
+        db.close()
+
+
+def test_bad_codec_updates_refused_and_state_unchanged(tmp_path):
+    with BackgroundCoordinator(codec_settings(tmp_path)) as bg:
+        clients = make_clients(bg, NAMES)
+        synth = {n: SyntheticCodecClient(c, n) for n, c in zip(NAMES, clients)}
+        run_rounds(bg, synth, 1)      # round 1 has every head active; round 2 selects by importance
+        task = ready_task(clients[0])
+        assert task.round_id == 2 and not all(task.active_heads.active)
+        good = pb.ModelUpdate.FromString(synth["alice"].update_for(task))
+        inactive = [h for h in range(task.active_heads.num_heads) if not task.active_heads.active[h]]
+
+        def variant(edit):
+            m = pb.ModelUpdate()
+            m.CopyFrom(good)
+            edit(m)
+            return m
+
+        def heads_sent(m):
+            f = next(f for f in m.factors if f.HasField("heads"))
+            f.heads.heads[0] = inactive[0]
+
+        def nan_factor(m):
+            t = m.factors[0].right
+            target = t.quant.scales if t.HasField("quant") and t.quant.scheme != pb.Quantization.SCHEME_NONE else t
+            target.data = b"\x00\x00\xc0\x7f" * (len(target.data) // 4)
+
+        def bad_importance(m):
+            m.importance.scores[0] = -1.0
+
+        def extra_rank(m):
+            f = m.factors[0]
+            f.rank = f.rank + 1
+
+        cases = {"inactive head": heads_sent, "NaN": nan_factor, "negative importance": bad_importance,
+                 "rank": extra_rank, "unknown key": lambda m: setattr(m.factors[0], "name", "layers.9.nope.weight"),
+                 "no examples": lambda m: setattr(m, "num_examples", 0)}
+        before = bg.call(lambda: (bg.coord.codec.global_hash(), bg.coord.codec.shared.digest()))
+        for what, edit in cases.items():
+            with pytest.raises(grpc.RpcError) as e:
+                clients[0].submit(variant(edit), task.round_id, task.model.version)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, e.value.details())
+            assert "codec plan" in e.value.details(), (what, e.value.details())
+        assert bg.call(lambda: (bg.coord.codec.global_hash(), bg.coord.codec.shared.digest())) == before
+        assert "alice" not in bg.call(lambda: set(bg.coord.round.replies))
+        # The good one is still accepted afterwards.
+        clients[0].submit(good, task.round_id, task.model.version)
+        assert "alice" in bg.call(lambda: set(bg.coord.round.replies))
+
+
+def test_restart_continues_codec_state_and_refuses_changed_codec(tmp_path):
+    settings = codec_settings(tmp_path, rounds=2)
+    with BackgroundCoordinator(settings) as bg:
+        clients = make_clients(bg, NAMES)
+        synth = {n: SyntheticCodecClient(c, n) for n, c in zip(NAMES, clients)}
+        run_rounds(bg, synth, 2)
+        saved = bg.call(lambda: (bg.coord.codec.state_dict(), bg.coord.shared.digest(), bg.coord.model_sha))
+        for c in clients:
+            c.close()
+    again = Coordinator(settings)
+    try:
+        state = again.codec.state_dict()
+        assert set(state) == set(saved[0])
+        assert all(torch.equal(state[k], saved[0][k]) for k in state)
+        assert again.shared.digest() == saved[1] and again.model_sha == saved[2] and again.version == 2
+        assert "importance" in state and "momentum/embed.weight" in state   # EMA and outer momentum came back
+        # The next plan is the one the uninterrupted coordinator would make, not a fresh codec's.
+        fresh = ServerCodec(again.cfg, settings.codec, again.state)
+        fresh.load_state_dict(saved[0])
+        assert again.codec.plan().mask.equal(fresh.plan().mask)
+    finally:
+        again.store.close()
+    changed = settings.model_copy(update={"codec": CodecConfig(keep_ratio=0.5, rank=8)})
+    with pytest.raises(StoreError, match=r"codec config.*\['rank'\]"):
+        Coordinator(changed)
+
+
+def test_version_one_store_is_migrated(tmp_path):
+    """A store written by schema version 1 (no codec columns, mask or downlinks) opens,
+    is migrated in one step and keeps its rows."""
+    from coordinator.dashboard.sqlite_source import STORE_SCHEMA   # the version-1 layout, as the dashboard documents it
+    root = tmp_path / "old"
+    root.mkdir()
+    db = sqlite3.connect(root / "fedmla.sqlite")
+    db.executescript(STORE_SCHEMA)
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [("app", "fedmla-coordinator"), ("schema_version", "1"),
+                                                     ("run_id", "r1"), ("created_at", "0")])
+    db.execute("INSERT INTO head_importance VALUES (1, 1, 2, '[[0.5, 0.5]]')")
+    db.commit()
+    db.close()
+    st = Store(root)
+    assert st.meta("schema_version") == "2" and st.run_id == "r1"
+    cols = {r[1] for r in st.db.execute("PRAGMA table_info(head_importance)")}
+    assert "mask" in cols
+    assert st.db.execute("SELECT scores, mask FROM head_importance").fetchall() == [("[[0.5, 0.5]]", None)]
+    assert st.downlinks(0, 0) == []
+    st.close()
+    assert Store(root).meta("schema_version") == "2"     # idempotent
