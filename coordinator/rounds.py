@@ -167,6 +167,9 @@ class Coordinator:
         self.closing_task: asyncio.Future | None = None
         self.finished = False
         self._changed = asyncio.Event()
+        self._task_event = asyncio.Event()     # set (and replaced) when a round opens or the run ends
+        # Held GetTask calls already waited server-side, so the client may ask again soon.
+        self._wait_retry_s = 0.1 if settings.task_long_poll_s > 0 else 0.5
         self._upload_slots = asyncio.Semaphore(settings.max_concurrent_uploads)
         self._delta_cache: dict[int, tuple[bytes, str]] = {}
         self.spool_root = self.store.root / "spool"
@@ -301,10 +304,28 @@ class Coordinator:
         if self.finished:
             return cpb.GetTaskResponse(status=cpb.GetTaskResponse.FINISHED, **base)
         if rnd is None or rnd.closing or client not in rnd.sampled or client in rnd.left:
-            return cpb.GetTaskResponse(status=cpb.GetTaskResponse.WAIT, retry_after_s=0.5, **base)
+            return cpb.GetTaskResponse(status=cpb.GetTaskResponse.WAIT, retry_after_s=self._wait_retry_s, **base)
         if client in rnd.replies:
             return cpb.GetTaskResponse(status=cpb.GetTaskResponse.SUBMITTED, retry_after_s=0.5, **base)
         return cpb.GetTaskResponse(status=cpb.GetTaskResponse.READY, task=self.task_for(client, rnd), **base)
+
+    async def wait_task(self, client: str) -> cpb.GetTaskResponse:
+        """:meth:`get_task`, but a WAIT answer is held up to ``task_long_poll_s`` until a
+        round opens or the run ends (a long poll: idle clients cost one call per interval)."""
+        reply = self.get_task(client)
+        if reply.status == cpb.GetTaskResponse.WAIT and self.settings.task_long_poll_s > 0:
+            event = self._task_event
+            try:
+                await asyncio.wait_for(event.wait(), self.settings.task_long_poll_s)
+            except asyncio.TimeoutError:
+                pass
+            reply = self.get_task(client)
+        return reply
+
+    def notify_tasks(self) -> None:
+        """Wake every held GetTask (a round opened, the run ended, or shutdown)."""
+        event, self._task_event = self._task_event, asyncio.Event()
+        event.set()
 
     def download(self, client: str, req: cpb.DownloadModelRequest) -> tuple[cpb.DownloadModelResponse.Header, bytes]:
         """The header and payload of a model download (the servicer chunks it)."""
@@ -516,6 +537,7 @@ class Coordinator:
                 self.finished = True
                 log.info("run finished: %d rounds committed", self.version)
                 self._changed.set()
+                self.notify_tasks()
                 return
             now = time.time()
             active = self._active(now)
@@ -536,6 +558,7 @@ class Coordinator:
         else:
             rnd = OpenRound(rid, self.version, now, now + s.round_timeout_s, sampled, self._head_mask(rid))
         self.round = rnd
+        self.notify_tasks()
         self.metrics.current_round.set(rid)
         log.info("round %d open: %d sampled from %d active, base version %d", rid, len(sampled), len(active),
                  self.version)

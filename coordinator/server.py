@@ -117,7 +117,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServiceServicer):
 
     async def GetTask(self, request, context):
         try:
-            return self.coord.get_task(CLIENT.get())
+            return await self.coord.wait_task(CLIENT.get())
         except CoordinatorError as e:
             await _abort(context, e)
 
@@ -224,6 +224,7 @@ class CoordinatorServer:
     async def stop(self, grace: float | None = None) -> None:
         grace = self.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        self.coord.notify_tasks()          # release held GetTask calls
         if self._driver is not None:
             self._driver.cancel()
             try:

@@ -105,6 +105,7 @@ class Worker:
         self.trainers: dict = {}
         self._hb_stop = threading.Event()
         self._round = 0
+        self.train_seconds = 0.0                  # CPU time inside the local trainer (this thread)
         self.rounds_done = 0                      # rounds whose update the coordinator took (this process)
         self._rounds: set[int] = set()
         self.bytes_up = self.bytes_down = 0
@@ -274,10 +275,13 @@ class Worker:
             while True:
                 reply = self._call(self.client.get_task)
                 if reply.status == cpb.GetTaskResponse.FINISHED:
-                    try:      # end holding the final global model (verified against its hash)
-                        self._sync(reply.model, self.codec_json)
-                    except grpc.RpcError as e:
-                        self.opts.log(f"could not download the final model: {e.code().name}")
+                    # A worker that took part ends holding the final global model (verified
+                    # against its hash; a codec chain is cheap). One that never did has nothing to sync.
+                    if self.global_state is not None or self._rounds:
+                        try:
+                            self._sync(reply.model, self.codec_json)
+                        except grpc.RpcError as e:
+                            self.opts.log(f"could not download the final model: {e.code().name}")
                     self.opts.log(f"run finished after round {reply.current_round}; {self.rounds_done} round(s) here")
                     try:
                         self.client.leave("run finished")
@@ -314,7 +318,9 @@ class Worker:
         self._sync(task.model, config_json)
         trainer = self._trainer(task.model_config_json, task.hyper, task.seed)
         self.opts.log(f"round {task.round_id}: training {task.hyper.local_steps} steps from v{self.version}")
+        t0 = time.thread_time()     # CPU time of this thread: many virtual clients share a process
         res = trainer.train(self.global_state, self.data, round_idx=task.round_id, client_key=self.data.name)
+        self.train_seconds += time.thread_time() - t0
         metrics = {k: float(v) for k, v in res.metrics.items()}
         if config_json is None:
             msg = dense_update(self.global_state, res.state, res.importance, res.num_examples, metrics)

@@ -27,8 +27,11 @@ from .data import DataError, FederatedData
 def _load_data(spec: str, clients: int, partition: str, seed: int, seq_len: int) -> FederatedData:
     from .data import load_folder, load_stdlib_corpus, repartition
     if spec == "builtin":
-        data = load_stdlib_corpus(num_clients=clients if partition == "natural" else 8, seq_len=seq_len,
-                                  max_bytes_per_client=60_000)
+        # Re-partitioned runs deal 2 KiB chunks of the 16 largest packages: read enough of
+        # each for about four chunks per client (1000 clients: 8 MB of the standard library).
+        per_source = 60_000 if partition == "natural" else max(60_000, -(-clients * 4 * 2048 // 16))
+        data = load_stdlib_corpus(num_clients=clients if partition == "natural" else 16, seq_len=seq_len,
+                                  max_bytes_per_client=per_source)
     else:
         data = load_folder(spec, seq_len=seq_len)
     if partition != "natural":
@@ -37,6 +40,22 @@ def _load_data(spec: str, clients: int, partition: str, seed: int, seq_len: int)
         raise DataError(f"{data.source} has {len(data.clients)} natural clients, fewer than --clients {clients}; "
                         f"use --partition iid or dirichlet")
     return data
+
+
+def _overhead(per_round: list[dict], results: list[dict]) -> dict:
+    """Where the machine's time went during the rounds: client-rounds, CPU seconds inside
+    the local trainers, and the core-time per client-round not spent training (an upper
+    bound on the overhead of the coordinator, gRPC, Ray, idle waiting and the driver's
+    evaluation: with few clients per round the cores also sit idle between rounds)."""
+    import os
+    client_rounds = sum(r["rounds"] for r in results)
+    train = sum(r.get("train_seconds", 0.0) for r in results)
+    wall = sum(r["seconds"] for r in per_round)
+    cores = os.cpu_count() or 1
+    over = 1000 * (wall * cores - train) / client_rounds if client_rounds else None
+    return dict(client_rounds=client_rounds, train_seconds=train, round_seconds=wall, cores=cores,
+                overhead_ms_per_client_round=over,
+                rounds_per_minute=60 * len(per_round) / wall if wall else None)
 
 
 def _client_actor_class():
@@ -66,6 +85,7 @@ def _client_actor_class():
                     code, err = 1, f"{type(e).__name__}: {e}"
                 out[name] = dict(name=name, code=code, error=err, rounds=w.rounds_done, bytes_up=w.bytes_up,
                                  bytes_down=w.bytes_down, fedavg_up=w.fedavg_up, fedavg_down=w.fedavg_down,
+                                 train_seconds=w.train_seconds,
                                  version=w.version,
                                  hash=None if w.global_state is None else _hash(w.global_state))
             threads = [threading.Thread(target=one, args=c, daemon=True) for c in clients]
@@ -182,6 +202,7 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                    fedavg_fp32_bytes_up=sum(r["fedavg_up"] for r in results),
                    fedavg_fp32_bytes_down=sum(r["fedavg_down"] for r in results),
                    seconds=time.monotonic() - t0, per_round=per_round,
+                   **_overhead(per_round, results),
                    coordinator_hash=bg.coord.model_sha if bg else None,
                    clients={r["name"]: {k2: r[k2] for k2 in ("rounds", "bytes_up", "bytes_down", "version", "hash")}
                             for r in results})

@@ -39,7 +39,8 @@ def run_rounds(bg, synth, n):
             if bg.call(lambda: bg.coord.version) >= n:
                 return last
             r = s.client.get_task()
-            if r.status == cpb.GetTaskResponse.READY and (name, r.task.round_id) not in done:
+            if (r.status == cpb.GetTaskResponse.READY and (name, r.task.round_id) not in done
+                    and r.task.model.version < n):       # never answer a round beyond version n
                 s.client.submit(s.update_for(r.task), r.task.round_id, r.task.model.version)
                 done.add((name, r.task.round_id))
                 last = r.task
