@@ -309,14 +309,20 @@ class Coordinator:
             return cpb.GetTaskResponse(status=cpb.GetTaskResponse.SUBMITTED, retry_after_s=0.5, **base)
         return cpb.GetTaskResponse(status=cpb.GetTaskResponse.READY, task=self.task_for(client, rnd), **base)
 
-    async def wait_task(self, client: str) -> cpb.GetTaskResponse:
-        """:meth:`get_task`, but a WAIT answer is held up to ``task_long_poll_s`` until a
-        round opens or the run ends (a long poll: idle clients cost one call per interval)."""
+    async def wait_task(self, client: str, max_wait: float | None = None) -> cpb.GetTaskResponse:
+        """:meth:`get_task`, but a WAIT answer is held up to ``task_long_poll_s`` (and at
+        most ``max_wait``: the caller's deadline) until this client has something else to
+        hear: a round that samples it, or the end of the run. Idle clients then cost one
+        call per interval instead of a poll every half second."""
         reply = self.get_task(client)
-        if reply.status == cpb.GetTaskResponse.WAIT and self.settings.task_long_poll_s > 0:
+        hold = self.settings.task_long_poll_s if max_wait is None else min(self.settings.task_long_poll_s, max_wait)
+        deadline = time.monotonic() + hold
+        # A client not sampled in the round that just opened stays parked: waking every
+        # idle client at each round start would cost a burst of calls for nothing.
+        while reply.status == cpb.GetTaskResponse.WAIT and (left := deadline - time.monotonic()) > 0:
             event = self._task_event
             try:
-                await asyncio.wait_for(event.wait(), self.settings.task_long_poll_s)
+                await asyncio.wait_for(event.wait(), left)
             except asyncio.TimeoutError:
                 pass
             reply = self.get_task(client)
@@ -412,6 +418,12 @@ class Coordinator:
         self._update_client_gauges()
         self._changed.set()
         return cpb.LeaveResponse()
+
+    def upload_lost(self, client: str) -> None:
+        """The client's connection died during its upload: recorded as dropped, not rejected."""
+        rnd = self.round
+        if rnd is not None and client not in rnd.replies:
+            rnd.rejected.pop(client, None)
 
     def _check_round(self, client: str, round_id: int, model_version: int) -> OpenRound:
         rnd = self.round
@@ -516,7 +528,7 @@ class Coordinator:
                                         "size")
             buf += data
         if len(buf) != header.total_bytes:
-            raise InvalidArgument(f"stream ended after {len(buf)} of {header.total_bytes} announced bytes", "malformed")
+            raise InvalidArgument(f"stream ended after {len(buf)} of {header.total_bytes} announced bytes", "truncated")
         if sha256_hex(bytes(buf)) != header.payload_sha256:
             raise InvalidArgument("payload SHA-256 does not match header.payload_sha256 (corrupted upload)", "malformed")
         return bytes(buf)

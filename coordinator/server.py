@@ -117,7 +117,8 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServiceServicer):
 
     async def GetTask(self, request, context):
         try:
-            return await self.coord.wait_task(CLIENT.get())
+            left = context.time_remaining()     # the caller's deadline bounds the long poll
+            return await self.coord.wait_task(CLIENT.get(), None if left is None else left - 1.0)
         except CoordinatorError as e:
             await _abort(context, e)
 
@@ -148,7 +149,19 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServiceServicer):
         try:
             return await self.coord.submit(CLIENT.get(), request_iterator)
         except CoordinatorError as e:
+            if e.reason == "truncated":
+                # A stream that stops short is either a client that died mid-upload (gRPC cancels
+                # this call a moment later: a dropout) or a live client that sent too little (a
+                # refusal). Give the cancellation a moment to arrive before deciding.
+                try:
+                    await asyncio.sleep(TRUNCATION_GRACE_S)
+                except asyncio.CancelledError:
+                    self.coord.upload_lost(CLIENT.get())
+                    raise
             await _abort(context, e)
+
+
+TRUNCATION_GRACE_S = 1.0
 
 
 def server_credentials(settings: CoordinatorSettings) -> grpc.ServerCredentials | None:

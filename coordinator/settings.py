@@ -50,7 +50,7 @@ class CoordinatorSettings(BaseSettings):
     round_timeout_s: float = Field(60.0, gt=0, description="deadline of a round after it opens")
     client_timeout_s: float = Field(120.0, gt=0, description="a client silent this long is inactive (a dropout if sampled)")
     heartbeat_interval_s: float = Field(10.0, gt=0)
-    task_long_poll_s: float = Field(5.0, ge=0, description=(
+    task_long_poll_s: float = Field(15.0, ge=0, le=50, description=(
         "GetTask holds a 'wait' answer up to this long, returning early when a round opens or the run "
         "ends, so idle clients neither poll hard nor start late (0: answer at once)"))
     # ---- what workers send -------------------------------------------------------------

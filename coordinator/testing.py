@@ -16,8 +16,10 @@ from .settings import CoordinatorSettings
 
 def settings_for(tmp_path, **kw) -> CoordinatorSettings:
     """Settings of a test coordinator. Protocol tests drive it with hand-made dense
-    updates, so the default here is ``updates='dense'``; codec tests pass ``updates='codec'``."""
-    base = dict(store=tmp_path / "store", port=0, preset="tiny", updates="dense", clients_per_round=3, min_replies=2,
+    updates, so the default here is ``updates='dense'``; codec tests pass ``updates='codec'``.
+    GetTask answers at once (``task_long_poll_s=0``) unless a test asks for the long poll."""
+    base = dict(store=tmp_path / "store", port=0, preset="tiny", updates="dense", task_long_poll_s=0.0,
+                clients_per_round=3, min_replies=2,
                 round_timeout_s=30, client_timeout_s=60, max_update_bytes=1 << 20)
     base.update(kw)
     return CoordinatorSettings(**base)

@@ -192,3 +192,41 @@ def test_version_one_store_is_migrated(tmp_path):
     assert st.downlinks(0, 0) == []
     st.close()
     assert Store(root).meta("schema_version") == "2"     # idempotent
+
+
+def test_get_task_long_poll_wakes_the_sampled_client_and_respects_deadlines(tmp_path):
+    """An idle client's GetTask is held (not answered WAIT at once) and returns READY as
+    soon as a round samples it; the hold never outlasts the caller's deadline."""
+    import threading
+    import time
+
+    from worker.transport import CoordinatorClient
+    settings = codec_settings(tmp_path, clients_per_round=2, min_replies=2, task_long_poll_s=20.0)
+    with BackgroundCoordinator(settings) as bg:
+        tokens = {n: bg.call(lambda n=n: bg.store.create_token(n)) for n in ("alice", "bob")}
+        # Alone, no round can open. With a 3 s deadline of its own the caller gets WAIT
+        # before it (held about deadline - 1 s), not DEADLINE_EXCEEDED.
+        with CoordinatorClient(bg.target, tokens["alice"], timeout=3) as short:
+            short.join(num_examples=10)
+            t0 = time.monotonic()
+            r = short.get_task()
+            held = time.monotonic() - t0
+        assert r.status == cpb.GetTaskResponse.WAIT and 1.5 <= held < 3, held
+        alice = CoordinatorClient(bg.target, tokens["alice"], timeout=30)
+        out = {}
+
+        def poll():
+            t0 = time.monotonic()
+            out["reply"] = alice.get_task()
+            out["held"] = time.monotonic() - t0
+        t = threading.Thread(target=poll)
+        t.start()
+        time.sleep(1.0)
+        assert t.is_alive(), "GetTask answered WAIT at once instead of holding"
+        with CoordinatorClient(bg.target, tokens["bob"], timeout=30) as bob:
+            bob.join(num_examples=10)                 # the second client lets round 1 open
+            t.join(15)
+            assert not t.is_alive()
+        assert out["reply"].status == cpb.GetTaskResponse.READY and out["reply"].task.round_id == 1
+        assert out["held"] >= 0.9
+        alice.close()
