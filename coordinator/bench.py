@@ -3,8 +3,11 @@
 A coordinator runs as a subprocess (so its RSS is its own) on a fresh store with
 ``clients_per_round = min_replies = N``; N asyncio clients in this process, each on
 its own channel, join, wait for their task and submit at once a realistic compressed
-update (rank-r int8 factors of every 2-D parameter of the model, dense 1-D tensors,
-head importance). Reported: updates/s from the first submit to the last reply,
+update. Default (``codec``, the product's mode): each round's updates are real
+ClientCodec encodings for that round's plan (task mask and codec round), so the
+coordinator validates, aggregates exactly and produces its downlink as in production;
+``dense``: synthetic rank-r int8 factors of every 2-D parameter and dense 1-D tensors,
+aggregated by plain FedAvg. Reported: updates/s from the first submit to the last reply,
 p50/p99 submit latency, the coordinator's peak RSS (VmHWM) after the last round
 committed, and the round timings the store recorded.
 """
@@ -33,7 +36,36 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
 
 
-async def _clients(target: str, tokens: list[str], payloads: list[bytes], rounds: int) -> dict:
+def _codec_payloads(task, distinct: int) -> list[bytes]:
+    """``distinct`` valid codec updates for ``task``'s plan (random pseudo-gradients)."""
+    import torch
+
+    from mla_model import MLAConfig, MLATransformer
+
+    from .codec import ClientCodec, CodecConfig, RoundPlan
+    from .codec.layout import SharedState
+    model_cfg = MLAConfig.model_validate_json(task.model_config_json)
+    cfg = CodecConfig.model_validate_json(task.codec.config_json)
+    with torch.device("meta"):
+        shapes = {n: tuple(t.shape) for n, t in MLATransformer(model_cfg).state_dict().items()}
+    shared = SharedState.initial(shapes, cfg)
+    shared.round = task.model.version
+    m = task.active_heads
+    mask = torch.tensor(list(m.active), dtype=torch.bool).view(m.num_layers, m.num_heads)
+    plan = RoundPlan(round=shared.round, mask=mask, shared=shared, send_dense=shared.round % cfg.dense_every == 0)
+    zero = {n: torch.zeros(s) for n, s in shapes.items()}
+    out = []
+    for i in range(distinct):
+        g = torch.Generator().manual_seed(1000 * task.round_id + i)
+        local = {n: torch.randn(s, generator=g) * 1e-2 for n, s in shapes.items()}
+        codec = ClientCodec(model_cfg, cfg, shapes, f"bench-{i}")
+        imp = torch.rand(m.num_layers, m.num_heads, generator=g)
+        out.append(codec.encode(zero, local, plan, imp, 100 + i).SerializeToString())
+    return out
+
+
+async def _clients(target: str, tokens: list[str], payloads: list[bytes] | None, rounds: int,
+                   distinct: int = 8) -> dict:
     from protos.fedmla.v1 import coordinator_pb2 as cpb
     from worker.transport import AsyncCoordinatorClient
 
@@ -41,6 +73,7 @@ async def _clients(target: str, tokens: list[str], payloads: list[bytes], rounds
     await asyncio.gather(*(c.join(num_examples=100 + i) for i, c in enumerate(clients)))
     latencies: list[float] = []
     per_round = []
+    sizes: list[int] = [len(p) for p in payloads or []]
     for _ in range(rounds):
         async def ready(c):
             while True:
@@ -51,6 +84,9 @@ async def _clients(target: str, tokens: list[str], payloads: list[bytes], rounds
                     raise RuntimeError("run finished early")
                 await asyncio.sleep(0.05)
         tasks = await asyncio.gather(*(ready(c) for c in clients))
+        if payloads is None or tasks[0].codec.config_json:   # codec: encodings for this round's plan
+            payloads = await asyncio.to_thread(_codec_payloads, tasks[0], distinct)
+            sizes.extend(len(p) for p in payloads)
         start_all = time.perf_counter()
 
         async def submit(i, c, task):
@@ -66,11 +102,11 @@ async def _clients(target: str, tokens: list[str], payloads: list[bytes], rounds
                 break
             await asyncio.sleep(0.05)
     await asyncio.gather(*(c.close() for c in clients))
-    return {"latencies": latencies, "ingest_seconds": per_round}
+    return {"latencies": latencies, "ingest_seconds": per_round, "sizes": sizes}
 
 
 def run_bench(clients: int, preset: str = "small", rounds: int = 1, rank: int = 8, quant_bits: int = 8,
-              distinct_updates: int = 8) -> dict:
+              distinct_updates: int = 8, updates: str = "codec") -> dict:
     from mla_model import MLAConfig
 
     from .store import Store
@@ -78,9 +114,17 @@ def run_bench(clients: int, preset: str = "small", rounds: int = 1, rank: int = 
     from .synthetic import synthetic_update
     from .validation import ModelSpec
 
-    spec = ModelSpec.from_config(MLAConfig.preset(preset))
-    payloads = [synthetic_update(spec, rank=rank, quant_bits=quant_bits, seed=s).SerializeToString()
-                for s in range(distinct_updates)]
+    if updates not in ("codec", "dense"):
+        raise ValueError(f"updates must be 'codec' or 'dense', got {updates!r}")
+    if updates == "dense":
+        spec = ModelSpec.from_config(MLAConfig.preset(preset))
+        payloads = [synthetic_update(spec, rank=rank, quant_bits=quant_bits, seed=s).SerializeToString()
+                    for s in range(distinct_updates)]
+        mode_args = ["--updates", "dense", "--rank", str(min(rank, 64)), "--quant-bits", str(quant_bits)]
+    else:
+        import json
+        payloads = None
+        mode_args = ["--updates", "codec", "--codec", json.dumps({"rank": rank, "factor_bits": quant_bits})]
     with tempfile.TemporaryDirectory(prefix="fedmla-bench-") as tmp:
         store_dir = Path(tmp) / "store"
         st = Store(store_dir)
@@ -89,12 +133,11 @@ def run_bench(clients: int, preset: str = "small", rounds: int = 1, rank: int = 
         log_path = Path(tmp) / "coordinator.log"
         proc, port = start_coordinator_process(store_dir, [
             "--preset", preset, "--clients-per-round", str(clients), "--min-replies", str(clients),
-            "--rounds", str(rounds), "--round-timeout-s", "3600", "--rank", str(min(rank, 64)),
-            "--quant-bits", str(quant_bits), "--log-level", "warning"], log_path)
+            "--rounds", str(rounds), "--round-timeout-s", "3600", *mode_args, "--log-level", "warning"], log_path)
         try:
             rss_idle = _peak_rss_bytes(proc.pid)
             t0 = time.perf_counter()
-            res = asyncio.run(_clients(f"127.0.0.1:{port}", tokens, payloads, rounds))
+            res = asyncio.run(_clients(f"127.0.0.1:{port}", tokens, payloads, rounds, distinct_updates))
             wall = time.perf_counter() - t0
             peak = _peak_rss_bytes(proc.pid)
         finally:
@@ -111,7 +154,8 @@ def run_bench(clients: int, preset: str = "small", rounds: int = 1, rank: int = 
     ingest = sum(res["ingest_seconds"])
     return {
         "clients": clients, "preset": preset, "rounds": rounds, "rank": rank, "quant_bits": quant_bits,
-        "update_bytes_mean": int(statistics.mean(len(p) for p in payloads)),
+        "updates_kind": updates,
+        "update_bytes_mean": int(statistics.mean(res["sizes"])),
         "updates": len(lat),
         "updates_per_s": len(lat) / ingest if ingest else None,
         "submit_latency_s": {"p50": _percentile(lat, 0.5), "p99": _percentile(lat, 0.99), "max": max(lat)},

@@ -120,12 +120,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         rank: int = typer.Option(8, help="rank of the synthetic factors"),
         quant_bits: int = typer.Option(8, help="8, 4 or 0"),
         distinct_updates: int = typer.Option(8, help="distinct synthetic payloads the clients cycle through"),
+        updates: str = typer.Option("codec", help="codec (the coordinator's default mode: real codec encodings "
+                                                  "per round) or dense (synthetic factors, plain FedAvg)"),
     ) -> None:
         """N concurrent clients submit compressed updates to a coordinator subprocess:
         updates/s ingested, p50/p99 submit latency, coordinator peak RSS."""
         from .bench import run_bench
+        if updates not in ("codec", "dense"):
+            raise typer.BadParameter("use 'codec' or 'dense'", param_hint="--updates")
         result = run_bench(clients=clients, preset=preset, rounds=rounds, rank=rank, quant_bits=quant_bits,
-                           distinct_updates=distinct_updates)
+                           distinct_updates=distinct_updates, updates=updates)
         text = json.dumps(result, indent=2)
         if json_path:
             json_path.parent.mkdir(parents=True, exist_ok=True)
