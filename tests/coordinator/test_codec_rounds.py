@@ -230,3 +230,14 @@ def test_get_task_long_poll_wakes_the_sampled_client_and_respects_deadlines(tmp_
         assert out["reply"].status == cpb.GetTaskResponse.READY and out["reply"].task.round_id == 1
         assert out["held"] >= 0.9
         alice.close()
+
+
+def test_bench_coordinator_codec_path_small_run():
+    """`fedmla bench coordinator` drives real codec updates through a coordinator process."""
+    from coordinator.bench import run_bench
+    out = run_bench(clients=3, preset="tiny", rounds=2, rank=4, quant_bits=4, distinct_updates=2)
+    assert out["updates_kind"] == "codec" and out["updates"] == 6
+    assert out["round_status"] == ["committed", "committed"]
+    assert 0 < out["update_bytes_mean"] < 100_000      # compressed: the tiny model is ~390 KB in fp32
+    with pytest.raises(ValueError, match="codec' or 'dense"):
+        run_bench(clients=1, preset="tiny", updates="fp32")
