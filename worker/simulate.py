@@ -7,9 +7,10 @@ same protocol as ``fedmla worker``. The driver watches the coordinator's committ
 versions, evaluates each new global model on the fixed validation windows and prints a
 line per round; at the end a table (and ``--json``) with validation loss, bytes and time.
 
-Uplink today is dense fp32 (the coordinator does not speak the codec yet), so the
-"bytes up" column equals FedAvg fp32; bytes down counts what was actually downloaded
-(full model on the first round, changed tensors afterwards).
+The coordinator runs its default codec mode: uplinks are the clients' codec updates
+(active heads, low-rank, quantised), downloads the full state on a client's first round
+and chains of compressed downlinks afterwards; both are the serialized bytes on the wire,
+beside what FedAvg in fp32 would have sent.
 """
 
 from __future__ import annotations
@@ -110,7 +111,13 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                    data: str = "builtin", partition: str = "natural", seed: int = 0, actors: int | None = None,
                    address: str | None = None, store: Path | None = None, coordinator: str | None = None,
                    token_dir: Path | None = None, ca: Path | None = None, dashboard_port: int | None = None,
-                   log=print) -> dict:
+                   log=print, progress=None) -> dict:
+    """Run the simulation; returns the results table as a dict (see ``--json``).
+
+    ``progress``, if given, is called about twice a second with a dict: ``round`` (open
+    round id or None), ``replied``/``sampled`` (of the open round), ``committed`` (rounds
+    committed so far), ``val_loss`` (latest), ``bytes_up``/``bytes_down`` (committed
+    rounds, cumulative)."""
     import os
 
     import ray
@@ -150,6 +157,20 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
             from coordinator.dashboard.sqlite_source import SqliteSource
             dash = DashboardServer(SqliteSource(bg.settings.store), host="127.0.0.1", port=dashboard_port).start()
             log(f"dashboard: {dash.url}")
+        last_loss = None
+
+        def report():
+            if progress is None or bg is None:
+                return
+            def snap():
+                c = bg.coord
+                rnd = c.round
+                up, down = c.store.db.execute("SELECT COALESCE(SUM(bytes_up), 0), COALESCE(SUM(bytes_down), 0) "
+                                              "FROM rounds").fetchone()
+                return dict(round=rnd.id if rnd else None, replied=len(rnd.replies) if rnd else 0,
+                            sampled=len(rnd.sampled) if rnd else 0, committed=c.version - first_v,
+                            bytes_up=up, bytes_down=down)
+            progress({**bg.call(snap), "val_loss": last_loss})
         datas = {n: fed.clients[i] for i, n in enumerate(names)}
         model_cfg = MLAConfig.preset(preset)
         evaluator = LocalTrainer(model_cfg, TrainerConfig(seq_len=seq_len, importance=False))
@@ -157,7 +178,7 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
         def val_loss(state):
             return evaluator.evaluate(state, fed.validation)["loss"]
 
-        initial = val_loss(bg.coord.state) if bg else None
+        initial = last_loss = val_loss(bg.coord.state) if bg else None
         k = actors or max(1, min(len(names), os.cpu_count() or 1))
         ray.init(address=address, num_cpus=None if address else k, object_store_memory=None if address else 80 << 20,
                  include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
@@ -173,15 +194,16 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
             while True:
                 if pending:
                     _, pending = ray.wait(pending, timeout=0.5, num_returns=len(pending))
+                report()
                 # Checked once more after the clients finish: the last commit can land in
                 # the same wait as the clients' exit.
                 if bg is not None and bg.coord.version != last_v:
                     last_v = bg.coord.version
                     now = time.monotonic()
-                    loss = val_loss(bg.coord.state)
+                    loss = last_loss = val_loss(bg.coord.state)
                     per_round.append(dict(version=last_v, val_loss=loss, seconds=now - t_round))
                     t_round = now
-                    log(f"round {len(per_round)}/{rounds}: model v{last_v} val loss {loss:.4f} "
+                    log(f"round {last_v - first_v}/{rounds}: model v{last_v} val loss {loss:.4f} "
                         f"({per_round[-1]['seconds']:.1f}s)")
                 elif not pending:
                     break
@@ -238,7 +260,12 @@ def register(app, bench) -> None:
         dashboard_port: int = typer.Option(None, "--dashboard-port",
                                            help="serve the run's dashboard on 127.0.0.1:PORT (0: any free port; unset: off)"),
     ) -> None:
-        """Federated training of N virtual clients on Ray against a real gRPC coordinator."""
+        """Federated training of N virtual clients on Ray against a real gRPC coordinator.
+
+        Starts a coordinator on 127.0.0.1 (or uses --coordinator), a pool of Ray actors that
+        each serve many virtual clients (every one a real `fedmla worker` with its own gRPC
+        channel), shows progress bars and a line per committed round, and ends with a table
+        of validation loss, bytes up/down against FedAvg in fp32, and time per round."""
         from rich.console import Console
         from rich.table import Table
         if partition not in ("natural", "iid", "dirichlet"):
@@ -247,12 +274,33 @@ def register(app, bench) -> None:
         if clients_per_round > clients:
             typer.echo(f"error: --clients-per-round {clients_per_round} exceeds --clients {clients}", err=True)
             raise typer.Exit(2)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         console = Console(stderr=True)
+        # Live bars on a terminal; on a pipe or in CI Rich draws nothing live, and the
+        # per-round lines below still go out.
+        bars = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True)
+        rounds_bar = bars.add_task("rounds", total=rounds, info="")
+        replies_bar = bars.add_task("replies", total=clients_per_round, info="", visible=False)
+
+        def on_progress(p):
+            def mb(n):
+                return f"{n / 1e6:.2f} MB"
+            loss = "-" if p["val_loss"] is None else f"{p['val_loss']:.4f}"
+            bars.update(rounds_bar, completed=p["committed"],
+                        info=f"val loss {loss}  up {mb(p['bytes_up'])}  down {mb(p['bytes_down'])}")
+            if p["round"] is not None:
+                bars.update(replies_bar, description=f"round {p['round']}", completed=p["replied"],
+                            total=max(p["sampled"], 1), visible=True, info="replies")
+            else:
+                bars.update(replies_bar, visible=False)
         try:
-            res = run_simulation(clients=clients, clients_per_round=clients_per_round, rounds=rounds, preset=preset,
-                                 local_steps=local_steps, data=data, partition=partition, seed=seed, actors=actors,
-                                 address=address, store=store, coordinator=coordinator, token_dir=token_dir, ca=ca,
-                                 dashboard_port=dashboard_port, log=console.print)
+            with bars:
+                res = run_simulation(clients=clients, clients_per_round=clients_per_round, rounds=rounds,
+                                     preset=preset, local_steps=local_steps, data=data, partition=partition, seed=seed,
+                                     actors=actors, address=address, store=store, coordinator=coordinator,
+                                     token_dir=token_dir, ca=ca, dashboard_port=dashboard_port, log=bars.console.print,
+                                     progress=on_progress)
         except DataError as e:
             typer.echo(f"error: bad data: {e}", err=True)
             raise typer.Exit(2)
