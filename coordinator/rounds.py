@@ -135,7 +135,7 @@ class Coordinator:
         self.cfg = MLAConfig.preset(settings.preset)
         self.spec = ModelSpec.from_config(self.cfg)
         self.config_json = self.cfg.model_dump_json()
-        self.store.bind_run(self.config_json, settings.model_dump_json())
+        self.store.bind_run(self.config_json, settings.public_json())
         rec = self.store.latest_model()
         if rec is None:
             model = MLATransformer(self.cfg)
@@ -327,6 +327,16 @@ class Coordinator:
                 pass
             reply = self.get_task(client)
         return reply
+
+    def live_round(self) -> dict | None:
+        """The open round as the dashboard shows it before it commits, or None."""
+        rnd = self.round
+        if rnd is None:
+            return None
+        return dict(id=rnd.id, status="closing" if rnd.closing else "running", started_at=rnd.started_at,
+                    sampled=len(rnd.sampled), replied=len(rnd.replies), rejected=len(rnd.rejected),
+                    bytes_up=sum(r.bytes_up for r in rnd.replies.values()), bytes_down=sum(rnd.bytes_down.values()),
+                    fedavg_fp32_bytes=len(rnd.replies) * self.spec.num_elements() * 4)
 
     def notify_tasks(self) -> None:
         """Wake every held GetTask (a round opened, the run ended, or shutdown)."""

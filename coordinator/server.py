@@ -189,6 +189,7 @@ class CoordinatorServer:
         self._driver: asyncio.Task | None = None
         self._metrics_http = None
         self.health = HealthServicer()
+        self.dashboard = None          # DashboardServer when settings.dashboard_port is set
 
     async def start(self) -> int:
         s = self.settings
@@ -216,6 +217,8 @@ class CoordinatorServer:
             from prometheus_client import start_http_server
             self._metrics_http = start_http_server(s.metrics_port, s.metrics_host, registry=self.metrics.registry)
             self.metrics_port = self._metrics_http[0].server_port
+        if s.dashboard_port is not None:
+            self._start_dashboard()
         self._driver = asyncio.create_task(self._drive(), name="fedmla-rounds")
         if s.port_file:
             tmp = Path(str(s.port_file) + ".tmp")
@@ -224,6 +227,27 @@ class CoordinatorServer:
         log.info("coordinator serving on %s:%d (%s)", s.host, port,
                  "mutual TLS" if s.tls_client_ca else "TLS" if creds else "insecure")
         return port
+
+    def _start_dashboard(self) -> None:
+        """The run's dashboard on its own HTTP port: the store's history plus the open round."""
+        from .dashboard import DashboardServer, OverlaySource, RoundRecord
+        from .dashboard.sqlite_source import SqliteSource
+        s = self.settings
+        source = OverlaySource(SqliteSource(self.store.root))
+        self.dashboard = DashboardServer(source, host=s.dashboard_host, port=s.dashboard_port,
+                                         token=s.dashboard_token).start()
+        self.dashboard_source = source
+
+        async def feed():
+            last = None
+            while True:
+                live = self.coord.live_round()
+                if live is not None and live != last:
+                    source.live.put_round(RoundRecord(**live))
+                last = live
+                await asyncio.sleep(0.25)
+        self._dashboard_feed = asyncio.create_task(feed(), name="fedmla-dashboard-feed")
+        log.info("dashboard on %s%s", self.dashboard.url, " (token required)" if s.dashboard_token else "")
 
     async def _drive(self) -> None:
         try:
@@ -251,6 +275,10 @@ class CoordinatorServer:
                 log.exception("commit of the last round failed during shutdown")
         if self._server is not None:
             await self._server.stop(grace)
+        if self.dashboard is not None:
+            self._dashboard_feed.cancel()
+            self.dashboard.stop()
+            self.dashboard_source.store.close()
         if self._metrics_http is not None:
             self._metrics_http[0].shutdown()
             self._metrics_http[0].server_close()

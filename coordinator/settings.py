@@ -34,6 +34,12 @@ class CoordinatorSettings(BaseSettings):
     tls_client_ca: Path | None = Field(None, description="CA (PEM) that client certificates must chain to; enables mutual TLS")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus metrics HTTP port (unset: off)")
     metrics_host: str = Field("127.0.0.1", description="address of the metrics HTTP server")
+    dashboard_port: int | None = Field(None, ge=0, le=65535, description=(
+        "serve the read-only web dashboard of this run on this HTTP port (0: any free port; unset: off)"))
+    dashboard_host: str = Field("127.0.0.1", description="address of the dashboard HTTP server")
+    dashboard_token: str | None = Field(None, min_length=1, description=(
+        "token the dashboard requires on the page and API (Bearer header or ?token=); never stored or shown. "
+        "Prefer the environment variable FEDMLA_COORDINATOR_DASHBOARD_TOKEN to a flag"))
     max_concurrent_uploads: int = Field(8, ge=1, description="updates read and validated at once; others wait")
     shutdown_grace_s: float = Field(5.0, ge=0, description="time in-flight calls get on SIGTERM")
     # ---- store and model -----------------------------------------------------------
@@ -100,6 +106,10 @@ class CoordinatorSettings(BaseSettings):
         if self.min_replies > self.clients_per_round:
             raise ValueError(f"min_replies {self.min_replies} exceeds clients_per_round {self.clients_per_round}")
         return self
+
+    def public_json(self) -> str:
+        """The settings as recorded in the store and shown on the dashboard: no secrets."""
+        return self.model_dump_json(exclude={"dashboard_token"})
 
     @property
     def clients_to_start(self) -> int:

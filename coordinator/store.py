@@ -457,6 +457,12 @@ class Store:
         if model is not None and keep_checkpoints > 0:
             self._prune(keep_checkpoints)
 
+    def set_val_loss(self, model_version: int, loss: float) -> None:
+        """Record the held-out loss of a committed model (an evaluator's figure, e.g. simulate's)."""
+        with self._tx():
+            self.db.execute("UPDATE rounds SET val_loss=? WHERE model_version=? AND status='committed'",
+                            (float(loss), model_version))
+
     def _prune(self, keep: int) -> None:
         old = self.db.execute("SELECT version, path, codec_path FROM models WHERE pruned=0 AND version > 0 "
                               "ORDER BY version DESC LIMIT -1 OFFSET ?", (keep,)).fetchall()

@@ -111,13 +111,15 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                    data: str = "builtin", partition: str = "natural", seed: int = 0, actors: int | None = None,
                    address: str | None = None, store: Path | None = None, coordinator: str | None = None,
                    token_dir: Path | None = None, ca: Path | None = None, dashboard_port: int | None = None,
-                   log=print, progress=None) -> dict:
+                   dashboard_token: str | None = None, dashboard_linger: float = 0.0,
+                   log=print, progress=None, on_result=None) -> dict:
     """Run the simulation; returns the results table as a dict (see ``--json``).
 
     ``progress``, if given, is called about twice a second with a dict: ``round`` (open
     round id or None), ``replied``/``sampled`` (of the open round), ``committed`` (rounds
     committed so far), ``val_loss`` (latest), ``bytes_up``/``bytes_down`` (committed
-    rounds, cumulative)."""
+    rounds, cumulative). ``on_result``, if given, gets the results as soon as the run
+    is over (before a dashboard linger)."""
     import os
 
     import ray
@@ -138,7 +140,8 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                                            preset=preset, rounds=rounds, clients_per_round=clients_per_round,
                                            min_replies=clients_per_round, local_steps=local_steps, learning_rate=lr,
                                            batch_size=batch_size, seq_len=seq_len, seed=seed, round_timeout_s=300,
-                                           client_timeout_s=300, heartbeat_interval_s=5)
+                                           client_timeout_s=300, heartbeat_interval_s=5,
+                                           dashboard_port=dashboard_port, dashboard_token=dashboard_token)
             bg = BackgroundCoordinator(settings).start()
             target = bg.target
             names = [c.name for c in fed.clients[:clients]]
@@ -151,12 +154,8 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                 raise DataError(f"--token-dir {token_dir} holds no token files")
             target, tokens = coordinator, {p.stem: p.read_text().strip() for p in files}
             names = list(tokens)
-        dash = None
-        if bg is not None and dashboard_port is not None:
-            from coordinator.dashboard.server import DashboardServer
-            from coordinator.dashboard.sqlite_source import SqliteSource
-            dash = DashboardServer(SqliteSource(bg.settings.store), host="127.0.0.1", port=dashboard_port).start()
-            log(f"dashboard: {dash.url}")
+        if bg is not None and bg.server.dashboard is not None:
+            log(f"dashboard: {bg.server.dashboard.url}")
         last_loss = None
 
         def report():
@@ -201,6 +200,8 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                     last_v = bg.coord.version
                     now = time.monotonic()
                     loss = last_loss = val_loss(bg.coord.state)
+                    # The global model's held-out loss goes into the round's row (dashboard, store).
+                    bg.call(lambda v=last_v, x=loss: bg.store.set_val_loss(v, x))
                     per_round.append(dict(version=last_v, val_loss=loss, seconds=now - t_round))
                     t_round = now
                     log(f"round {last_v - first_v}/{rounds}: model v{last_v} val loss {loss:.4f} "
@@ -228,10 +229,17 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                    coordinator_hash=bg.coord.model_sha if bg else None,
                    clients={r["name"]: {k2: r[k2] for k2 in ("rounds", "bytes_up", "bytes_down", "version", "hash")}
                             for r in results})
+        if on_result is not None:
+            on_result(out)
+        if bg is not None and bg.server.dashboard is not None and dashboard_linger > 0:
+            log(f"run finished; the dashboard stays up for {dashboard_linger:.0f} s (Ctrl-C to stop): "
+                f"{bg.server.dashboard.url}")
+            try:
+                time.sleep(dashboard_linger)
+            except KeyboardInterrupt:
+                pass
         return out
     finally:
-        if locals().get("dash") is not None:
-            dash.stop()
         if bg is not None:
             bg.stop()
         tmp.cleanup()
@@ -259,6 +267,11 @@ def register(app, bench) -> None:
         json_path: Path = typer.Option(None, "--json", help="write the results as JSON"),
         dashboard_port: int = typer.Option(None, "--dashboard-port",
                                            help="serve the run's dashboard on 127.0.0.1:PORT (0: any free port; unset: off)"),
+        dashboard_token: str = typer.Option(None, "--dashboard-token", envvar="FEDMLA_DASHBOARD_TOKEN",
+                                            help="token the dashboard requires (Bearer header or ?token=)"),
+        dashboard_linger: float = typer.Option(0.0, "--dashboard-linger", min=0,
+                                               help="keep the dashboard up this many seconds after the run "
+                                                    "(Ctrl-C ends it sooner)"),
     ) -> None:
         """Federated training of N virtual clients on Ray against a real gRPC coordinator.
 
@@ -294,34 +307,38 @@ def register(app, bench) -> None:
                             total=max(p["sampled"], 1), visible=True, info="replies")
             else:
                 bars.update(replies_bar, visible=False)
+        def show(res):
+            t = Table(title="fedmla simulate")
+            t.add_column("metric")
+            t.add_column("value", justify="right")
+
+            def f(x, fmt):
+                return "-" if x is None else format(x, fmt)
+            t.add_row("rounds", str(res["rounds"]))
+            t.add_row("val loss initial", f(res["initial_val_loss"], ".4f"))
+            t.add_row("val loss final", f(res["final_val_loss"], ".4f"))
+            t.add_row("bytes up", f"{res['bytes_up']:,}")
+            t.add_row("bytes down", f"{res['bytes_down']:,}")
+            t.add_row("FedAvg fp32 up / down", f"{res['fedavg_fp32_bytes_up']:,} / {res['fedavg_fp32_bytes_down']:,}")
+            secs = [r["seconds"] for r in res["per_round"]]
+            t.add_row("time per round (s)", f(sum(secs) / len(secs), ".1f") if secs else "-")
+            t.add_row("total time (s)", f"{res['seconds']:.1f}")
+            Console().print(t)
+            if json_path is not None:
+                json_path.write_text(json.dumps(res, indent=2))
+
         try:
             with bars:
                 res = run_simulation(clients=clients, clients_per_round=clients_per_round, rounds=rounds,
                                      preset=preset, local_steps=local_steps, data=data, partition=partition, seed=seed,
                                      actors=actors, address=address, store=store, coordinator=coordinator,
-                                     token_dir=token_dir, ca=ca, dashboard_port=dashboard_port, log=bars.console.print,
-                                     progress=on_progress)
+                                     token_dir=token_dir, ca=ca, dashboard_port=dashboard_port,
+                                     dashboard_token=dashboard_token, dashboard_linger=dashboard_linger,
+                                     log=bars.console.print, progress=on_progress, on_result=show)
         except DataError as e:
             typer.echo(f"error: bad data: {e}", err=True)
             raise typer.Exit(2)
         except RuntimeError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1)
-        t = Table(title="fedmla simulate")
-        t.add_column("metric")
-        t.add_column("value", justify="right")
 
-        def f(x, fmt):
-            return "-" if x is None else format(x, fmt)
-        t.add_row("rounds", str(res["rounds"]))
-        t.add_row("val loss initial", f(res["initial_val_loss"], ".4f"))
-        t.add_row("val loss final", f(res["final_val_loss"], ".4f"))
-        t.add_row("bytes up", f"{res['bytes_up']:,}")
-        t.add_row("bytes down", f"{res['bytes_down']:,}")
-        t.add_row("FedAvg fp32 up / down", f"{res['fedavg_fp32_bytes_up']:,} / {res['fedavg_fp32_bytes_down']:,}")
-        secs = [r["seconds"] for r in res["per_round"]]
-        t.add_row("time per round (s)", f(sum(secs) / len(secs), ".1f") if secs else "-")
-        t.add_row("total time (s)", f"{res['seconds']:.1f}")
-        Console().print(t)
-        if json_path is not None:
-            json_path.write_text(json.dumps(res, indent=2))

@@ -232,7 +232,8 @@ def create_app(source: DashboardSource, token: str | None = None, poll_interval:
     async def events(request: Request) -> AsyncIterable[ServerSentEvent]:
         """Server-sent events for live pages. The first `update` carries every round (`full`);
         later ones, sent whenever the source changes, carry the rounds with id >= `rounds_from`
-        (ended rounds never change), plus summary, run, clients and the latest head importance."""
+        (older ended rounds never change; see views.open_frontier), plus summary, run, clients and
+        the latest head importance."""
         rounds_from: int | None = None
         last_version: int | None = None
         while not stopping.is_set():

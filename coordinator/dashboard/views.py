@@ -235,13 +235,25 @@ def summary(version: int, run: RunRecord, rounds: list[RoundView], clients: list
     )
 
 
+# Ended rounds change at most shortly after they end: an evaluator (``fedmla simulate``)
+# records the held-out loss of the model a round produced once it has measured it. So
+# the newest REVISABLE_ENDED ended rounds are sent again with every update.
+REVISABLE_ENDED = 2
+
+
 def open_frontier(rounds: list[RoundRecord]) -> int:
     """Smallest round id a client that has seen ``rounds`` must re-read on the next update:
-    the first open round, else one past the last. Ended rounds never change."""
+    the first open round, else one past the last, but no later than the newest
+    ``REVISABLE_ENDED`` ended rounds. Older ended rounds never change."""
+    frontier = rounds[-1].id + 1 if rounds else 0
     for r in rounds:
         if r.ended_at is None:
-            return r.id
-    return rounds[-1].id + 1 if rounds else 0
+            frontier = r.id
+            break
+    ended = [r.id for r in rounds if r.ended_at is not None]
+    if ended:
+        frontier = min(frontier, ended[-REVISABLE_ENDED:][0])
+    return frontier
 
 
 class LiveUpdate(BaseModel):

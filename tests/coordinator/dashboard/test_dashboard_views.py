@@ -67,9 +67,14 @@ def test_summary_of_the_example_run():
 def test_open_frontier():
     done = RoundRecord(id=1, status="committed", started_at=0, ended_at=1)
     running = RoundRecord(id=2, status="running", started_at=2)
+    done2 = RoundRecord(id=2, status="committed", started_at=2, ended_at=3)
+    done3 = RoundRecord(id=3, status="failed", started_at=3, ended_at=4)
+    running4 = RoundRecord(id=4, status="running", started_at=4)
     assert open_frontier([]) == 0
-    assert open_frontier([done]) == 2
-    assert open_frontier([done, running]) == 2
+    assert open_frontier([done]) == 1                     # the newest ended rounds may still gain a val loss
+    assert open_frontier([done, running]) == 1
+    assert open_frontier([done, done2, done3]) == 2       # ... the newest two of them
+    assert open_frontier([done, done2, done3, running4]) == 2
     assert open_frontier([RoundRecord(id=0, status="running")]) == 0
 
 
