@@ -11,8 +11,13 @@ clients_per_round / population. A round that would push epsilon past
 from __future__ import annotations
 
 import torch
-from opacus.accountants import RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field
+
+
+def _rdp_accountant():
+    # Opacus pulls in a lot (about a second of imports): only DP runs pay for it.
+    from opacus.accountants import RDPAccountant
+    return RDPAccountant()
 
 
 class DPConfig(BaseModel):
@@ -33,7 +38,7 @@ class PrivacyAccountant:
 
     def __init__(self, cfg: DPConfig, history: list[tuple[float, float, int]] | None = None):
         self.cfg = cfg
-        self._acc = RDPAccountant()
+        self._acc = _rdp_accountant()
         if history:
             self._acc.history = [tuple(h) for h in history]
 
@@ -53,7 +58,7 @@ class PrivacyAccountant:
 
     def epsilon_if_run(self, sample_rate: float) -> float:
         """Epsilon after one more round at ``sample_rate``, without recording it."""
-        trial = RDPAccountant()
+        trial = _rdp_accountant()
         trial.history = list(self._acc.history)
         trial.step(noise_multiplier=self.cfg.noise_multiplier, sample_rate=sample_rate)
         return float(trial.get_epsilon(self.cfg.delta))

@@ -106,6 +106,7 @@ class OpenRound:
     bytes_down: dict[str, int] = field(default_factory=dict)
     closing: bool = False
     plan: object | None = None           # codec runs: the round's coordinator.codec RoundPlan
+    dp_rate: float | None = None         # DP runs: the sampling rate the accountant charges for this round
 
     def pending(self) -> list[str]:
         return [c for c in self.sampled if c not in self.replies and c not in self.left]
@@ -156,6 +157,12 @@ class Coordinator:
         self.shared = self.codec.shared if self.codec is not None else None
         self._codec_json = settings.codec.model_dump_json()
         self._downlinks: dict[int, bytes] = {}          # version -> the downlink that produced it
+        self.accountant = None
+        if settings.dp is not None:
+            from .privacy import PrivacyAccountant
+            saved = self.store.meta("privacy")
+            self.accountant = PrivacyAccountant(settings.dp, json.loads(saved)["history"] if saved else None)
+        self.stop_reason: str | None = None
         self._full_cache: tuple[int, bytes, str] | None = None
         self.next_round_id = self.store.last_round_id() + 1
         self.clients: dict[str, ClientState] = {}
@@ -555,6 +562,8 @@ class Coordinator:
         """Run rounds until the configured number is committed (or cancellation)."""
         s = self.settings
         while True:
+            if self.finished:        # e.g. the privacy budget is spent
+                return
             if s.rounds and self.version >= s.rounds:
                 self.finished = True
                 log.info("run finished: %d rounds committed", self.version)
@@ -573,12 +582,27 @@ class Coordinator:
         rid = self.next_round_id
         rng = random.Random(_seed_for(s.seed, "sample", rid))
         sampled = sorted(rng.sample(active, min(s.clients_per_round, len(active))))
+        dp_rate = None
+        if self.accountant is not None:
+            from .defenses import sample_rate
+            from .privacy import BudgetExceeded
+            dp_rate = sample_rate(len(sampled), len(active))
+            try:
+                self.accountant.check_round(dp_rate)
+            except BudgetExceeded as e:
+                self.finished, self.stop_reason = True, f"privacy budget: {e}"
+                self.store.set_meta("privacy", json.dumps(self.privacy_summary(exhausted=True)))
+                log.warning("not starting round %d: %s", rid, e)
+                self._changed.set()
+                self.notify_tasks()
+                return
         now = time.time()
         if self.codec is not None:
             plan = self.codec.plan()
             rnd = OpenRound(rid, self.version, now, now + s.round_timeout_s, sampled, plan.mask.clone(), plan=plan)
         else:
             rnd = OpenRound(rid, self.version, now, now + s.round_timeout_s, sampled, self._head_mask(rid))
+        rnd.dp_rate = dp_rate
         self.round = rnd
         self.notify_tasks()
         self.metrics.current_round.set(rid)
@@ -620,6 +644,10 @@ class Coordinator:
         else:
             reason = f"{reason}: {len(rnd.replies)} replies < min_replies {s.min_replies}"
         agg_s = time.perf_counter() - t0
+        if ok and codec_out is not None:      # updates the defence refused are rejections, not replies
+            for c, why in codec_out[3].items():
+                rnd.replies.pop(c, None)
+                rnd.rejected[c] = f"INVALID_ARGUMENT: refused by the defence: {why}"
         records = []
         for c in rnd.sampled:
             if c in rnd.replies:
@@ -651,12 +679,17 @@ class Coordinator:
         path = await asyncio.to_thread(self.store.write_checkpoint, new_version, data) if ok else None
         codec_file = downlink = None
         if ok and codec_out is not None:
-            downlink, codec_bytes, new_shared = codec_out
+            downlink, codec_bytes, new_shared, _ = codec_out
             codec_file = (await asyncio.to_thread(self.store.write_codec_state, new_version, codec_bytes),
                           sha256_hex(codec_bytes))
         mask = rnd.active_heads.to(torch.int64).tolist()
+        meta = None
+        if ok and self.accountant is not None:
+            self.accountant.record_round(rnd.dp_rate)
+            meta = {"privacy": json.dumps(self.privacy_summary())}
         self.store.record_round(rec, records, importance, (path, sha) if ok else None, seen, s.keep_checkpoints,
-                                mask=mask, codec=codec_file, downlink=downlink, keep_downlinks=s.keep_downlinks)
+                                mask=mask, codec=codec_file, downlink=downlink, keep_downlinks=s.keep_downlinks,
+                                meta=meta)
         if ok:
             self.state, self.model_bytes, self.model_sha, self.version = new_state, data, sha, new_version
             self._delta_cache.clear()
@@ -710,8 +743,25 @@ class Coordinator:
         data = canonical_bytes(new_state)
         return new_state, importance, data, sha256_hex(data), None
 
-    def _codec_aggregator(self, plan):
-        return self.codec.aggregator(plan)
+    def _codec_aggregator(self, plan, rnd: OpenRound):
+        from .defenses import DPAggregator, RobustAggregator
+        s, c = self.settings, self.codec
+        if s.dp is not None:
+            agg = DPAggregator(c.shapes, c.num_layers, c.num_heads, s.dp, expected_clients=len(rnd.sampled),
+                               seed=s.seed)
+        else:
+            agg = RobustAggregator(c.shapes, c.num_layers, c.num_heads, s.defense)
+        agg.begin_round(c.global_state, plan)
+        return agg
+
+    def privacy_summary(self, exhausted: bool = False) -> dict | None:
+        acc = self.accountant
+        if acc is None:
+            return None
+        dp = self.settings.dp
+        return dict(epsilon=acc.epsilon(), delta=dp.delta, target_epsilon=dp.target_epsilon, rounds=acc.rounds,
+                    noise_multiplier=dp.noise_multiplier, clip_norm=dp.clip_norm, exhausted=exhausted,
+                    history=acc.history)
 
     def _aggregate_codec(self, rnd: OpenRound):
         """Exact aggregation, outer step and downlink. The codec's state changes only if
@@ -719,7 +769,7 @@ class Coordinator:
         plan = rnd.plan
         snapshot = self.codec.state_dict()
         try:
-            agg = self._codec_aggregator(plan)
+            agg = self._codec_aggregator(plan, rnd)
             for client in sorted(rnd.replies):
                 msg = pb.ModelUpdate.FromString(rnd.replies[client].path.read_bytes())
                 update = self._decode(msg, rnd)
@@ -727,6 +777,10 @@ class Coordinator:
                 agg.add(client, update, update.num_examples)
             aggregate = agg.finish()
             importance = agg.importance()
+            refused = dict(agg.rejected)
+            if len(rnd.replies) - len(refused) < self.settings.min_replies:
+                raise ValueError(f"{len(refused)} update(s) refused by the defence ({'; '.join(refused.values())}), "
+                                 f"leaving fewer than min_replies {self.settings.min_replies}")
             down = self.codec.finish_round(plan, aggregate, importance)
             new_state = {k: self.codec.global_state[k].detach().to("cpu", torch.float32).contiguous().clone()
                          for k in self.state}
@@ -736,4 +790,5 @@ class Coordinator:
             self.codec.load_state_dict(snapshot)
             raise
         imp = importance.float().tolist() if importance is not None else None
-        return new_state, imp, data, sha256_hex(data), (down.SerializeToString(), codec_bytes, self.codec.shared)
+        return new_state, imp, data, sha256_hex(data), (down.SerializeToString(), codec_bytes, self.codec.shared,
+                                                        refused)

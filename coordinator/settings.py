@@ -15,6 +15,8 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .codec.config import CodecConfig
+from .defenses import DefenseConfig
+from .privacy import DPConfig
 
 # Settings that only mean something with dense updates; with the codec, its config has them.
 DENSE_ONLY = {"rank": "codec.rank", "max_rank": "codec.rank", "quant_bits": "codec.factor_bits",
@@ -67,6 +69,13 @@ class CoordinatorSettings(BaseSettings):
     codec: CodecConfig = Field(default_factory=CodecConfig, description=(
         "the update codec's config (JSON object of coordinator.codec.CodecConfig fields, e.g. "
         "'{\"rank\": 8, \"keep_ratio\": 0.5}'); fixed for the life of a store"))
+    defense: DefenseConfig = Field(default_factory=DefenseConfig, description=(
+        "codec runs: robust aggregation against hostile clients (JSON object of coordinator.defenses."
+        "DefenseConfig, e.g. '{\"kind\": \"median\"}' or '{\"kind\": \"krum\", \"byzantine\": 2}'); by "
+        "default the exact mean, refusing only updates whose norm is 1e6 x the round's median"))
+    dp: DPConfig | None = Field(None, description=(
+        "codec runs: client-level differential privacy (JSON object of coordinator.privacy.DPConfig: clip_norm, "
+        "noise_multiplier, target_epsilon, delta); a round that would exceed target_epsilon is not started"))
     keep_downlinks: int = Field(64, ge=1, description=(
         "codec downlinks kept so that a worker k <= this many versions behind catches up with them "
         "instead of a full download"))
@@ -103,6 +112,11 @@ class CoordinatorSettings(BaseSettings):
                 hints = ", ".join(f"{f} (use {DENSE_ONLY[f]})" if DENSE_ONLY[f] else f for f in bad)
                 raise ValueError(f"settings {hints} apply to dense updates only; this coordinator runs the codec "
                                  f"(updates='codec'). Set updates='dense' or use the codec's own settings")
+        if self.updates == "dense" and (self.dp is not None or self.defense.kind != "none"):
+            raise ValueError("defense and dp work on codec updates: set updates='codec' (the default)")
+        if self.dp is not None and self.defense.kind != "none":
+            raise ValueError(f"choose differential privacy (dp) or a robust defense (kind {self.defense.kind!r}), "
+                             f"not both: DP's clipping and noise assume the plain mean")
         if self.min_replies > self.clients_per_round:
             raise ValueError(f"min_replies {self.min_replies} exceeds clients_per_round {self.clients_per_round}")
         return self

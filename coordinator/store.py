@@ -423,7 +423,8 @@ class Store:
     def record_round(self, rnd: RoundRecord, clients: list[ClientRoundRecord], importance: list[list[float]] | None,
                      model: tuple[Path, str] | None, client_seen: dict[str, float], keep_checkpoints: int = 3,
                      mask: list[list[int]] | None = None, codec: tuple[Path, str] | None = None,
-                     downlink: bytes | None = None, keep_downlinks: int = 64) -> None:
+                     downlink: bytes | None = None, keep_downlinks: int = 64, meta: dict[str, str] | None = None
+                     ) -> None:
         """One transaction: the round, its client rows, head importance and mask, client
         totals, the codec downlink and, last, the row that makes ``model`` = (checkpoint
         path, sha256) current, with ``codec`` = (codec state path, sha256) beside it."""
@@ -445,6 +446,8 @@ class Store:
                 self.db.execute("INSERT INTO head_importance(round_id, num_layers, num_heads, scores, mask) "
                                 "VALUES (?,?,?,?,?)", (rnd.id, len(importance), len(importance[0]) if importance else 0,
                                                        json.dumps(importance), json.dumps(mask) if mask else None))
+            for key, value in (meta or {}).items():
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
             if downlink is not None and model is not None:
                 self.db.execute("INSERT OR REPLACE INTO downlinks VALUES (?,?,?,?)", (
                     rnd.model_version, rnd.id, downlink, hashlib.sha256(downlink).hexdigest()))

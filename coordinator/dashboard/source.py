@@ -37,6 +37,9 @@ class RunRecord(BaseModel):
     created_at: float | None = Field(None, description="unix time the run was created")
     config: dict[str, Any] = Field(default_factory=dict, description="the run configuration (coordinator settings) as recorded")
     mla_config: dict[str, Any] | None = Field(None, description="the MLAConfig of the run's model (its fields), as recorded")
+    privacy: dict[str, Any] | None = Field(None, description=(
+        "client-level differential privacy, when the run uses it: epsilon spent at delta, target_epsilon, "
+        "rounds accounted, noise_multiplier, clip_norm, exhausted (the coordinator refused further rounds)"))
 
 
 class RoundRecord(BaseModel):

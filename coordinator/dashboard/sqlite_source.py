@@ -179,7 +179,8 @@ class SqliteSource:
         return RunRecord(run_id=meta["run_id"], schema_version=int(meta["schema_version"]),
                          created_at=_timestamp(meta.get("created_at")),
                          config=self._json_object(meta, "run_config") or {},
-                         mla_config=self._json_object(meta, "model_config"))
+                         mla_config=self._json_object(meta, "model_config"),
+                         privacy=self._json_object(meta, "privacy"))
 
     def rounds(self) -> list[RoundRecord]:
         rows = self._query(

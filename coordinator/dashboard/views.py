@@ -131,6 +131,7 @@ class RunView(BaseModel):
     created_at: float | None = None
     config: dict[str, Any] = Field(default_factory=dict)
     mla_config: dict[str, Any] | None = None
+    privacy: dict[str, Any] | None = Field(None, description="differential privacy spent and its budget (DP runs)")
     model: ModelSummary | None = Field(None, description="present when the run records a valid model config")
     model_error: str | None = Field(None, description="why the model summary is missing although a model config is present")
 

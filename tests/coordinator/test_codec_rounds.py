@@ -241,3 +241,47 @@ def test_bench_coordinator_codec_path_small_run():
     assert 0 < out["update_bytes_mean"] < 100_000      # compressed: the tiny model is ~390 KB in fp32
     with pytest.raises(ValueError, match="codec' or 'dense"):
         run_bench(clients=1, preset="tiny", updates="fp32")
+
+
+def test_dp_budget_stops_the_run_before_the_round_that_would_exceed_it(tmp_path):
+    from coordinator.privacy import DPConfig, PrivacyAccountant
+    probe = PrivacyAccountant(DPConfig(noise_multiplier=1.0, target_epsilon=1e9))
+    eps = [probe.record_round(1.0) for _ in range(3)]            # two of two clients per round: q = 1
+    target = (eps[1] + eps[2]) / 2                                # room for two rounds, not three
+    dp = DPConfig(clip_norm=1.0, noise_multiplier=1.0, target_epsilon=target)
+    with BackgroundCoordinator(codec_settings(tmp_path, dp=dp, dashboard_port=0)) as bg:
+        clients = make_clients(bg, NAMES)
+        synth = {n: SyntheticCodecClient(c, n) for n, c in zip(NAMES, clients)}
+        run_rounds(bg, synth, 2)
+        finished = wait_for(lambda: (r := clients[0].get_task()).status == cpb.GetTaskResponse.FINISHED and r,
+                            what="the run to end at the budget")
+        assert finished.model.version == 2 and bg.call(lambda: bg.coord.version) == 2
+        assert "privacy budget" in bg.call(lambda: bg.coord.stop_reason)
+        saved = json.loads(bg.call(lambda: bg.store.meta("privacy")))
+        assert saved["rounds"] == 2 and saved["exhausted"] is True
+        assert saved["epsilon"] == pytest.approx(eps[1], rel=1e-9) and saved["epsilon"] <= target
+        import httpx
+        run = httpx.get(bg.server.dashboard.url + "api/run", timeout=10).json()
+        assert run["privacy"]["epsilon"] == pytest.approx(eps[1], rel=1e-9) and run["privacy"]["exhausted"]
+    # A restarted coordinator keeps the spent budget: it refuses at once.
+    again = Coordinator(codec_settings(tmp_path, dp=dp))
+    try:
+        assert again.accountant.rounds == 2 and again.accountant.epsilon() == pytest.approx(eps[1], rel=1e-9)
+    finally:
+        again.store.close()
+
+
+def test_defence_refuses_a_huge_update_and_the_round_commits_without_it(tmp_path):
+    from coordinator.defenses import DefenseConfig
+    names = ["a", "b", "c", "evil"]
+    settings = codec_settings(tmp_path, clients_per_round=4, min_replies=3, defense=DefenseConfig(kind="median"))
+    with BackgroundCoordinator(settings) as bg:
+        clients = make_clients(bg, names)
+        synth = {n: SyntheticCodecClient(c, n) for n, c in zip(names, clients)}
+        synth["evil"].scale = 1e5          # norm about 1e7 x the honest ones
+        run_rounds(bg, synth, 1)
+        rows = {r["client"]: r for r in bg.call(lambda: bg.store.client_rounds(1))}
+        assert rows["evil"]["status"] == "rejected" and "refused by the defence" in rows["evil"]["rejection_reason"]
+        assert {c for c, r in rows.items() if r["status"] == "replied"} == {"a", "b", "c"}
+        rnd = bg.call(lambda: bg.store.rounds())[0]
+        assert rnd["status"] == "committed" and rnd["replied"] == 3 and rnd["rejected"] == 1

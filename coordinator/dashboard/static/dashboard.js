@@ -273,6 +273,12 @@
     } else {
       add(run.model_error || "no model config in this run", "");
     }
+    const pv = run.privacy;
+    if (pv) {
+      add("privacy spent (ε at δ)", `${fmtNum(pv.epsilon, 3)} of ${fmtNum(pv.target_epsilon, 3)} at δ = ${pv.delta}` +
+          ` after ${pv.rounds} DP round${pv.rounds === 1 ? "" : "s"}${pv.exhausted ? " — budget reached, no more rounds" : ""}`,
+          "privacy");
+    }
     add("schema version", run.schema_version === null ? dash : String(run.schema_version));
     add("created", run.created_at === null ? dash : fmtTime(run.created_at));
   }

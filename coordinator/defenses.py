@@ -1,0 +1,238 @@
+"""Hostile clients and privacy: aggregators the coordinator swaps in for the codec's exact mean.
+
+Both classes take the codec's decoded updates and have the interface of
+:class:`~coordinator.codec.server.ExactAggregator` (``begin_round``, ``add``,
+``finish``, ``importance``, ``num_clients``), so the round's plan, the outer optimiser
+and the downlink stay as they are; they hold each client's *compact* update (about the
+size of its message) until ``finish`` and work in sorted client-id order, so a restarted
+coordinator gets the same bits.
+
+Every client of a round shares the round's plan, hence the same head selection and
+shared bases: a low-rank part is the product ``L @ R`` of two small factors on the same
+sub-matrix for everyone, and norms and pairwise distances come from the factors
+(:mod:`coordinator.robust`) without forming the products.
+
+- :class:`RobustAggregator` (``DefenseConfig.kind``): ``clip`` (each update scaled to at
+  most ``clip_multiple`` x the round's median norm, then the example-weighted mean),
+  ``median`` / ``trimmed_mean`` (coordinate-wise), ``krum`` (Multi-Krum: the weighted
+  mean of the n - f updates closest to their neighbours). Head importance is combined
+  by the coordinate-wise median of per-layer normalised scores (``importance``), so a
+  client inflating its scores cannot take over the active-head mask. Independently of
+  ``kind``, an update whose norm exceeds ``refuse_norm_multiple`` x the median norm is
+  refused (listed in ``rejected`` with its reason) and takes no part.
+- :class:`DPAggregator` (``DPConfig``): client-level DP-FedAvg. Each update is clipped
+  to ``clip_norm``, the clipped updates are summed with equal weights and divided by the
+  expected number of clients, and Gaussian noise of std
+  ``noise_multiplier * clip_norm / expected_clients`` is added, seeded by the run's seed
+  and the round so a restart reproduces it. The coordinator asks the
+  :class:`~coordinator.privacy.PrivacyAccountant` before each round and refuses one that
+  would exceed the budget.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from . import robust
+from .codec.heads import combine_importance
+from .codec.layout import RoundPlan, derive_seed
+from .privacy import DPConfig, add_gaussian_noise
+
+
+class DefenseConfig(BaseModel):
+    """Robust aggregation options of a codec coordinator (``--defense '{"kind": "median"}'``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["none", "clip", "median", "trimmed_mean", "krum"] = Field(
+        "none", description="none: the exact example-weighted mean; clip: norm clipping to clip_multiple x the "
+                            "median norm; median / trimmed_mean: coordinate-wise; krum: Multi-Krum")
+    clip_multiple: float = Field(2.0, gt=0, description="clip: bound as a multiple of the round's median update norm")
+    trim: int = Field(1, ge=0, description="trimmed_mean: values dropped at each end of every coordinate")
+    byzantine: int = Field(1, ge=0, description="krum: the number f of attackers to tolerate")
+    krum_selected: int | None = Field(None, ge=1, description="krum: updates averaged (default n - f)")
+    importance: Literal["mean", "median"] = Field(
+        "median", description="how clients' head importance is combined when kind is not 'none' (median: of "
+                              "per-layer normalised scores, so an inflated report cannot take the mask)")
+    refuse_norm_multiple: float | None = Field(
+        1e6, gt=1, description="refuse an update whose norm exceeds this multiple of the round's median norm "
+                               "(null: never); applies with every kind, 'none' included")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DefenseConfig":
+        if self.kind == "krum" and self.krum_selected is not None and self.krum_selected < 1:
+            raise ValueError("krum_selected must be >= 1")
+        return self
+
+
+def _factor_form(part) -> robust.Entry:
+    """A decoded part as robust.py sees it: a dense sub-tensor or (L (m', r), R (r, n'))."""
+    if part.value is not None:
+        return part.value.double()
+    if part.side is None:
+        return part.left.t().double(), part.right.double()
+    if part.side == "left":            # basis (m', r) @ right (r, n')
+        return part.basis.double(), part.right.double()
+    return part.left.t().double(), part.basis.t().double()   # left^T (m', r) @ basis^T (r, n')
+
+
+class _Holding:
+    """Keeps the round's compact updates, keyed by client id (the common part of both aggregators)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], num_layers: int, num_heads: int):
+        self.shapes = {k: tuple(v) for k, v in shapes.items()}
+        self.num_layers, self.num_heads = num_layers, num_heads
+        self.plan: RoundPlan | None = None
+        self.rejected: dict[str, str] = {}
+
+    def begin_round(self, global_state, plan: RoundPlan) -> None:
+        self.plan = plan
+        self._updates: dict[str, object] = {}
+        self.rejected = {}
+
+    def add(self, client_id: str, update, num_examples: int | None = None) -> None:
+        if self.plan is None:
+            raise RuntimeError("call begin_round before add")
+        if client_id in self._updates:
+            raise ValueError(f"client {client_id!r} already contributed to round {self.plan.round}")
+        n = update.num_examples if num_examples is None else int(num_examples)
+        if n <= 0:
+            raise ValueError(f"client {client_id!r}: num_examples must be positive, got {n}")
+        update.num_examples = n
+        self._updates[client_id] = update
+
+    @property
+    def num_clients(self) -> int:
+        return len(self._updates)
+
+    def _views(self, ids: list[str]) -> list[dict[str, robust.Entry]]:
+        return [{k: _factor_form(p) for k, p in self._updates[c].tensors.parts.items()} for c in ids]
+
+    def _weighted_dense(self, ids: list[str], weights: list[float], scales: list[float] | None = None
+                        ) -> dict[str, torch.Tensor]:
+        """sum_i w_i s_i u_i / sum_i w_i over full shapes, float64 accumulation, one parameter at a time."""
+        total = float(sum(weights))
+        acc = {n: torch.zeros(s, dtype=torch.float64) for n, s in self.shapes.items()}
+        for i, c in enumerate(ids):
+            f = weights[i] * (scales[i] if scales else 1.0) / total
+            for name, part in self._updates[c].tensors.parts.items():
+                acc[name] += part.dense(self.shapes[name]).double() * f
+        return {n: a.float() for n, a in acc.items()}
+
+
+class RobustAggregator(_Holding):
+    def __init__(self, shapes, num_layers: int, num_heads: int, cfg: DefenseConfig):
+        super().__init__(shapes, num_layers, num_heads)
+        self.cfg = cfg
+        self.norms: dict[str, float] = {}
+        self.selected: list[str] = []
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        if not self._updates:
+            raise ValueError("no client updates to aggregate")
+        cfg = self.cfg
+        ids = sorted(self._updates)
+        views = self._views(ids)
+        norms = [robust.update_norm(v) for v in views]
+        self.norms = dict(zip(ids, norms))
+        med = statistics.median(norms)
+        keep = list(range(len(ids)))
+        if cfg.refuse_norm_multiple is not None and med > 0:
+            for i in list(keep):
+                if norms[i] > cfg.refuse_norm_multiple * med:
+                    self.rejected[ids[i]] = (f"update norm {norms[i]:.4g} is more than {cfg.refuse_norm_multiple:g} x "
+                                             f"the round's median norm {med:.4g}")
+                    keep.remove(i)
+        if not keep:
+            raise ValueError("every update of the round was refused")
+        ids = [ids[i] for i in keep]
+        views = [views[i] for i in keep]
+        norms = [norms[i] for i in keep]
+        weights = [float(self._updates[c].num_examples) for c in ids]
+        self.selected = list(ids)
+        if cfg.kind in ("none", "clip"):
+            scales = None
+            if cfg.kind == "clip":
+                bound = cfg.clip_multiple * statistics.median(norms)
+                scales = [1.0 if n <= bound or n == 0 else bound / n for n in norms]
+            return self._weighted_dense(ids, weights, scales)
+        if cfg.kind == "krum":
+            f = cfg.byzantine
+            if len(ids) - f - 2 < 1:
+                raise ValueError(f"krum with byzantine={f} needs at least {f + 3} updates, got {len(ids)}")
+            chosen = robust.multi_krum_select(views, f, cfg.krum_selected)
+            self.selected = [ids[i] for i in chosen]
+            return self._weighted_dense(self.selected, [weights[i] for i in chosen])
+        if cfg.kind == "trimmed_mean" and 2 * cfg.trim >= len(ids):
+            raise ValueError(f"trimmed_mean with trim={cfg.trim} needs more than {2 * cfg.trim} updates, "
+                             f"got {len(ids)}")
+        out = {}
+        for name, shape in self.shapes.items():
+            stack = torch.stack([self._updates[c].tensors.parts[name].dense(shape).double()
+                                 if name in self._updates[c].tensors.parts else torch.zeros(shape, dtype=torch.float64)
+                                 for c in ids])
+            s = stack.sort(dim=0).values
+            n = s.size(0)
+            if cfg.kind == "median":
+                out[name] = ((s[(n - 1) // 2] + s[n // 2]) * 0.5).float()
+            else:
+                out[name] = s[cfg.trim: n - cfg.trim].mean(dim=0).float()
+        return out
+
+    def importance(self) -> torch.Tensor | None:
+        items = [(c, self._updates[c]) for c in sorted(self._updates)
+                 if c not in self.rejected and self._updates[c].importance is not None]
+        if not items:
+            return None
+        if self.cfg.kind == "none" or self.cfg.importance == "mean":
+            return combine_importance([u.importance for _, u in items], [u.num_examples for _, u in items])
+        return robust.robust_importance([u.importance for _, u in items], "median").double()
+
+
+class DPAggregator(_Holding):
+    """Client-level DP-FedAvg on the codec's updates (see the module docstring)."""
+
+    def __init__(self, shapes, num_layers: int, num_heads: int, cfg: DPConfig, expected_clients: int, seed: int):
+        super().__init__(shapes, num_layers, num_heads)
+        if expected_clients < 1:
+            raise ValueError(f"expected_clients must be >= 1, got {expected_clients}")
+        self.cfg, self.expected_clients, self.seed = cfg, expected_clients, seed
+        self.clip_scales: dict[str, float] = {}
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        if not self._updates:
+            raise ValueError("no client updates to aggregate")
+        ids = sorted(self._updates)
+        norms = [robust.update_norm(v) for v in self._views(ids)]
+        scales = [1.0 if n <= self.cfg.clip_norm or n == 0 else self.cfg.clip_norm / n for n in norms]
+        self.clip_scales = dict(zip(ids, scales))
+        # Equal weights, divided by the expected count (not the number that replied): the
+        # sensitivity of the mean to one client is then clip_norm / expected_clients.
+        mean = self._weighted_dense(ids, [1.0] * len(ids), scales)
+        factor = len(ids) / self.expected_clients
+        mean = {n: t * factor for n, t in mean.items()}
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "dp-noise", self.plan.round))
+        return add_gaussian_noise(mean, self.cfg, self.expected_clients, gen)
+
+    def importance(self) -> torch.Tensor | None:
+        # Importance is not privatised by DP-FedAvg: combine robustly so no single client sets the mask.
+        items = [self._updates[c] for c in sorted(self._updates) if self._updates[c].importance is not None]
+        if not items:
+            return None
+        return robust.robust_importance([u.importance for u in items], "median").double()
+
+
+def sample_rate(clients_per_round: int, population: int) -> float:
+    """The DP accountant's q: the chance that a given client is in a round."""
+    return min(1.0, clients_per_round / max(population, 1))
+
+
+def noise_std(cfg: DPConfig, expected_clients: int) -> float:
+    return cfg.noise_multiplier * cfg.clip_norm / expected_clients
+
+
+__all__ = ["DefenseConfig", "RobustAggregator", "DPAggregator", "DPConfig", "sample_rate", "noise_std"]
