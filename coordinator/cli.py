@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "coordinator.commands",
     "worker.runtime",
     "worker.simulate",
+    "worker.bench_attacks",
 ]
 
 
