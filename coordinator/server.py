@@ -20,13 +20,14 @@ import signal
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from protos.fedmla.v1 import coordinator_pb2 as cpb
 from protos.fedmla.v1 import coordinator_pb2_grpc as cpb_grpc
 
-from .errors import CoordinatorError
+from .errors import CoordinatorError, InvalidArgument
 from .metrics import CoordinatorMetrics
 from .rounds import CHUNK_BYTES, Coordinator
 from .settings import CoordinatorSettings
@@ -163,6 +164,75 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServiceServicer):
 
 TRUNCATION_GRACE_S = 1.0
 
+SERVICE = "fedmla.v1.CoordinatorService"
+
+
+class _Unparsed:
+    """Request bytes that are not a message of the RPC's request type."""
+
+    def __init__(self, type_name: str, error: str):
+        self.type_name, self.error = type_name, error
+
+    def refusal(self) -> InvalidArgument:
+        return InvalidArgument(f"request is not a serialized {self.type_name} ({self.error})", "malformed")
+
+
+def _safe_parser(cls):
+    """A request deserializer that never raises: grpc would answer its own UNKNOWN; the
+    servicer answers INVALID_ARGUMENT naming the expected message type instead."""
+    def parse(raw: bytes):
+        try:
+            return cls.FromString(raw)
+        except DecodeError as e:
+            return _Unparsed(cls.DESCRIPTOR.full_name, str(e) or "malformed protobuf")
+    return parse
+
+
+def _checked_unary(method):
+    async def handler(request, context):
+        if isinstance(request, _Unparsed):
+            await _abort(context, request.refusal())
+        return await method(request, context)
+    return handler
+
+
+def _checked_unary_stream(method):
+    async def handler(request, context):
+        if isinstance(request, _Unparsed):
+            await _abort(context, request.refusal())
+        async for item in method(request, context):
+            yield item
+    return handler
+
+
+async def _checked_stream(requests):
+    async for r in requests:
+        if isinstance(r, _Unparsed):
+            raise r.refusal()
+        yield r
+
+
+def add_servicer(servicer: "CoordinatorServicer", server) -> None:
+    """Register the coordinator's RPCs (the generated registration, with safe request parsing)."""
+    out = lambda m: m.SerializeToString()  # noqa: E731
+    handlers = {
+        "Join": grpc.unary_unary_rpc_method_handler(_checked_unary(servicer.Join), _safe_parser(cpb.JoinRequest), out),
+        "GetTask": grpc.unary_unary_rpc_method_handler(_checked_unary(servicer.GetTask),
+                                                       _safe_parser(cpb.GetTaskRequest), out),
+        "DownloadModel": grpc.unary_stream_rpc_method_handler(_checked_unary_stream(servicer.DownloadModel),
+                                                              _safe_parser(cpb.DownloadModelRequest), out),
+        "SubmitUpdate": grpc.stream_unary_rpc_method_handler(
+            lambda requests, context: servicer.SubmitUpdate(_checked_stream(requests), context),
+            _safe_parser(cpb.SubmitUpdateRequest), out),
+        "Heartbeat": grpc.unary_unary_rpc_method_handler(_checked_unary(servicer.Heartbeat),
+                                                         _safe_parser(cpb.HeartbeatRequest), out),
+        "Leave": grpc.unary_unary_rpc_method_handler(_checked_unary(servicer.Leave), _safe_parser(cpb.LeaveRequest),
+                                                     out),
+    }
+    assert set(handlers) == set(cpb.DESCRIPTOR.services_by_name["CoordinatorService"].methods_by_name)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
 
 def server_credentials(settings: CoordinatorSettings) -> grpc.ServerCredentials | None:
     if settings.tls_cert is None:
@@ -202,7 +272,7 @@ class CoordinatorServer:
                 ("grpc.http2.bdp_probe", 0),
                 ("grpc.http2.lookahead_bytes", 64 << 10)]
         server = grpc.aio.server(interceptors=[AuthInterceptor(TokenChecker(self.store), self.metrics)], options=opts)
-        cpb_grpc.add_CoordinatorServiceServicer_to_server(CoordinatorServicer(self.coord), server)
+        add_servicer(CoordinatorServicer(self.coord), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         addr = f"{s.host}:{s.port}"
         creds = server_credentials(s)

@@ -142,13 +142,13 @@ def _raw_call(channel, rpc, payloads, metadata):
         else:
             channel.stream_unary(path)(iter(payloads), metadata=metadata, timeout=10)
     except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.UNKNOWN:
-            # Known gap (reported): grpc.aio's own request deserializer answers UNKNOWN for bytes
-            # that do not parse as the request type, before the servicer runs. Anything that
-            # does parse must get a typed status from the coordinator.
+        # Every failure is typed: bytes that do not parse as the request type get
+        # INVALID_ARGUMENT naming it (the coordinator parses requests itself), never UNKNOWN.
+        assert e.code() != grpc.StatusCode.UNKNOWN, f"{rpc}: untyped failure {e.details()}"
+        if e.code() == grpc.StatusCode.INVALID_ARGUMENT and "is not a serialized" in (e.details() or ""):
             req = getattr(cpb, f"{rpc}Request")
-            assert not all(_parses(req, p) for p in payloads), f"{rpc}: untyped failure {e.details()}"
-            return grpc.StatusCode.UNKNOWN
+            assert req.DESCRIPTOR.full_name in e.details()
+            assert not all(_parses(req, p) for p in payloads), f"{rpc}: parseable bytes refused as unparseable"
         return e.code()
     return grpc.StatusCode.OK
 
@@ -221,3 +221,23 @@ def test_zero_element_shape_with_huge_dims_is_refused():
     with pytest.raises(TensorDecodeError, match="too large to address"):
         decode_tensor(bad, "t")
     assert tuple(decode_tensor(pb.Tensor(dtype=pb.FLOAT32, shape=[0, 3], data=b""), "t").shape) == (0, 3)
+
+
+def test_unparseable_request_bytes_get_invalid_argument_naming_the_type(tmp_path):
+    with BackgroundCoordinator(settings_for(tmp_path)) as bg:
+        (client,) = make_clients(bg, ["alice"])
+        garbage = [b"\xff\xff\xff\xff"]          # an invalid varint: no protobuf message parses it
+        for rpc in sorted(RPCS):
+            with pytest.raises(grpc.RpcError) as e:
+                path = f"/fedmla.v1.CoordinatorService/{rpc}"
+                kind = RPCS[rpc]
+                if kind == "unary":
+                    client.channel.unary_unary(path)(garbage[0], metadata=client._metadata, timeout=10)
+                elif kind == "unary_stream":
+                    list(client.channel.unary_stream(path)(garbage[0], metadata=client._metadata, timeout=10))
+                else:
+                    client.channel.stream_unary(path)(iter(garbage), metadata=client._metadata, timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (rpc, e.value.code())
+            assert f"fedmla.v1.{rpc}Request" in e.value.details(), e.value.details()
+        assert client.get_task().status in (1, 2)     # still serving
+        client.close()
