@@ -112,6 +112,7 @@ def bench_attention(cfg: MLAConfig, seq_lens, batch: int, device: torch.device, 
         times = time_interleaved({
             "dispatched_ms": step(lambda: mla_attention(q, kn, kp, v, scale)),
             "sdpa_math_ms": step(lambda: mla_attention_sdpa(q, kn, kp, v, scale, pad_v=False)),
+            "padded_sdpa_ms": step(lambda: mla_attention_sdpa(q, kn, kp, v, scale)),
             "mha_sdpa_ms": mha,
         }, device, repeats)
         row.update(times)

@@ -24,10 +24,16 @@ import math
 import torch
 
 from .._common import check_dim, check_same, check_tensor, normalize_heads, resolve_backend
+from .chunked import mla_attention_chunked
 from .naive import mla_attention_naive
 from .sdpa import mla_attention_sdpa
 
-__all__ = ["mla_attention", "mla_attention_naive", "mla_attention_sdpa", "validate_attention_args", "validate_lengths"]
+# CPU, causal, no padding: query blocks against key prefixes up to this many queries
+# (fastest measured there on 2 cores); longer sequences use SDPA with v padded to the qk dim.
+CHUNKED_MAX_T = 1024
+
+__all__ = ["mla_attention", "mla_attention_chunked", "mla_attention_naive", "mla_attention_sdpa",
+           "validate_attention_args", "validate_lengths"]
 
 
 def validate_lengths(lengths, B: int, S: int, device) -> torch.Tensor | None:
@@ -70,8 +76,10 @@ def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: 
                   backend: str = "auto") -> torch.Tensor:
     """MLA attention with autograd through every backend (see module docstring for shapes).
 
-    scale defaults to 1/sqrt(dn+dr). backend: ``auto`` (CUDA -> Triton, CPU -> padded-v
-    SDPA), ``triton``, ``torch`` or ``naive``.
+    scale defaults to 1/sqrt(dn+dr). backend: ``auto`` (CUDA -> Triton, CPU -> the torch
+    path), ``triton``, ``torch`` or ``naive``. The torch path is the causal block path
+    (:mod:`.chunked`) for causal attention without ``lengths`` and T <= CHUNKED_MAX_T,
+    else SDPA with v zero-padded to the qk dim.
     """
     validate_attention_args(q, k_nope, k_pe, v)
     if scale is None:
@@ -86,6 +94,9 @@ def mla_attention(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: 
         # (No active head at all: the reference returns zeros with zero gradients.)
         return mla_attention_naive(q, k_nope, k_pe, v, scale, causal, h, lens)
     if which == "torch":
+        T = q.size(1)
+        if q.device.type == "cpu" and causal and lens is None and T <= CHUNKED_MAX_T:
+            return mla_attention_chunked(q, k_nope, k_pe, v, scale, h)
         return mla_attention_sdpa(q, k_nope, k_pe, v, scale, causal, h, lens)
     from .triton import MLAAttentionTriton  # imported lazily: decorating kernels reads TRITON_INTERPRET
 
