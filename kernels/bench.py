@@ -2,7 +2,8 @@
 
 - attention: forward+backward time of MLA training attention through the naive
   reference, SDPA's math path (v not padded, dims differ) and the dispatched path
-  (CUDA: Triton; CPU: SDPA with v zero-padded, the flash path), per sequence length;
+  (CUDA: Triton; CPU: the causal block path up to T=1024, SDPA with v zero-padded above), and
+  the padded-v SDPA path alone, per sequence length;
   plus an MHA of the same width (H heads of d_h = dim / H) through SDPA.
 - decode: one decode step of one attention layer over a filled cache, per context:
   a naive per-head KV cache (K (B, S, H, dn+dr) and V (B, S, H, dv), MHA-style, read
@@ -214,7 +215,8 @@ def run_benchmarks(preset: str = "base", seq_lens=(256, 1024, 2048), contexts=(1
     out = {"machine": machine_info(dev), "preset": preset, "dtype": dtype, "batch": batch, "decode_batch": decode_batch,
            "shapes": {"heads": cfg.n_heads, "qk_nope": cfg.qk_nope_head_dim, "qk_rope": cfg.qk_rope_head_dim,
                       "v": cfg.v_head_dim, "kv_lora_rank": cfg.kv_lora_rank, "dim": cfg.dim},
-           "dispatched_backend": "triton" if dev.type == "cuda" else "torch (SDPA, v zero-padded)"}
+           "dispatched_backend": "triton" if dev.type == "cuda" else
+           "torch (causal block path for T <= 1024, SDPA with v zero-padded above)"}
     out["attention_fwd_bwd"] = bench_attention(cfg, list(seq_lens), batch, dev, dt, repeats, naive_max_len)
     out["decode"] = bench_decode(cfg, list(contexts), decode_batch, dev, dt, repeats)
     att = {r["T"]: r for r in out["attention_fwd_bwd"]}

@@ -31,7 +31,7 @@ def test_sigkilled_worker_is_a_dropout(tmp_path):
     st.close()
     coord, port = start_coordinator_process(store_dir, [
         "--rounds", "1", "--clients-per-round", "3", "--min-replies", "2", "--round-timeout-s", "60",
-        "--client-timeout-s", "4", "--heartbeat-interval-s", "1", "--local-steps", "15", "--batch-size", "4",
+        "--client-timeout-s", "10", "--heartbeat-interval-s", "1", "--local-steps", "15", "--batch-size", "4",
         "--seq-len", "32"], tmp_path / "coord.log")
     procs = {}
     try:
@@ -44,7 +44,7 @@ def test_sigkilled_worker_is_a_dropout(tmp_path):
             assert procs[n][0].wait(timeout=180) == 0, procs[n][1].read_text()
         st = Store(store_dir, create=False)
         rounds = st.rounds()
-        assert [r["status"] for r in rounds] == ["committed"]
+        assert [r["status"] for r in rounds] == ["committed"], [(r["status"], r["reason"]) for r in rounds]
         statuses = {r["client"]: r["status"] for r in st.client_rounds(rounds[0]["id"])}
         st.close()
         assert statuses == {"a": "replied", "b": "replied", "victim": "dropped"}
