@@ -34,8 +34,10 @@ class CodecConfig(BaseModel):
     factor_bits: Literal[0, 4, 8] = Field(4, description="bits per factor entry (per-row scale); 0 = fp32")
     dense_bits: Literal[0, 4, 8] = Field(8, description="bits per entry of dense (1-D / small) updates; 0 = fp32")
     stochastic_rounding: bool = Field(False, description="unbiased stochastic rounding (seeded) instead of nearest")
-    dense_every: int = Field(4, ge=1, description="send dense tensors every k rounds; in between they accumulate "
-                                                   "in the error-feedback residual")
+    dense_every: int = Field(1, ge=1, description=(
+        "send dense tensors every k rounds; in between they accumulate in the error-feedback residual. They "
+        "are ~3% of a round's bytes, and the held-back burst every k-th round made the loss jump (measured: "
+        "k = 1 reached the quick benchmark's target in 8 rounds, 61.3x, against 10 rounds, 50.1x, for k = 4)"))
 
     # ---- error feedback ------------------------------------------------------------------------
     error_feedback: bool = Field(True, description="keep what was not sent (worker and server side) for later rounds")
