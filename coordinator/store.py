@@ -164,6 +164,18 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _read_verified(path: Path, sha256: str, what: str, version: int) -> bytes:
+    """A file's bytes, checked against the SHA-256 the database recorded for it."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise StoreError(f"{what} of model version {version} unreadable at {path} ({e}); the store is damaged") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise StoreError(f"{what} {path} does not match the SHA-256 recorded for model version {version}; the store "
+                         f"is corrupt. Refusing to start from it")
+    return data
+
+
 class Store:
     """Open (and if asked, create) a store directory; see the module docstring."""
 
@@ -347,15 +359,7 @@ class Store:
         """The codec state saved with ``rec`` (verified), or None if the version has none."""
         if rec.codec_path is None:
             return None
-        try:
-            data = rec.codec_path.read_bytes()
-        except OSError as e:
-            raise StoreError(f"codec state of model version {rec.version} unreadable at {rec.codec_path} ({e}); "
-                             f"the store is damaged") from None
-        if hashlib.sha256(data).hexdigest() != rec.codec_sha256:
-            raise StoreError(f"codec state {rec.codec_path} does not match the SHA-256 recorded for model version "
-                             f"{rec.version}; the store is corrupt. Refusing to start from it")
-        return data
+        return _read_verified(rec.codec_path, rec.codec_sha256, "codec state", rec.version)
 
     def write_codec_state(self, version: int, data: bytes) -> Path:
         """Put a codec state file in place (durably). It is not current until recorded."""
@@ -378,15 +382,7 @@ class Store:
 
     def read_checkpoint(self, rec: ModelRecord) -> bytes:
         """The checkpoint's bytes, verified against the SHA-256 the database recorded."""
-        try:
-            data = rec.path.read_bytes()
-        except OSError as e:
-            raise StoreError(f"checkpoint of model version {rec.version} unreadable at {rec.path} ({e}); "
-                             f"the store is damaged") from None
-        if hashlib.sha256(data).hexdigest() != rec.sha256:
-            raise StoreError(f"checkpoint {rec.path} does not match the SHA-256 recorded for model version "
-                             f"{rec.version}; the store is corrupt. Refusing to start from it")
-        return data
+        return _read_verified(rec.path, rec.sha256, "checkpoint", rec.version)
 
     def last_round_id(self) -> int:
         r = self.db.execute("SELECT MAX(id) FROM rounds").fetchone()
