@@ -40,19 +40,19 @@ def _codec_payloads(task, distinct: int) -> list[bytes]:
     """``distinct`` valid codec updates for ``task``'s plan (random pseudo-gradients)."""
     import torch
 
-    from mla_model import MLAConfig, MLATransformer
+    from mla_model import MLAConfig
 
-    from .codec import ClientCodec, CodecConfig, RoundPlan
+    from .codec import ClientCodec, CodecConfig
     from .codec.layout import SharedState
+    from .codec.transfer import task_plan
+    from .validation import ModelSpec
     model_cfg = MLAConfig.model_validate_json(task.model_config_json)
     cfg = CodecConfig.model_validate_json(task.codec.config_json)
-    with torch.device("meta"):
-        shapes = {n: tuple(t.shape) for n, t in MLATransformer(model_cfg).state_dict().items()}
+    shapes = ModelSpec.from_config(model_cfg).shapes
     shared = SharedState.initial(shapes, cfg)
     shared.round = task.model.version
+    plan = task_plan(task, shared, cfg)
     m = task.active_heads
-    mask = torch.tensor(list(m.active), dtype=torch.bool).view(m.num_layers, m.num_heads)
-    plan = RoundPlan(round=shared.round, mask=mask, shared=shared, send_dense=shared.round % cfg.dense_every == 0)
     zero = {n: torch.zeros(s) for n, s in shapes.items()}
     out = []
     for i in range(distinct):

@@ -93,10 +93,7 @@ class SyntheticCodecClient:
             tensors = TensorCodec(model_cfg, cfg, {n: tuple(t.shape) for n, t in self.state.items()})
             state, shared = apply_chain(self.state, self.shared, list(chain.downlinks), tensors)
         elif dl.kind == cpb.DownloadModelResponse.CODEC_FULL:
-            from mla_model import MLATransformer
-            with torch.device("meta"):
-                shapes = {n: tuple(t.shape) for n, t in MLATransformer(model_cfg).state_dict().items()}
-            state, shared = decode_full_state(dl.data, shapes)
+            state, shared = decode_full_state(dl.data, ModelSpec.from_config(model_cfg).shapes)
         else:
             raise AssertionError(f"unexpected download kind {dl.kind} in a codec run")
         if model_hash(state) != dl.model.sha256:
@@ -108,17 +105,15 @@ class SyntheticCodecClient:
 
     def update_for(self, task: pb.Task) -> bytes:
         """The serialized update for ``task`` (the same bytes if asked again)."""
-        from coordinator.codec import RoundPlan
+        from coordinator.codec.transfer import task_plan
         key = (task.round_id, task.model.version)
         if key in self.sent:
             return self.sent[key]
         self.sync(task)
         g = torch.Generator().manual_seed(task.seed)
         local = {n: t + torch.randn(t.shape, generator=g) * self.scale for n, t in self.state.items()}
+        plan = task_plan(task, self.shared, self.codec.cfg)
         m = task.active_heads
-        mask = torch.tensor(list(m.active), dtype=torch.bool).view(m.num_layers, m.num_heads)
-        plan = RoundPlan(round=self.shared.round, mask=mask, shared=self.shared,
-                         send_dense=self.shared.round % self.codec.cfg.dense_every == 0)
         importance = torch.rand(m.num_layers, m.num_heads, generator=g)
         msg = self.codec.encode(self.state, local, plan, importance, self.num_examples, {"loss": 2.0})
         self.sent[key] = msg.SerializeToString()

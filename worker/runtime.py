@@ -265,10 +265,10 @@ class Worker:
     def run(self) -> int:
         joined = self._call(self.client.join, num_examples=self.data.num_train_tokens, device="cpu")
         self.opts.log(f"joined {self.opts.target} as {joined.client_id} (run {joined.run_id})")
-        from mla_model import MLAConfig, MLATransformer
+        from coordinator.validation import ModelSpec
+        from mla_model import MLAConfig
         self.model_cfg = MLAConfig.model_validate_json(joined.model_config_json)
-        with torch.device("meta"):
-            self.shapes = {n: tuple(t.shape) for n, t in MLATransformer(self.model_cfg).state_dict().items()}
+        self.shapes = ModelSpec.from_config(self.model_cfg).shapes
         hb = threading.Thread(target=self._heartbeat_loop, args=(max(joined.heartbeat_interval_s, 0.5),), daemon=True)
         hb.start()
         try:
@@ -312,7 +312,7 @@ class Worker:
             self.client.close()
 
     def _do_round(self, task: pb.Task) -> None:
-        from coordinator.codec import RoundPlan
+        from coordinator.codec.transfer import task_plan
         self._round = task.round_id
         config_json = task.codec.config_json or None
         self._sync(task.model, config_json)
@@ -330,10 +330,7 @@ class Worker:
             if self.shared.round != self.version:
                 raise RuntimeError(f"codec state is at round {self.shared.round} but the model at version "
                                    f"{self.version}; this is a bug")
-            m = task.active_heads
-            mask = torch.tensor(list(m.active), dtype=torch.bool).view(m.num_layers, m.num_heads)
-            plan = RoundPlan(round=self.shared.round, mask=mask, shared=self.shared,
-                             send_dense=self.shared.round % codec.cfg.dense_every == 0)
+            plan = task_plan(task, self.shared, codec.cfg)
             old_residual = codec.state_dict()
             msg = codec.encode(self.global_state, res.state, plan, res.importance, res.num_examples, metrics)
         payload = msg.SerializeToString()

@@ -19,7 +19,8 @@ import torch
 from protos.fedmla.v1 import types_pb2 as pb
 from protos.tensors import TensorDecodeError, decode_tensor, encode_tensor
 
-from .layout import SharedState
+from .config import CodecConfig
+from .layout import RoundPlan, SharedState
 from .server import apply_downlink
 from .wire import TensorCodec, UpdateDecodeError
 
@@ -85,3 +86,11 @@ def apply_chain(global_state: dict[str, torch.Tensor], shared: SharedState, down
             raise UpdateDecodeError(f"downlink {i} of the chain is not a serialized ModelUpdate ({e})") from None
         global_state, shared = apply_downlink(global_state, shared, msg, tensors)
     return global_state, shared
+
+
+def task_plan(task: pb.Task, shared: SharedState, cfg: CodecConfig) -> RoundPlan:
+    """The codec plan a worker encodes with: the task's active-head mask and the worker's
+    shared state (its round is the model version the task starts from)."""
+    m = task.active_heads
+    mask = torch.tensor(list(m.active), dtype=torch.bool).view(m.num_layers, m.num_heads)
+    return RoundPlan(round=shared.round, mask=mask, shared=shared, send_dense=shared.round % cfg.dense_every == 0)
