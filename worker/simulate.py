@@ -43,6 +43,22 @@ def _load_data(spec: str, clients: int, partition: str, seed: int, seq_len: int)
     return data
 
 
+def _start_ray(ray, address: str | None, cpus: int, log, attempts: int = 2) -> None:
+    """ray.init; a local Ray whose raylet does not register in time (it happens on a
+    loaded machine) is shut down and started once more."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, num_cpus=None if address else cpus,
+                     object_store_memory=None if address else 80 << 20,
+                     include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            return
+        except Exception as e:  # Ray raises a bare Exception for a node that timed out during startup
+            if address is not None or attempt == attempts or "timed out during startup" not in str(e):
+                raise
+            log(f"local Ray did not start ({e}); starting it again")
+            ray.shutdown()
+
+
 def _overhead(per_round: list[dict], results: list[dict]) -> dict:
     """Where the machine's time went during the rounds: client-rounds, CPU seconds inside
     the local trainers, and the core-time per client-round not spent training (an upper
@@ -179,8 +195,7 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
 
         initial = last_loss = val_loss(bg.coord.state) if bg else None
         k = actors or max(1, min(len(names), os.cpu_count() or 1))
-        ray.init(address=address, num_cpus=None if address else k, object_store_memory=None if address else 80 << 20,
-                 include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        _start_ray(ray, address, k, log)
         try:
             pool_cls = _client_actor_class()
             pools = [pool_cls.remote() for _ in range(k)]
@@ -328,8 +343,8 @@ def register(app, bench) -> None:
                 json_path.write_text(json.dumps(res, indent=2))
 
         try:
-            with bars:
-                res = run_simulation(clients=clients, clients_per_round=clients_per_round, rounds=rounds,
+            with bars:   # the table and --json are written by show() as soon as the run is over
+                run_simulation(clients=clients, clients_per_round=clients_per_round, rounds=rounds,
                                      preset=preset, local_steps=local_steps, data=data, partition=partition, seed=seed,
                                      actors=actors, address=address, store=store, coordinator=coordinator,
                                      token_dir=token_dir, ca=ca, dashboard_port=dashboard_port,
