@@ -8,6 +8,7 @@ reinterpreted with ``torch.frombuffer``.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 
@@ -38,6 +39,34 @@ def encode_tensor(t: torch.Tensor) -> pb.Tensor:
     t = t.detach().to("cpu").contiguous()
     data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
     return pb.Tensor(dtype=_TO_PB[t.dtype], shape=list(t.shape), data=data)
+
+
+MAX_INFLATED_BYTES = 256 << 20   # a compressed tensor can claim no more than this once inflated
+
+
+def deflate(data: bytes) -> bytes:
+    """Raw DEFLATE of ``data`` (entropy coding only: quantised codes have few repeats)."""
+    co = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
+    return co.compress(data) + co.flush()
+
+
+def _payload(msg: pb.Tensor, expected: int, what: str) -> bytes:
+    """``msg.data`` decoded to exactly ``expected`` bytes (inflated when compressed)."""
+    if msg.compression == pb.COMPRESSION_NONE:
+        return msg.data
+    if msg.compression != pb.DEFLATE:
+        raise TensorDecodeError(f"{what}: unknown compression {msg.compression}")
+    if expected > MAX_INFLATED_BYTES:
+        raise TensorDecodeError(f"{what}: a compressed tensor may hold at most {MAX_INFLATED_BYTES} bytes, "
+                                f"its shape needs {expected}")
+    d = zlib.decompressobj(-15)
+    try:
+        out = d.decompress(msg.data, expected + 1)
+    except zlib.error as e:
+        raise TensorDecodeError(f"{what}: corrupt DEFLATE data ({e})") from None
+    if len(out) != expected or not d.eof or d.unused_data or d.unconsumed_tail:
+        raise TensorDecodeError(f"{what}: DEFLATE data does not inflate to the expected {expected} bytes")
+    return out
 
 
 MAX_DIMS = 8
@@ -76,12 +105,13 @@ def decode_tensor(msg: pb.Tensor, what: str = "tensor", max_elements: int | None
     shape = tuple(msg.shape)
     n = _check_shape(shape, what, max_elements)
     expected = n * _ITEMSIZE[msg.dtype]
-    if len(msg.data) != expected:
-        raise TensorDecodeError(f"{what}: {len(msg.data)} data bytes for shape {list(shape)} "
+    data = _payload(msg, expected, what)
+    if len(data) != expected:
+        raise TensorDecodeError(f"{what}: {len(data)} data bytes for shape {list(shape)} "
                                 f"and dtype {dtype_name(msg.dtype)} (expected {expected})")
     if n == 0:
         return torch.empty(shape, dtype=_FROM_PB[msg.dtype])
-    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return raw.view(_FROM_PB[msg.dtype]).reshape(shape)
 
 
@@ -102,21 +132,52 @@ def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return torch.where(both >= 8, both - 16, both).to(torch.int8)
 
 
-def encode_int_rows(q: torch.Tensor, scales: torch.Tensor, bits: int, stochastic: bool = False) -> pb.Tensor:
-    """Row-quantised (R, C) tensor: int8 (bits=8) or packed int4 (bits=4) with one
-    float32 scale per row. The message's shape is the logical (R, C)."""
+def pack_int2(q: torch.Tensor) -> torch.Tensor:
+    """(R, C) int8 values in [-2, 1] -> (R, ceil(C/4)) uint8 of 2-bit codes q + 2, lowest bits first."""
+    R, C = q.shape
+    pad = (-C) % 4
+    c = (q.to(torch.int16) + 2).clamp_(0, 3).to(torch.uint8)
+    if pad:
+        c = torch.cat([c, torch.zeros(R, pad, dtype=torch.uint8, device=c.device)], dim=1)
+    return (c[:, 0::4] | (c[:, 1::4] << 2) | (c[:, 2::4] << 4) | (c[:, 3::4] << 6)).contiguous()
+
+
+def unpack_int2(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int2`: (R, ceil(C/4)) uint8 -> (R, C) int8 in [-2, 1]."""
+    parts = [((packed >> shift) & 0x3) for shift in (0, 2, 4, 6)]
+    codes = torch.stack(parts, dim=-1).reshape(packed.size(0), -1)[:, :cols]
+    return (codes.to(torch.int16) - 2).to(torch.int8)
+
+
+# bits -> (scheme, dtype, bytes per row of C values)
+_INT_ROWS = {
+    8: (pb.Quantization.INT8_ROW, pb.INT8, lambda c: c),
+    4: (pb.Quantization.INT4_ROW, pb.INT4, lambda c: (c + 1) // 2),
+    2: (pb.Quantization.INT2_ROW, pb.INT2, lambda c: (c + 3) // 4),
+}
+
+
+def encode_int_rows(q: torch.Tensor, scales: torch.Tensor, bits: int, stochastic: bool = False,
+                    half_scales: bool = False, compress: bool = False) -> pb.Tensor:
+    """Row-quantised (R, C) tensor: int8 (bits=8), packed int4 (bits=4) or packed 2-bit
+    codes (bits=2, q in [-2, 1] standing for q + 0.5) with one scale per row. Scales go
+    as float32, or as float16 when ``half_scales`` (the caller must then have quantised
+    with float16-representable scales). ``compress``: DEFLATE the packed codes when that is
+    smaller. The message's shape is the logical (R, C)."""
     if q.dim() != 2 or scales.shape != (q.size(0),):
         raise ValueError(f"need q (R, C) and scales (R,), got {tuple(q.shape)} and {tuple(scales.shape)}")
-    if bits == 8:
-        data, dtype, scheme = q.to(torch.int8), pb.INT8, pb.Quantization.INT8_ROW
-    elif bits == 4:
-        data, dtype, scheme = pack_int4(q.to(torch.int8)), pb.INT4, pb.Quantization.INT4_ROW
-    else:
-        raise ValueError(f"bits must be 8 or 4, got {bits}")
+    if bits not in _INT_ROWS:
+        raise ValueError(f"bits must be 8, 4 or 2, got {bits}")
+    scheme, dtype, _ = _INT_ROWS[bits]
+    data = {8: lambda t: t, 4: pack_int4, 2: pack_int2}[bits](q.to(torch.int8))
     data = data.detach().cpu().contiguous()
+    raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+    packed = deflate(raw) if compress and raw else raw
     return pb.Tensor(
-        dtype=dtype, shape=list(q.shape), data=data.view(torch.uint8).numpy().tobytes() if data.numel() else b"",
-        quant=pb.Quantization(scheme=scheme, scales=encode_tensor(scales.float()), stochastic=stochastic),
+        dtype=dtype, shape=list(q.shape), data=packed if len(packed) < len(raw) else raw,
+        quant=pb.Quantization(scheme=scheme, scales=encode_tensor(scales.half() if half_scales else scales.float()),
+                              stochastic=stochastic),
+        compression=pb.DEFLATE if len(packed) < len(raw) else pb.COMPRESSION_NONE,
     )
 
 
@@ -124,30 +185,33 @@ def decode_int_rows(msg: pb.Tensor, what: str = "tensor", max_elements: int | No
                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(q int8 (R, C), scales float32 (R,), bits) from a row-quantised message."""
     scheme = msg.quant.scheme if msg.HasField("quant") else pb.Quantization.SCHEME_NONE
-    if scheme not in (pb.Quantization.INT8_ROW, pb.Quantization.INT4_ROW):
+    by_scheme = {sch: (b, dt, rb) for b, (sch, dt, rb) in _INT_ROWS.items()}
+    if scheme not in by_scheme:
         raise TensorDecodeError(f"{what}: expected a row-quantised tensor, got scheme {scheme}")
     shape = tuple(msg.shape)
     if len(shape) != 2:
         raise TensorDecodeError(f"{what}: row-quantised tensors are 2-D, got shape {list(shape)}")
     _check_shape(shape, what, max_elements)
     R, C = shape
-    bits = 8 if scheme == pb.Quantization.INT8_ROW else 4
-    want_dtype = pb.INT8 if bits == 8 else pb.INT4
+    bits, want_dtype, row_bytes_of = by_scheme[scheme]
     if msg.dtype != want_dtype:
         raise TensorDecodeError(f"{what}: scheme {pb.Quantization.Scheme.Name(scheme)} needs dtype "
                                 f"{dtype_name(want_dtype)}, got {dtype_name(msg.dtype)}")
-    row_bytes = C if bits == 8 else (C + 1) // 2
-    if len(msg.data) != R * row_bytes:
-        raise TensorDecodeError(f"{what}: {len(msg.data)} data bytes for {bits}-bit shape {list(shape)} "
+    row_bytes = row_bytes_of(C)
+    data = _payload(msg, R * row_bytes, what)
+    if len(data) != R * row_bytes:
+        raise TensorDecodeError(f"{what}: {len(data)} data bytes for {bits}-bit shape {list(shape)} "
                                 f"(expected {R * row_bytes})")
     scales = decode_tensor(msg.quant.scales, f"{what}.scales", allowed={pb.FLOAT32, pb.FLOAT16}).float()
     if scales.shape != (R,):
         raise TensorDecodeError(f"{what}: {tuple(scales.shape)} scales for {R} rows")
     if not torch.isfinite(scales).all():
         raise TensorDecodeError(f"{what}: non-finite quantisation scale")
-    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8) if msg.data else torch.empty(0, dtype=torch.uint8)
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     if bits == 8:
         q = raw.view(torch.int8).reshape(R, C)
-    else:
+    elif bits == 4:
         q = unpack_int4(raw.reshape(R, row_bytes), C)
+    else:
+        q = unpack_int2(raw.reshape(R, row_bytes), C)
     return q, scales, bits

@@ -31,8 +31,17 @@ class CodecConfig(BaseModel):
     svd_power_iters: int = Field(2, ge=0, description="randomised SVD: subspace iterations")
 
     # ---- quantisation ------------------------------------------------------------------------
-    factor_bits: Literal[0, 4, 8] = Field(4, description="bits per factor entry (per-row scale); 0 = fp32")
-    dense_bits: Literal[0, 4, 8] = Field(8, description="bits per entry of dense (1-D / small) updates; 0 = fp32")
+    factor_bits: Literal[0, 2, 3, 4, 8] = Field(4, description=(
+        "bits per factor entry (per-row scale); 0 = fp32; 3 = seven levels in 4-bit slots (pair it with "
+        "entropy_coding); 2 = four levels +-s/2, +-3s/2"))
+    dense_bits: Literal[0, 2, 3, 4, 8] = Field(8, description="bits per entry of dense (1-D / small) updates; 0 = fp32")
+    fit_scales: bool = Field(False, description=(
+        "refit each row's scale by least squares (clipping the largest entries) instead of covering the "
+        "row's maximum: lower squared error per bit; error feedback keeps what is clipped"))
+    entropy_coding: bool = Field(False, description=(
+        "DEFLATE (Huffman) the packed integer codes of every quantised tensor when that is smaller: "
+        "lossless, the receiver gets the same codes"))
+    half_scales: bool = Field(False, description="send row scales as float16 (exactly what the sender quantised with)")
     stochastic_rounding: bool = Field(False, description="unbiased stochastic rounding (seeded) instead of nearest")
     dense_every: int = Field(1, ge=1, description=(
         "send dense tensors every k rounds; in between they accumulate in the error-feedback residual. They "
@@ -58,9 +67,14 @@ class CodecConfig(BaseModel):
                                                  "nesterov: DiLoCo's outer Nesterov momentum")
     outer_lr: float = Field(1.0, gt=0)
     outer_momentum: float = Field(0.5, ge=0, lt=1)
+    replicate_momentum: bool = Field(False, description=(
+        "nesterov: every worker keeps the same outer momentum as the coordinator (it is a function of "
+        "the downlinks), so the downlink carries only the compressed aggregated delta and each party "
+        "takes the outer step itself; False: the coordinator compresses and sends the whole step, "
+        "spending downlink rank on momentum directions the workers were already sent"))
 
     # ---- downlink --------------------------------------------------------------------------------
-    downlink_bits: Literal[0, 4, 8] = Field(4, description="bits per downlink factor/dense entry; 0 = fp32")
+    downlink_bits: Literal[0, 2, 3, 4, 8] = Field(4, description="bits per downlink factor/dense entry; 0 = fp32")
 
     seed: int = Field(0, description="seeds shared bases, exploration heads and stochastic rounding")
 

@@ -52,10 +52,12 @@ def is_lowrank(shape: tuple[int, ...], cfg: CodecConfig) -> bool:
 
 @dataclass
 class SharedState:
-    """Round counter and shared bases; equal everywhere at the start of every round."""
+    """Round counter, shared bases and (``replicate_momentum``) the outer momentum;
+    equal everywhere at the start of every round."""
 
     round: int
     bases: dict[str, Basis] = field(default_factory=dict)
+    momentum: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def initial(cls, shapes: dict[str, tuple[int, ...]], cfg: CodecConfig) -> "SharedState":
@@ -73,6 +75,8 @@ class SharedState:
         for name, b in self.bases.items():
             out[f"basis/{name}"] = b.matrix.clone()
             out[f"basis_side/{name}"] = torch.tensor([0 if b.side == "left" else 1], dtype=torch.int8)
+        for name, m in self.momentum.items():
+            out[f"momentum/{name}"] = m.clone()
         return out
 
     @classmethod
@@ -87,7 +91,9 @@ class SharedState:
                 if side is None:
                     raise ValueError(f"shared codec state lacks the side of the basis of {name!r}")
                 bases[name] = Basis("left" if int(side[0]) == 0 else "right", t.clone().float().contiguous())
-        return cls(round=int(tensors["round"][0]), bases=bases)
+        momentum = {k[len("momentum/"):]: t.clone().float().contiguous()
+                    for k, t in tensors.items() if k.startswith("momentum/")}
+        return cls(round=int(tensors["round"][0]), bases=bases, momentum=momentum)
 
     def digest(self) -> str:
         h = hashlib.sha256(str(self.round).encode())
@@ -95,6 +101,10 @@ class SharedState:
             b = self.bases[name]
             h.update(f"{name}|{b.side}|{tuple(b.matrix.shape)}".encode())
             h.update(b.matrix.contiguous().numpy().tobytes())
+        for name in sorted(self.momentum):
+            m = self.momentum[name]
+            h.update(f"momentum|{name}|{tuple(m.shape)}".encode())
+            h.update(m.contiguous().numpy().tobytes())
         return h.hexdigest()
 
 

@@ -1,48 +1,101 @@
-"""Per-row integer quantisation of float tensors (int8 or int4), torch only.
+"""Per-row quantisation of float tensors (int8, int4 or 2-bit), torch only.
 
-This is the codec's own small quantiser; ``kernels/quant`` will provide fused versions
-of :func:`quantize_rows` / :func:`dequantize_rows` with the same signatures.
+This is the codec's own small quantiser; ``kernels/quant`` provides fused int8/int4
+versions of :func:`quantize_rows` / :func:`dequantize_rows` for accelerators.
 
-value[i, j] ~= q[i, j] * scale[i], q in [-qmax, qmax] (qmax 127 for int8, 7 for int4),
-scale[i] = max_j |x[i, j]| / qmax. Round-to-nearest: |error| <= scale[i] / 2.
-Stochastic rounding (unbiased, E[deq] = x): |error| < scale[i].
+Levels per row i, with one scale s[i]:
+
+- 8 / 4 / 3 bits: value = q * s, q in [-qmax, qmax] (qmax 127 / 7 / 3), a zero level.
+  3 bits (seven levels) travel in the 4-bit container; with ``entropy_coding`` the
+  unused codes cost nothing.
+- 2 bits: value = (q + 1/2) * s, q in [-2, 1]: four levels +-s/2, +-3s/2 and no zero
+  (a zero level would waste one of the four codes; for bell-shaped rows the four
+  symmetric levels are close to the optimal 4-level quantiser).
+
+Scales: ``fit=False`` takes the smallest scale that covers the row's largest magnitude
+(8/4 bits: amax / qmax; 2 bits: amax / 2), so round-to-nearest errs by at most s/2 per
+entry and stochastic rounding by less than s. ``fit=True`` then runs a few alternating
+least-squares steps (assign levels, refit the scale), which can only lower the row's
+squared error; entries beyond the outer level are clipped, so the per-entry bound no
+longer holds, only the row's total error is smaller. Error feedback keeps the rest.
+
+``half_scales=True`` rounds every scale to float16 before the levels are chosen (so the
+receiver, which reads float16 scales, dequantises exactly what the sender assumed); rows
+whose scale does not fit float16 keep float32 and the whole tensor is then sent float32.
 """
 
 from __future__ import annotations
 
 import torch
 
-QMAX = {8: 127, 4: 7}
+QMAX = {8: 127, 4: 7, 3: 3, 2: 2}
+_FIT_STEPS = 4
+_HALF_MAX = 60000.0
+
+
+def _levels(y: torch.Tensor, bits: int, stochastic: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Integer codes for y = x / s (float32), as int8."""
+    if bits == 2:
+        lo, hi, shift = -2, 1, 0.5
+    else:
+        lo, hi, shift = -QMAX[bits], QMAX[bits], 0.0
+    z = y - shift
+    if stochastic:
+        q = torch.floor(z + torch.rand(z.shape, generator=generator, dtype=torch.float32))
+    else:
+        q = torch.round(z)
+    return q.clamp_(lo, hi).to(torch.int8)
+
+
+def container_bits(bits: int) -> int:
+    """The packed width a ``bits``-bit quantisation travels in (3-bit codes use 4-bit slots)."""
+    return 4 if bits == 3 else bits
+
+
+def level_values(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """The multiple of the row scale each integer code stands for (float32)."""
+    return q.float() + 0.5 if bits == 2 else q.float()
 
 
 def quantize_rows(x: torch.Tensor, bits: int, stochastic: bool = False,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (R, C) float -> (q (R, C) int8, scales (R,) float32)."""
+                  generator: torch.Generator | None = None, fit: bool = False,
+                  half_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (R, C) float -> (q (R, C) int8, scales (R,) float32). See the module text."""
     if bits not in QMAX:
-        raise ValueError(f"bits must be 8 or 4, got {bits}")
+        raise ValueError(f"bits must be 8, 4, 3 or 2, got {bits}")
     if x.dim() != 2:
         raise ValueError(f"quantize_rows needs a 2-D tensor, got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError("cannot quantise a tensor with non-finite values")
-    qmax = QMAX[bits]
     xf = x.detach().float()
-    scales = xf.abs().amax(dim=1) / qmax if xf.size(1) else torch.zeros(xf.size(0))
+    if not xf.size(1):
+        return torch.zeros(xf.shape, dtype=torch.int8), torch.zeros(xf.size(0))
+    scales = xf.abs().amax(dim=1) / QMAX[bits]
+    if fit:
+        for _ in range(_FIT_STEPS):
+            safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+            v = level_values(_levels(xf / safe[:, None], bits, False, None), bits)
+            num, den = (xf * v).sum(dim=1), (v * v).sum(dim=1)
+            refit = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), scales)
+            scales = torch.where(refit > 0, refit, scales)
+    if half_scales and bool((scales <= _HALF_MAX).all()):
+        scales = scales.half().float()
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    y = xf / safe[:, None]
-    if stochastic:
-        noise = torch.rand(y.shape, generator=generator, dtype=torch.float32)
-        q = torch.floor(y + noise)
-    else:
-        q = torch.round(y)
-    q = q.clamp_(-qmax, qmax).to(torch.int8)
+    q = _levels(xf / safe[:, None], bits, stochastic, generator)
     return q, scales.float()
 
 
-def dequantize_rows(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def dequantize_rows(q: torch.Tensor, scales: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """(q (R, C) int8, scales (R,)) -> (R, C) float32."""
-    return q.float() * scales.float()[:, None]
+    return level_values(q, bits) * scales.float()[:, None]
+
+
+def scales_are_half(scales: torch.Tensor) -> bool:
+    """Whether every scale survives a float16 round trip unchanged."""
+    return bool(torch.equal(scales.float().half().float(), scales.float()))
 
 
 def error_bound(scales: torch.Tensor, stochastic: bool) -> torch.Tensor:
-    """Per-row bound on |x - dequantize(quantize(x))|: scale/2 (nearest) or scale (stochastic)."""
+    """Per-row bound on |x - dequantize(quantize(x))| for ``fit=False`` scales:
+    s/2 (nearest) or s (stochastic)."""
     return scales if stochastic else scales / 2

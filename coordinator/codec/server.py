@@ -136,27 +136,35 @@ class ExactAggregator:
         return combine_importance([s for _, s, _ in items], [n for _, _, n in items])
 
 
-class OuterOptimizer:
-    """Turns the aggregated pseudo-gradient (mean of local - global) into the global step.
+def outer_step(cfg: CodecConfig, delta: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor]
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(global step, new momentum) from an aggregated pseudo-gradient.
 
     fedavg: step = lr * delta (lr 1 is FedAvg). nesterov (DiLoCo): m = mu m + delta;
-    step = lr (delta + mu m).
+    step = lr (delta + mu m). A pure function of its inputs, so parties that replicate
+    the momentum get the same bits.
     """
+    lr, mu = cfg.outer_lr, cfg.outer_momentum
+    if cfg.outer == "fedavg":
+        return {n: lr * d for n, d in delta.items()}, {}
+    out, new = {}, {}
+    for n, d in delta.items():
+        m = momentum.get(n)
+        m = d.clone() if m is None else mu * m + d
+        new[n] = m
+        out[n] = lr * (d + mu * m)
+    return out, new
+
+
+class OuterOptimizer:
+    """The coordinator's outer optimiser when it sends whole steps (see :func:`outer_step`)."""
 
     def __init__(self, cfg: CodecConfig):
         self.cfg = cfg
         self.momentum: dict[str, torch.Tensor] = {}
 
     def step(self, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
-        if self.cfg.outer == "fedavg":
-            return {n: lr * d for n, d in delta.items()}
-        out = {}
-        for n, d in delta.items():
-            m = self.momentum.get(n)
-            m = d.clone() if m is None else mu * m + d
-            self.momentum[n] = m
-            out[n] = lr * (d + mu * m)
+        out, self.momentum = outer_step(self.cfg, delta, self.momentum)
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -177,10 +185,17 @@ def apply_downlink(global_state: dict[str, torch.Tensor], shared: SharedState, m
     cfg = tensors.cfg
     send_dense = shared.round % cfg.dense_every == 0
     decoded = tensors.decode(msg.factors, msg.dense, _downlink_plan(shared, send_dense), uplink=False)
-    new_state = {}
-    for name, t in global_state.items():
-        part = decoded.parts.get(name)
-        new_state[name] = t if part is None else (t.float() + part.dense(tensors.shapes[name])).to(t.dtype)
+    new_state, momentum = {}, {}
+    if cfg.replicate_momentum:
+        # The downlink is the aggregated delta; every party takes the outer step itself.
+        received = {name: (decoded.parts[name].dense(tensors.shapes[name]) if name in decoded.parts
+                           else torch.zeros(tensors.shapes[name])) for name in global_state}
+        step, momentum = outer_step(cfg, received, shared.momentum)
+        new_state = {name: (t.float() + step[name]).to(t.dtype) for name, t in global_state.items()}
+    else:
+        for name, t in global_state.items():
+            part = decoded.parts.get(name)
+            new_state[name] = t if part is None else (t.float() + part.dense(tensors.shapes[name])).to(t.dtype)
     bases = {}
     for name, basis in shared.bases.items():
         part = decoded.parts.get(name)
@@ -193,7 +208,7 @@ def apply_downlink(global_state: dict[str, torch.Tensor], shared: SharedState, m
             bases[name] = Basis("right", basis_from_factor(part.right, gen))
         else:                      # received left (r, m): next basis spans rows
             bases[name] = Basis("left", basis_from_factor(part.left, gen))
-    return new_state, SharedState(round=shared.round + 1, bases=bases)
+    return new_state, SharedState(round=shared.round + 1, bases=bases, momentum=momentum)
 
 
 class ServerCodec:
@@ -247,7 +262,8 @@ class ServerCodec:
         coordinator's own global weights. Returns the downlink message for every worker."""
         if plan.round != self.shared.round:
             raise ValueError(f"plan is for round {plan.round}, the coordinator is at round {self.shared.round}")
-        step = self.outer.step(aggregate)
+        # replicate_momentum: send the aggregate itself; apply_downlink takes the outer step.
+        step = dict(aggregate) if self.cfg.replicate_momentum else self.outer.step(aggregate)
         if self.cfg.error_feedback:
             beta = self.cfg.server_residual_decay
             step = {n: s + beta * self.residual[n] if n in self.residual else s for n, s in step.items()}

@@ -26,7 +26,7 @@ from protos.tensors import (TensorDecodeError, decode_int_rows, decode_tensor, e
 
 from .config import CodecConfig
 from .layout import RoundPlan, Selection, compress, effective_basis, is_lowrank, reconstruct, selection_for
-from .quant import dequantize_rows, quantize_rows
+from .quant import QMAX, container_bits, dequantize_rows, quantize_rows, scales_are_half
 
 
 class UpdateDecodeError(ValueError):
@@ -55,13 +55,16 @@ class DecodedTensors:
     parts: dict[str, Part] = field(default_factory=dict)
 
 
-def _quant_encode(x: torch.Tensor, bits: int, stochastic: bool, gen: torch.Generator) -> tuple[pb.Tensor, torch.Tensor]:
+def _quant_encode(x: torch.Tensor, bits: int, cfg: CodecConfig, gen: torch.Generator) -> tuple[pb.Tensor, torch.Tensor]:
     """(message, what the receiver will decode) for a 2-D float tensor."""
     if bits == 0:
         x32 = x.float().contiguous()
         return encode_tensor(x32), x32
-    q, scales = quantize_rows(x, bits, stochastic, gen)
-    return encode_int_rows(q, scales, bits, stochastic), dequantize_rows(q, scales)
+    q, scales = quantize_rows(x, bits, cfg.stochastic_rounding, gen, fit=cfg.fit_scales, half_scales=cfg.half_scales)
+    half = cfg.half_scales and scales_are_half(scales)
+    msg = encode_int_rows(q, scales, container_bits(bits), cfg.stochastic_rounding, half_scales=half,
+                          compress=cfg.entropy_coding)
+    return msg, dequantize_rows(q, scales, bits)
 
 
 class TensorCodec:
@@ -119,7 +122,7 @@ class TensorCodec:
                     continue
                 bits = self._bits(uplink, True)
                 rows = xs.reshape(1, -1) if xs.dim() < 2 else xs
-                msg, deq = _quant_encode(rows, bits, cfg.stochastic_rounding, gen)
+                msg, deq = _quant_encode(rows, bits, cfg, gen)
                 dense.append(pb.DenseUpdate(name=name, value=msg, heads=heads))
                 sent[name] = Part(sel=sel, value=deq.reshape(xs.shape)).dense(shape)
                 continue
@@ -128,10 +131,10 @@ class TensorCodec:
             f = pb.LowRankFactor(name=name, rank=(left if left is not None else right).size(0), heads=heads)
             dl = dr = None
             if left is not None:
-                m, dl = _quant_encode(left, bits, cfg.stochastic_rounding, gen)
+                m, dl = _quant_encode(left, bits, cfg, gen)
                 f.left.CopyFrom(m)
             if right is not None:
-                m, dr = _quant_encode(right, bits, cfg.stochastic_rounding, gen)
+                m, dr = _quant_encode(right, bits, cfg, gen)
                 f.right.CopyFrom(m)
             factors.append(f)
             sent[name] = Part(sel=sel, side=side, basis=b, left=dl, right=dr).dense(shape)
@@ -143,9 +146,12 @@ class TensorCodec:
         try:
             if bits:
                 q, scales, got_bits = decode_int_rows(msg, what, max_elements=math.prod(shape))
-                if got_bits != bits:
+                if got_bits != container_bits(bits):
                     raise UpdateDecodeError(f"{what}: {got_bits}-bit payload, this run uses {bits}-bit")
-                t = dequantize_rows(q, scales)
+                if bits != 2 and q.numel() and int(q.abs().max()) > QMAX[bits]:
+                    raise UpdateDecodeError(f"{what}: integer codes beyond +-{QMAX[bits]}, the range of "
+                                            f"{bits}-bit quantisation")
+                t = dequantize_rows(q, scales, bits)
             else:
                 t = decode_tensor(msg, what, max_elements=math.prod(shape), allowed={pb.FLOAT32}).float()
         except TensorDecodeError as e:

@@ -142,12 +142,14 @@ def test_quantised_factor_error_is_bounded(global_state):
         assert ((a - b).abs() <= scale[:, None] / 2 + 1e-7).all()
 
 
-def test_coordinator_and_worker_hashes_match_after_rounds(global_state):
+@pytest.mark.parametrize("extra", [{}, {"replicate_momentum": True, "factor_bits": 3, "downlink_bits": 3,
+                                         "entropy_coding": True, "half_scales": True, "fit_scales": True}])
+def test_coordinator_and_worker_hashes_match_after_rounds(global_state, extra):
     from worker.data import ClientData
     from worker.trainer import LocalTrainer, TrainerConfig
 
     # round 0 is a powersgd warm-up (svd) round, rounds 1-2 use the shared bases
-    cfg = CodecConfig(method="powersgd", rank=2, keep_ratio=0.5, dense_every=2, powersgd_warmup_rounds=1)
+    cfg = CodecConfig(method="powersgd", rank=2, keep_ratio=0.5, dense_every=2, powersgd_warmup_rounds=1, **extra)
     tc = TrainerConfig(local_steps=2, batch_size=2, seq_len=16, warmup_steps=0, total_steps=10)
     trainer = LocalTrainer(MODEL, tc)
     g = torch.Generator().manual_seed(0)
@@ -226,8 +228,10 @@ def test_stale_round_is_rejected(global_state):
         server.decode(msg, plan)
 
 
-def test_server_checkpoint_resumes_bit_identically(global_state):
-    cfg = CodecConfig(rank=2, outer="nesterov", dense_every=2)
+@pytest.mark.parametrize("replicate", [False, True])
+def test_server_checkpoint_resumes_bit_identically(global_state, replicate):
+    cfg = CodecConfig(rank=2, outer="nesterov", dense_every=2, replicate_momentum=replicate, factor_bits=3,
+                      entropy_coding=True, half_scales=True)
     shapes = shapes_of(global_state)
 
     def one_round(server, seed):
@@ -251,3 +255,62 @@ def test_server_checkpoint_resumes_bit_identically(global_state):
     assert da.SerializeToString() == db.SerializeToString()
     assert a.global_hash() == b.global_hash()
     assert torch.equal(a.plan().mask, b.plan().mask)
+
+
+def test_outer_step_hand_computed():
+    from coordinator.codec.server import outer_step
+    cfg = CodecConfig(outer="nesterov", outer_lr=2.0, outer_momentum=0.5)
+    step, m = outer_step(cfg, {"w": torch.tensor([1.0, -2.0])}, {})
+    assert m["w"].tolist() == [1.0, -2.0] and step["w"].tolist() == [3.0, -6.0]       # 2 * (d + 0.5 * d)
+    step, m = outer_step(cfg, {"w": torch.tensor([2.0, 0.0])}, m)
+    assert m["w"].tolist() == [2.5, -1.0] and step["w"].tolist() == [6.5, -1.0]       # 2 * (d + 0.5 * (0.5 m + d))
+    step, m = outer_step(CodecConfig(outer="fedavg", outer_lr=0.5), {"w": torch.tensor([4.0])}, {})
+    assert step["w"].tolist() == [2.0] and m == {}
+
+
+def test_replicated_momentum_downlink_carries_the_aggregate_not_the_step(global_state):
+    # Exact codec (no low-rank step, fp32): the downlink must decode to the weighted mean
+    # delta itself, and every party must move by the Nesterov step of it.
+    cfg = CodecConfig(method="dense", head_selection=False, factor_bits=0, dense_bits=0, downlink_bits=0,
+                      outer="nesterov", outer_lr=1.0, outer_momentum=0.5, replicate_momentum=True)
+    shapes = shapes_of(global_state)
+    server = ServerCodec(MODEL, cfg, global_state)
+    tensors = TensorCodec(MODEL, cfg, shapes)
+    w_state, w_shared = dict(global_state), server.shared
+    name = "layers.0.attn.wkv_b.weight"
+    momentum = None
+    for r in range(2):
+        before = server.global_state[name].clone()
+        plan = server.plan()
+        agg = server.aggregator(plan)
+        deltas = []
+        for i, n in enumerate((1, 3)):
+            local = perturbed(server.global_state, 10 * r + i)
+            deltas.append((local[name] - server.global_state[name], n))
+            msg = ClientCodec(MODEL, cfg, shapes, f"c{i}").encode(server.global_state, local, plan, None, n)
+            agg.add(f"c{i}", server.decode(msg, plan))
+        down = server.finish_round(plan, agg.finish(), None)
+        mean = (deltas[0][0] * 1 + deltas[1][0] * 3) / 4
+        sent = tensors.decode(down.factors, down.dense, plan, uplink=False).parts[name].dense(shapes[name])
+        assert torch.allclose(sent, mean, atol=1e-6)
+        momentum = mean.clone() if momentum is None else 0.5 * momentum + mean
+        assert torch.allclose(server.global_state[name] - before, mean + 0.5 * momentum, atol=1e-5)
+        w_state, w_shared = apply_downlink(w_state, w_shared, pb.ModelUpdate.FromString(down.SerializeToString()),
+                                           tensors)
+        assert state_hash(w_state) == server.global_hash() and w_shared.digest() == server.shared.digest()
+        assert torch.allclose(w_shared.momentum[name], momentum, atol=1e-6)
+
+
+def test_codes_beyond_the_configured_range_are_refused(global_state):
+    cfg = CodecConfig(rank=2, factor_bits=3, head_selection=False)
+    shapes = shapes_of(global_state)
+    server = ServerCodec(MODEL, cfg, global_state)
+    plan = server.plan()
+    msg = ClientCodec(MODEL, cfg, shapes, "a").encode(global_state, perturbed(global_state, 0), plan, None, 5)
+    from protos.tensors import decode_int_rows, encode_int_rows
+    f = msg.factors[0]
+    q, s, _ = decode_int_rows(f.left)
+    q[0, 0] = 7                                                         # valid int4, not a 3-bit code
+    f.left.CopyFrom(encode_int_rows(q, s, 4))
+    with pytest.raises(UpdateDecodeError, match=r"beyond \+-3"):
+        server.decode(msg, plan)

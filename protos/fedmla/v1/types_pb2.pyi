@@ -20,6 +20,12 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT32: _ClassVar[DType]
     INT64: _ClassVar[DType]
     BOOL: _ClassVar[DType]
+    INT2: _ClassVar[DType]
+
+class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPRESSION_NONE: _ClassVar[Compression]
+    DEFLATE: _ClassVar[Compression]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 BFLOAT16: DType
@@ -31,6 +37,9 @@ UINT8: DType
 INT32: DType
 INT64: DType
 BOOL: DType
+INT2: DType
+COMPRESSION_NONE: Compression
+DEFLATE: Compression
 
 class Quantization(_message.Message):
     __slots__ = ("scheme", "scales", "stochastic")
@@ -39,9 +48,11 @@ class Quantization(_message.Message):
         SCHEME_NONE: _ClassVar[Quantization.Scheme]
         INT8_ROW: _ClassVar[Quantization.Scheme]
         INT4_ROW: _ClassVar[Quantization.Scheme]
+        INT2_ROW: _ClassVar[Quantization.Scheme]
     SCHEME_NONE: Quantization.Scheme
     INT8_ROW: Quantization.Scheme
     INT4_ROW: Quantization.Scheme
+    INT2_ROW: Quantization.Scheme
     SCHEME_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     STOCHASTIC_FIELD_NUMBER: _ClassVar[int]
@@ -51,16 +62,18 @@ class Quantization(_message.Message):
     def __init__(self, scheme: _Optional[_Union[Quantization.Scheme, str]] = ..., scales: _Optional[_Union[Tensor, _Mapping]] = ..., stochastic: _Optional[bool] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "quant")
+    __slots__ = ("dtype", "shape", "data", "quant", "compression")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     QUANT_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     quant: Quantization
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., quant: _Optional[_Union[Quantization, _Mapping]] = ...) -> None: ...
+    compression: Compression
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., quant: _Optional[_Union[Quantization, _Mapping]] = ..., compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
 
 class HeadSelection(_message.Message):
     __slots__ = ("heads",)
