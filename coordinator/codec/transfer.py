@@ -1,7 +1,8 @@
 """How a worker gets (back) in step with the coordinator's codec state: all protobuf.
 
 - full state: a ``ModelUpdate`` whose dense entries are the fp32 global weights (sorted by
-  name), plus the codec's shared state (round and, for PowerSGD, the bases) under
+  name), plus the codec's shared state (round; for PowerSGD the bases; with
+  ``replicate_momentum`` the outer momentum) under
   ``shared/`` names. What a worker downloads when it is new or too far behind; also the
   size of what plain FedAvg sends per client per direction.
 - downlink chain: the coordinator's downlink messages of consecutive rounds; a worker
@@ -71,9 +72,16 @@ def decode_full_state(raw: bytes, shapes: dict[str, tuple[int, ...]]
     if missing:
         raise UpdateDecodeError(f"full state lacks {missing[:5]}")
     try:
-        return state, SharedState.from_tensors(shared)
+        restored = SharedState.from_tensors(shared)
     except ValueError as e:
         raise UpdateDecodeError(f"full state: {e}") from e
+    for name, m in restored.momentum.items():
+        if name not in shapes:
+            raise UpdateDecodeError(f"full state has momentum for unknown parameter {name!r}")
+        if tuple(m.shape) != tuple(shapes[name]) or not torch.isfinite(m).all():
+            raise UpdateDecodeError(f"full state momentum {name}: shape {tuple(m.shape)} or values do not fit "
+                                    f"the parameter {tuple(shapes[name])}")
+    return state, restored
 
 
 def apply_chain(global_state: dict[str, torch.Tensor], shared: SharedState, downlinks: list[bytes],

@@ -159,7 +159,7 @@ def test_restart_continues_codec_state_and_refuses_changed_codec(tmp_path):
         assert set(state) == set(saved[0])
         assert all(torch.equal(state[k], saved[0][k]) for k in state)
         assert again.shared.digest() == saved[1] and again.model_sha == saved[2] and again.version == 2
-        assert "importance" in state and "momentum/embed.weight" in state   # EMA and outer momentum came back
+        assert "importance" in state and "shared/momentum/embed.weight" in state   # EMA and the replicated momentum
         # The next plan is the one the uninterrupted coordinator would make, not a fresh codec's.
         fresh = ServerCodec(again.cfg, settings.codec, again.state)
         fresh.load_state_dict(saved[0])
