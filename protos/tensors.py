@@ -155,6 +155,7 @@ _INT_ROWS = {
     4: (pb.Quantization.INT4_ROW, pb.INT4, lambda c: (c + 1) // 2),
     2: (pb.Quantization.INT2_ROW, pb.INT2, lambda c: (c + 3) // 4),
 }
+_INT_ROWS_BY_SCHEME = {scheme: (bits, dtype, row_bytes) for bits, (scheme, dtype, row_bytes) in _INT_ROWS.items()}
 
 
 def encode_int_rows(q: torch.Tensor, scales: torch.Tensor, bits: int, stochastic: bool = False,
@@ -185,15 +186,14 @@ def decode_int_rows(msg: pb.Tensor, what: str = "tensor", max_elements: int | No
                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(q int8 (R, C), scales float32 (R,), bits) from a row-quantised message."""
     scheme = msg.quant.scheme if msg.HasField("quant") else pb.Quantization.SCHEME_NONE
-    by_scheme = {sch: (b, dt, rb) for b, (sch, dt, rb) in _INT_ROWS.items()}
-    if scheme not in by_scheme:
+    if scheme not in _INT_ROWS_BY_SCHEME:
         raise TensorDecodeError(f"{what}: expected a row-quantised tensor, got scheme {scheme}")
     shape = tuple(msg.shape)
     if len(shape) != 2:
         raise TensorDecodeError(f"{what}: row-quantised tensors are 2-D, got shape {list(shape)}")
     _check_shape(shape, what, max_elements)
     R, C = shape
-    bits, want_dtype, row_bytes_of = by_scheme[scheme]
+    bits, want_dtype, row_bytes_of = _INT_ROWS_BY_SCHEME[scheme]
     if msg.dtype != want_dtype:
         raise TensorDecodeError(f"{what}: scheme {pb.Quantization.Scheme.Name(scheme)} needs dtype "
                                 f"{dtype_name(want_dtype)}, got {dtype_name(msg.dtype)}")

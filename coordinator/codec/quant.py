@@ -33,13 +33,20 @@ _FIT_STEPS = 4
 _HALF_MAX = 60000.0
 
 
+def code_range(bits: int) -> tuple[int, int]:
+    """The integer codes a ``bits``-bit quantisation may use, (lowest, highest)."""
+    return (-2, 1) if bits == 2 else (-QMAX[bits], QMAX[bits])
+
+
+def _shift(bits: int) -> float:
+    """Code q stands for (q + shift) times the row scale."""
+    return 0.5 if bits == 2 else 0.0
+
+
 def _levels(y: torch.Tensor, bits: int, stochastic: bool, generator: torch.Generator | None) -> torch.Tensor:
     """Integer codes for y = x / s (float32), as int8."""
-    if bits == 2:
-        lo, hi, shift = -2, 1, 0.5
-    else:
-        lo, hi, shift = -QMAX[bits], QMAX[bits], 0.0
-    z = y - shift
+    lo, hi = code_range(bits)
+    z = y - _shift(bits)
     if stochastic:
         q = torch.floor(z + torch.rand(z.shape, generator=generator, dtype=torch.float32))
     else:
@@ -54,7 +61,7 @@ def container_bits(bits: int) -> int:
 
 def level_values(q: torch.Tensor, bits: int) -> torch.Tensor:
     """The multiple of the row scale each integer code stands for (float32)."""
-    return q.float() + 0.5 if bits == 2 else q.float()
+    return q.float() + _shift(bits)
 
 
 def quantize_rows(x: torch.Tensor, bits: int, stochastic: bool = False,

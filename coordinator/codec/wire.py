@@ -26,7 +26,7 @@ from protos.tensors import (TensorDecodeError, decode_int_rows, decode_tensor, e
 
 from .config import CodecConfig
 from .layout import RoundPlan, Selection, compress, effective_basis, is_lowrank, reconstruct, selection_for
-from .quant import QMAX, container_bits, dequantize_rows, quantize_rows, scales_are_half
+from .quant import code_range, container_bits, dequantize_rows, quantize_rows, scales_are_half
 
 
 class UpdateDecodeError(ValueError):
@@ -148,8 +148,10 @@ class TensorCodec:
                 q, scales, got_bits = decode_int_rows(msg, what, max_elements=math.prod(shape))
                 if got_bits != container_bits(bits):
                     raise UpdateDecodeError(f"{what}: {got_bits}-bit payload, this run uses {bits}-bit")
-                if bits != 2 and q.numel() and int(q.abs().max()) > QMAX[bits]:
-                    raise UpdateDecodeError(f"{what}: integer codes beyond +-{QMAX[bits]}, the range of "
+                lo, hi = code_range(bits)
+                if q.numel() and (int(q.min()) < lo or int(q.max()) > hi):   # (abs() of int8 -128 is -128)
+                    span = f"+-{hi}" if lo == -hi else f"[{lo}, {hi}]"
+                    raise UpdateDecodeError(f"{what}: integer codes beyond {span}, the range of "
                                             f"{bits}-bit quantisation")
                 t = dequantize_rows(q, scales, bits)
             else:

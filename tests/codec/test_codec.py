@@ -316,3 +316,19 @@ def test_codes_beyond_the_configured_range_are_refused(global_state):
     f.left.CopyFrom(encode_int_rows(q, s, 4))
     with pytest.raises(UpdateDecodeError, match=r"beyond \+-3"):
         server.decode(msg, plan)
+
+
+def test_int8_code_minus_128_is_refused(global_state):
+    # -128 fits an int8 but not the symmetric 8-bit range; abs() of it is still -128.
+    cfg = CodecConfig(rank=2, factor_bits=8, head_selection=False)
+    shapes = shapes_of(global_state)
+    server = ServerCodec(MODEL, cfg, global_state)
+    plan = server.plan()
+    msg = ClientCodec(MODEL, cfg, shapes, "a").encode(global_state, perturbed(global_state, 0), plan, None, 5)
+    from protos.tensors import decode_int_rows, encode_int_rows
+    f = msg.factors[0]
+    q, s, _ = decode_int_rows(f.left)
+    q[0, 0] = -128
+    f.left.CopyFrom(encode_int_rows(q, s, 8))
+    with pytest.raises(UpdateDecodeError, match=r"beyond \+-127"):
+        server.decode(msg, plan)
