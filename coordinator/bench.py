@@ -40,12 +40,12 @@ def _codec_payloads(task, distinct: int) -> list[bytes]:
     """``distinct`` valid codec updates for ``task``'s plan (random pseudo-gradients)."""
     import torch
 
-    from mla_model import MLAConfig
+    from fedmla.mla_model import MLAConfig
 
-    from .codec import ClientCodec, CodecConfig
-    from .codec.layout import SharedState
-    from .codec.transfer import task_plan
-    from .validation import ModelSpec
+    from fedmla.protos.codec import ClientCodec, CodecConfig
+    from fedmla.protos.codec.layout import SharedState
+    from fedmla.protos.codec.transfer import task_plan
+    from fedmla.protos.spec import ModelSpec
     model_cfg = MLAConfig.model_validate_json(task.model_config_json)
     cfg = CodecConfig.model_validate_json(task.codec.config_json)
     shapes = ModelSpec.from_config(model_cfg).shapes
@@ -66,8 +66,8 @@ def _codec_payloads(task, distinct: int) -> list[bytes]:
 
 async def _clients(target: str, tokens: list[str], payloads: list[bytes] | None, rounds: int,
                    distinct: int = 8) -> dict:
-    from protos.fedmla.v1 import coordinator_pb2 as cpb
-    from worker.transport import AsyncCoordinatorClient
+    from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+    from fedmla.protos.transport import AsyncCoordinatorClient
 
     clients = [AsyncCoordinatorClient(target, t, timeout=600) for t in tokens]
     await asyncio.gather(*(c.join(num_examples=100 + i) for i, c in enumerate(clients)))
@@ -107,12 +107,12 @@ async def _clients(target: str, tokens: list[str], payloads: list[bytes] | None,
 
 def run_bench(clients: int, preset: str = "small", rounds: int = 1, rank: int = 8, quant_bits: int = 8,
               distinct_updates: int = 8, updates: str = "codec") -> dict:
-    from mla_model import MLAConfig
+    from fedmla.mla_model import MLAConfig
 
     from .store import Store
     from .testing import start_coordinator_process
     from .synthetic import synthetic_update
-    from .validation import ModelSpec
+    from fedmla.protos.spec import ModelSpec
 
     if updates not in ("codec", "dense"):
         raise ValueError(f"updates must be 'codec' or 'dense', got {updates!r}")

@@ -10,7 +10,7 @@ coordinator gets the same bits.
 Every client of a round shares the round's plan, hence the same head selection and
 shared bases: a low-rank part is the product ``L @ R`` of two small factors on the same
 sub-matrix for everyone, and norms and pairwise distances come from the factors
-(:mod:`coordinator.robust`) without forming the products.
+(:mod:`fedmla.coordinator.robust`) without forming the products.
 
 - :class:`RobustAggregator` (``DefenseConfig.kind``): ``clip`` (each update scaled to at
   most ``clip_multiple`` x the round's median norm, then the example-weighted mean),
@@ -38,8 +38,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import robust
-from .codec.heads import combine_importance
-from .codec.layout import RoundPlan, derive_seed
+from fedmla.protos.codec.heads import combine_importance
+from fedmla.protos.codec.layout import RoundPlan
+from fedmla.protos.seeds import derive_seed
 from .privacy import DPConfig, add_gaussian_noise
 
 

@@ -1,6 +1,6 @@
 """Probe a coordinator's standard gRPC health service (for container health checks).
 
-    python -m coordinator.healthcheck --address 127.0.0.1:50051 [--ca ca.crt [--cert c.crt --key c.key]]
+    python -m fedmla.coordinator.healthcheck --address 127.0.0.1:50051 [--ca ca.crt [--cert c.crt --key c.key]]
 
 Exit 0 when the service reports SERVING, 1 otherwise (message on stderr).
 """

@@ -1,6 +1,6 @@
 """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018).
 
-Each client's update is clipped to L2 norm ``clip_norm`` (see ``coordinator.robust``);
+Each client's update is clipped to L2 norm ``clip_norm`` (see ``fedmla.coordinator.robust``);
 the coordinator adds Gaussian noise of standard deviation
 ``noise_multiplier * clip_norm / expected_clients`` to the average, and an RDP
 accountant (Opacus) tracks epsilon at ``delta`` with sampling rate

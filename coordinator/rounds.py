@@ -3,7 +3,7 @@
 :class:`Coordinator` holds the global model, the known clients and the open round;
 its handler methods (``join``, ``get_task``, ``download``, ``submit``, ``heartbeat``,
 ``leave``) take the authenticated client name and protocol messages and raise
-:mod:`coordinator.errors` on refusal. The gRPC servicers in :mod:`coordinator.server`
+:mod:`fedmla.coordinator.errors` on refusal. The gRPC servicers in :mod:`fedmla.coordinator.server`
 are thin wrappers around them.
 
 Round life cycle (driven by :meth:`Coordinator.run`)::
@@ -30,7 +30,7 @@ Two kinds of update (``settings.updates``):
   of k downlinks (``CODEC_CHAIN``) instead of the full model (``CODEC_FULL``: weights +
   shared state). The codec's whole state (momentum, residual, importance, bases) is saved
   beside every checkpoint, so a restarted coordinator continues bit-identically.
-- ``dense``: fp32 deltas validated by :mod:`coordinator.validation`, aggregated by
+- ``dense``: fp32 deltas validated by :mod:`fedmla.coordinator.validation`, aggregated by
   :class:`~coordinator.aggregation.FedAvg` or an ``--aggregator`` plug-in; downloads are
   the full model or the changed tensors.
 
@@ -58,8 +58,8 @@ from pathlib import Path
 import torch
 from google.protobuf.message import DecodeError
 
-from protos.fedmla.v1 import coordinator_pb2 as cpb
-from protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
 from .aggregation import Aggregator, FedAvg, RoundContext
 from .errors import (AlreadyExists, CoordinatorError, FailedPrecondition, InvalidArgument, ResourceExhausted,
@@ -67,12 +67,13 @@ from .errors import (AlreadyExists, CoordinatorError, FailedPrecondition, Invali
 from .metrics import CoordinatorMetrics
 from .settings import CoordinatorSettings
 from .store import ClientRoundRecord, RoundRecord, Store
-from .validation import ModelSpec, UpdateLimits, decode_update
-from .weights import canonical_bytes, load_safetensors_bytes, model_hash, sha256_hex
+from fedmla.protos.spec import ModelSpec
+
+from .validation import UpdateLimits, decode_update
+from fedmla.protos.weights import canonical_bytes, load_safetensors_bytes, model_hash, sha256_hex
 
 log = logging.getLogger("fedmla.coordinator")
 
-CHUNK_BYTES = 1 << 20  # well under gRPC's 4 MiB message limit
 
 
 @dataclass
@@ -128,7 +129,7 @@ def make_aggregator(settings: CoordinatorSettings) -> Aggregator:
 class Coordinator:
     def __init__(self, settings: CoordinatorSettings, store: Store | None = None,
                  metrics: CoordinatorMetrics | None = None, aggregator: Aggregator | None = None):
-        from mla_model import MLAConfig, MLATransformer
+        from fedmla.mla_model import MLAConfig, MLATransformer
         self.settings = settings
         self.metrics = metrics or CoordinatorMetrics()
         self.store = store or Store(settings.store)
@@ -189,7 +190,7 @@ class Coordinator:
     # ---- helpers ------------------------------------------------------------------
     def _load_codec(self, rec):
         """The codec state at model version ``rec``: saved with it, or fresh (round = version)."""
-        from .codec import ServerCodec
+        from fedmla.protos.codec import ServerCodec
         cfg = self.settings.codec
         stored = self.store.meta("codec_config")
         if stored is not None and json.loads(stored) != json.loads(cfg.model_dump_json()):
@@ -371,7 +372,7 @@ class Coordinator:
         """(kind, base version, payload, sha256) of a codec run's download: nothing when the
         client is current, the chain of downlinks when it is behind by at most
         ``keep_downlinks`` and the chain is smaller than the full state, else the full state."""
-        from .codec.transfer import encode_full_state
+        from fedmla.protos.codec.transfer import encode_full_state
         if self._full_cache is None or self._full_cache[0] != self.version:
             full = encode_full_state(self.state, self.shared)
             self._full_cache = (self.version, full, sha256_hex(full))
@@ -526,7 +527,7 @@ class Coordinator:
         """Validate one update against the round (a worker thread); raises InvalidArgument."""
         if self.codec is None:
             return decode_update(msg, self.spec, self.limits(rnd))
-        from .codec import UpdateDecodeError
+        from fedmla.protos.codec import UpdateDecodeError
         try:
             return self.codec.decode(msg, rnd.plan)
         except UpdateDecodeError as e:

@@ -24,19 +24,20 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from protos.fedmla.v1 import coordinator_pb2 as cpb
-from protos.fedmla.v1 import coordinator_pb2_grpc as cpb_grpc
+from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+from fedmla.protos.fedmla.v1 import coordinator_pb2_grpc as cpb_grpc
 
 from .errors import CoordinatorError, InvalidArgument
 from .metrics import CoordinatorMetrics
-from .rounds import CHUNK_BYTES, Coordinator
+from fedmla.protos.limits import CHUNK_BYTES, MAX_MESSAGE_BYTES
+
+from .rounds import Coordinator
 from .settings import CoordinatorSettings
 from .store import Store, TokenChecker
 
 log = logging.getLogger("fedmla.coordinator")
 
 SERVICE_NAME = "fedmla.v1.CoordinatorService"
-MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default; payloads stream in chunks below it
 CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("fedmla_client")
 _UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
 

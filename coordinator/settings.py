@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .codec.config import CodecConfig
+from fedmla.protos.codec.config import CodecConfig
 from .defenses import DefenseConfig
 from .privacy import DPConfig
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from protos.fedmla.v1 import types_pb2 as pb
-from protos.tensors import encode_int_rows, encode_tensor
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.tensors import encode_int_rows, encode_tensor
 
-from .validation import ModelSpec
+from fedmla.protos.spec import ModelSpec
 
 
 def _quantise(x: torch.Tensor, bits: int) -> pb.Tensor:
@@ -74,13 +74,13 @@ class SyntheticCodecClient:
 
     def sync(self, task: pb.Task, model: pb.ModelVersion | None = None) -> None:
         """Download up to ``model`` (default: the task's model) with the task's codec config."""
-        from coordinator.codec import CodecConfig, ClientCodec
-        from coordinator.codec.transfer import apply_chain, decode_full_state
-        from coordinator.codec.wire import TensorCodec
-        from mla_model import MLAConfig
-        from protos.fedmla.v1 import coordinator_pb2 as cpb
+        from fedmla.protos.codec import CodecConfig, ClientCodec
+        from fedmla.protos.codec.transfer import apply_chain, decode_full_state
+        from fedmla.protos.codec.wire import TensorCodec
+        from fedmla.mla_model import MLAConfig
+        from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 
-        from .weights import model_hash
+        from fedmla.protos.weights import model_hash
         model_cfg = MLAConfig.model_validate_json(task.model_config_json)
         cfg = CodecConfig.model_validate_json(task.codec.config_json)
         target = model or task.model
@@ -105,7 +105,7 @@ class SyntheticCodecClient:
 
     def update_for(self, task: pb.Task) -> bytes:
         """The serialized update for ``task`` (the same bytes if asked again)."""
-        from coordinator.codec.transfer import task_plan
+        from fedmla.protos.codec.transfer import task_plan
         key = (task.round_id, task.model.version)
         if key in self.sent:
             return self.sent[key]

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from protos.fedmla.v1 import coordinator_pb2 as cpb
-from worker.transport import CoordinatorClient
+from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+from fedmla.protos.transport import CoordinatorClient
 
 from .settings import CoordinatorSettings
 
@@ -60,7 +60,7 @@ def start_coordinator_process(store: Path, args: list[str], log_path: Path, time
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     log = open(log_path, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "coordinator", "--store", str(store),
+    proc = subprocess.Popen([sys.executable, "-m", "fedmla.worker.apps.cli", "coordinator", "--store", str(store),
                              "--port", "0", "--port-file", str(port_file), *args],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
     deadline = time.time() + timeout

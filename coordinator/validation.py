@@ -17,46 +17,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from protos.fedmla.v1 import types_pb2 as pb
-from protos.tensors import TensorDecodeError, decode_int_rows, decode_tensor
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.tensors import TensorDecodeError, decode_int_rows, decode_tensor
+
+from fedmla.protos.spec import ModelSpec
 
 from .aggregation import DecodedUpdate, DenseUpdate, LowRankUpdate
 from .errors import InvalidArgument, ResourceExhausted
 
 FLOAT_DTYPES = frozenset({pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16})
 MAX_EXAMPLES = 10**12
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Parameter shapes of the global model and where each head's rows/columns are."""
-
-    shapes: dict[str, tuple[int, ...]]
-    head_blocks: dict[str, tuple[int, int]]   # suffix ("attn.wo.weight") -> (axis, block)
-    heads_per_layer: tuple[int, ...]
-    num_layers: int
-    num_heads: int
-
-    @classmethod
-    def from_config(cls, cfg) -> "ModelSpec":
-        from mla_model import MLATransformer, head_blocks
-        with torch.device("meta"):
-            model = MLATransformer(cfg)
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        return cls(shapes=shapes, head_blocks=head_blocks(cfg),
-                   heads_per_layer=tuple(cfg.layer_heads(i) for i in range(cfg.n_layers)),
-                   num_layers=cfg.n_layers, num_heads=cfg.n_heads)
-
-    def per_head(self, name: str) -> tuple[int, int, int] | None:
-        """(layer, axis, block) for a per-head parameter, else None."""
-        parts = name.split(".", 2)
-        if len(parts) == 3 and parts[0] == "layers" and parts[2] in self.head_blocks:
-            axis, block = self.head_blocks[parts[2]]
-            return int(parts[1]), axis, block
-        return None
-
-    def num_elements(self) -> int:
-        return sum(math.prod(s) for s in self.shapes.values())
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.mla_attention import mla_attention
-from kernels.mla_decode import mla_decode
+from fedmla.kernels.mla_attention import mla_attention
+from fedmla.kernels.mla_decode import mla_decode
 
 
 def mla_attention_torch(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor,

@@ -237,3 +237,31 @@ class MLATransformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def parameter_shapes(cfg: MLAConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of ``MLATransformer(cfg).state_dict()``, from the config
+    alone: no module is built (building one on the meta device imports torch._dynamo, which
+    costs a coordinator ~150 MB). Tested against the real model's state dict."""
+    d = cfg.dim
+    qk, dn, dr, dv, c = cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (cfg.vocab_size, d)}
+    for i in range(cfg.n_layers):
+        h, p = cfg.layer_heads(i), f"layers.{i}."
+        shapes[p + "attn_norm.weight"] = (d,)
+        if cfg.q_lora_rank == 0:
+            shapes[p + "attn.wq.weight"] = (h * qk, d)
+        else:
+            shapes[p + "attn.wq_a.weight"] = (cfg.q_lora_rank, d)
+            shapes[p + "attn.q_norm.weight"] = (cfg.q_lora_rank,)
+            shapes[p + "attn.wq_b.weight"] = (h * qk, cfg.q_lora_rank)
+        shapes[p + "attn.wkv_a.weight"] = (c + dr, d)
+        shapes[p + "attn.kv_norm.weight"] = (c,)
+        shapes[p + "attn.wkv_b.weight"] = (h * (dn + dv), c)
+        shapes[p + "attn.wo.weight"] = (d, h * dv)
+        shapes[p + "ffn_norm.weight"] = (d,)
+        shapes[p + "ffn.w1.weight"] = (cfg.inter_dim, d)
+        shapes[p + "ffn.w2.weight"] = (d, cfg.inter_dim)
+        shapes[p + "ffn.w3.weight"] = (cfg.inter_dim, d)
+    shapes["norm.weight"] = (d,)
+    return shapes

@@ -3,8 +3,8 @@
     python protos/generate.py          # write *_pb2.py, *_pb2_grpc.py, *_pb2.pyi
     python protos/generate.py --check  # exit 1 if the committed code is stale
 
-Generated imports are rewritten to be package-relative (``from protos.fedmla.v1
-import types_pb2``) so the generated modules work as part of the ``protos`` package.
+Generated imports are rewritten to be package-relative (``from fedmla.protos.fedmla.v1
+import types_pb2``) so the generated modules work inside the installed ``fedmla.protos`` package.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ def _generate(out_dir: Path) -> None:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     # protoc emits `from fedmla.v1 import x_pb2`; make it an absolute import inside
-    # the installed `protos` package.
+    # the installed `fedmla.protos` package.
     for path in (out_dir / "fedmla" / "v1").glob("*_pb2*.py*"):
         text = path.read_text()
-        text = re.sub(r"^from fedmla\.v1 import", "from protos.fedmla.v1 import", text, flags=re.M)
-        text = re.sub(r"^import fedmla\.v1\.", "import protos.fedmla.v1.", text, flags=re.M)
+        text = re.sub(r"^from fedmla\.v1 import", "from fedmla.protos.fedmla.v1 import", text, flags=re.M)
+        text = re.sub(r"^import fedmla\.v1\.", "import fedmla.protos.fedmla.v1.", text, flags=re.M)
         path.write_text(text)
 
 

@@ -12,7 +12,7 @@ import zlib
 
 import torch
 
-from protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
 
 class TensorDecodeError(ValueError):

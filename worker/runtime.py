@@ -38,12 +38,12 @@ from pathlib import Path
 import grpc
 import torch
 
-from protos.fedmla.v1 import coordinator_pb2 as cpb
-from protos.fedmla.v1 import types_pb2 as pb
-from protos.tensors import encode_tensor
+from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.tensors import encode_tensor
 
 from .data import ClientData, DataError
-from .transport import CoordinatorClient, TLSConfig
+from fedmla.protos.transport import CoordinatorClient, TLSConfig
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
              grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
@@ -141,7 +141,7 @@ class Worker:
                 pass
 
     def _trainer(self, model_cfg_json: str, hyper: pb.HyperParameters, seed: int):
-        from mla_model import MLAConfig
+        from fedmla.mla_model import MLAConfig
 
         from .trainer import LocalTrainer, TrainerConfig
         key = (model_cfg_json, hyper.local_steps, hyper.learning_rate, hyper.batch_size, hyper.seq_len)
@@ -154,8 +154,8 @@ class Worker:
     # ---- codec state -----------------------------------------------------------------
     def _codec_for(self, config_json: str):
         """The ClientCodec of this config (residual restored from the pending file)."""
-        from coordinator.codec import ClientCodec, CodecConfig
-        from coordinator.codec.wire import TensorCodec
+        from fedmla.protos.codec import ClientCodec, CodecConfig
+        from fedmla.protos.codec.wire import TensorCodec
         if self.codec is not None and self.codec_json == config_json:
             return self.codec
         cfg = CodecConfig.model_validate_json(config_json)
@@ -202,11 +202,11 @@ class Worker:
 
     def _apply(self, dl, config_json: str | None):
         """(state, shared) after a download; raises ModelIntegrityError on a hash mismatch."""
-        from coordinator.codec import UpdateDecodeError
-        from coordinator.codec.transfer import apply_chain, decode_full_state
-        from coordinator.weights import model_hash
+        from fedmla.protos.codec import UpdateDecodeError
+        from fedmla.protos.codec.transfer import apply_chain, decode_full_state
+        from fedmla.protos.weights import model_hash
 
-        from .transport import ModelIntegrityError, apply_download
+        from fedmla.protos.transport import ModelIntegrityError, apply_download
         kinds = cpb.DownloadModelResponse
         if dl.kind == kinds.FULL or (dl.kind == kinds.DELTA and self.shared is None):     # a dense run
             return apply_download(dl, self.global_state), None
@@ -247,7 +247,7 @@ class Worker:
         if self.version == model.version and self.global_state is not None and (self.shared is not None
                                                                                  or not codec_run):
             return
-        from .transport import ModelIntegrityError
+        from fedmla.protos.transport import ModelIntegrityError
         have = self.global_state is not None and (self.shared is not None or not codec_run)
         dl = self._download(self.version if have else None)
         try:
@@ -265,8 +265,8 @@ class Worker:
     def run(self) -> int:
         joined = self._call(self.client.join, num_examples=self.data.num_train_tokens, device="cpu")
         self.opts.log(f"joined {self.opts.target} as {joined.client_id} (run {joined.run_id})")
-        from coordinator.validation import ModelSpec
-        from mla_model import MLAConfig
+        from fedmla.protos.spec import ModelSpec
+        from fedmla.mla_model import MLAConfig
         self.model_cfg = MLAConfig.model_validate_json(joined.model_config_json)
         self.shapes = ModelSpec.from_config(self.model_cfg).shapes
         hb = threading.Thread(target=self._heartbeat_loop, args=(max(joined.heartbeat_interval_s, 0.5),), daemon=True)
@@ -312,7 +312,7 @@ class Worker:
             self.client.close()
 
     def _do_round(self, task: pb.Task) -> None:
-        from coordinator.codec.transfer import task_plan
+        from fedmla.protos.codec.transfer import task_plan
         self._round = task.round_id
         config_json = task.codec.config_json or None
         self._sync(task.model, config_json)

@@ -14,7 +14,6 @@ clients are stateless between rounds, which is what sampling clients requires.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,7 +21,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mla_model import HeadImportance, MLAConfig, MLATransformer
+from fedmla.mla_model import HeadImportance, MLAConfig, MLATransformer
+from fedmla.protos.seeds import derive_seed
 
 from .data import ClientData
 
@@ -69,12 +69,6 @@ def lr_at(cfg: TrainerConfig, step: int) -> float:
     frac = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
     floor = cfg.min_lr_ratio * cfg.lr
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any printable parts (stable across processes and machines)."""
-    h = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
 def init_global_state(model_cfg: MLAConfig, seed: int) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ pushed an update when something changed. Two implementations exist:
 
 The records are the raw facts as the coordinator stores them. Everything computed
 from them (perplexity, durations, cumulative bytes, the ratio against FedAvg) lives
-in :mod:`coordinator.dashboard.views`, in pure functions, so the JSON API and the
+in :mod:`fedmla.coordinator.dashboard.views`, in pure functions, so the JSON API and the
 page show the same numbers whichever source they come from.
 """
 

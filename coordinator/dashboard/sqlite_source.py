@@ -1,7 +1,7 @@
 """A :class:`~coordinator.dashboard.source.DashboardSource` over a coordinator's store.
 
 A store is a directory holding ``fedmla.sqlite`` (and checkpoints the dashboard does
-not read); see :mod:`coordinator.store` for the schema and its commit protocol. The
+not read); see :mod:`fedmla.coordinator.store` for the schema and its commit protocol. The
 database is opened read-only (``file:...?mode=ro``): the dashboard can watch a live
 coordinator's store, or a finished run's, and can never change it. Commits by the
 coordinator are noticed through ``PRAGMA data_version``, which changes whenever

@@ -152,8 +152,8 @@ def find_model_config(config: dict[str, Any]) -> dict[str, Any] | None:
 def model_summary(section: dict[str, Any], element_size: int = 2) -> ModelSummary:
     """Raises ValueError (pydantic's ValidationError is one) for an invalid model config."""
     # Imported here: mla_model pulls in torch, which only runs with a model config need.
-    from mla_model.cli import model_info
-    from mla_model.config import MLAConfig
+    from fedmla.mla_model.cli import model_info
+    from fedmla.mla_model.config import MLAConfig
 
     fields = dict(section)
     preset = fields.pop("preset", None)

@@ -109,7 +109,7 @@ start coordinator fedmla coordinator --store "$store" --preset "$preset" --host 
   --metrics-port "$metrics_port"
 wait_for 60 "the coordinator's port file" test -s "$dir/coordinator.port"
 coord_port=$(cat "$dir/coordinator.port")
-wait_for 30 "the coordinator's health service" python3 -m coordinator.healthcheck \
+wait_for 30 "the coordinator's health service" python3 -m fedmla.coordinator.healthcheck \
   --address "localhost:$coord_port" --ca "$dir/certs/ca.crt"
 
 # The dashboard: read-only over the coordinator's store, on loopback.

@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from coordinator.codec import (ClientCodec, CodecConfig, ExactAggregator, RoundPlan, ServerCodec, SharedState,
-                               UpdateDecodeError, apply_downlink, state_hash)
-from coordinator.codec.wire import TensorCodec
-from mla_model import MLAConfig
-from protos.fedmla.v1 import types_pb2 as pb
-from worker.trainer import init_global_state
+from fedmla.protos.weights import model_hash
+from fedmla.protos.codec import (ClientCodec, CodecConfig, ExactAggregator, RoundPlan, ServerCodec, SharedState,
+                               UpdateDecodeError, apply_downlink)
+from fedmla.protos.codec.wire import TensorCodec
+from fedmla.mla_model import MLAConfig
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
+from fedmla.worker.trainer import init_global_state
 
 MODEL = MLAConfig.preset("tiny")
 
@@ -63,9 +64,9 @@ def test_aggregate_equals_weighted_sum_of_reconstructions(global_state, method):
 
 def test_aggregation_hand_computed_and_not_mean_of_factors():
     # Two rank-1 updates of a 2x2 matrix, weights 1 and 3.
-    from coordinator.codec.layout import Selection
-    from coordinator.codec.server import DecodedUpdate
-    from coordinator.codec.wire import DecodedTensors, Part
+    from fedmla.protos.codec.layout import Selection
+    from fedmla.protos.codec.server import DecodedUpdate
+    from fedmla.protos.codec.wire import DecodedTensors, Part
 
     def upd(left, right, n):
         return DecodedUpdate(DecodedTensors({"w": Part(sel=Selection(), left=torch.tensor([left]),
@@ -95,7 +96,7 @@ def test_aggregation_is_bit_identical_in_any_arrival_order(global_state):
         agg = server.aggregator(plan)
         for cid in order:
             agg.add(cid, server.decode(msgs[cid], plan))
-        results.append(state_hash(agg.finish()))
+        results.append(model_hash(agg.finish()))
     assert results[0] == results[1]
 
 
@@ -145,8 +146,8 @@ def test_quantised_factor_error_is_bounded(global_state):
 @pytest.mark.parametrize("extra", [{}, {"replicate_momentum": True, "factor_bits": 3, "downlink_bits": 3,
                                          "entropy_coding": True, "half_scales": True, "fit_scales": True}])
 def test_coordinator_and_worker_hashes_match_after_rounds(global_state, extra):
-    from worker.data import ClientData
-    from worker.trainer import LocalTrainer, TrainerConfig
+    from fedmla.worker.data import ClientData
+    from fedmla.worker.trainer import LocalTrainer, TrainerConfig
 
     # round 0 is a powersgd warm-up (svd) round, rounds 1-2 use the shared bases
     cfg = CodecConfig(method="powersgd", rank=2, keep_ratio=0.5, dense_every=2, powersgd_warmup_rounds=1, **extra)
@@ -168,9 +169,9 @@ def test_coordinator_and_worker_hashes_match_after_rounds(global_state, extra):
         down = server.finish_round(plan, agg.finish(), agg.importance())
         w_state, w_shared = apply_downlink(w_state, w_shared, pb.ModelUpdate.FromString(down.SerializeToString()),
                                            w_codec)
-        assert state_hash(w_state) == server.global_hash()
+        assert model_hash(w_state) == server.global_hash()
         assert w_shared.digest() == server.shared.digest()
-    assert state_hash(w_state) != state_hash(global_state)
+    assert model_hash(w_state) != model_hash(global_state)
     assert server.importance is not None and not server.plan().mask.all()
 
 
@@ -260,7 +261,7 @@ def test_server_checkpoint_resumes_bit_identically(global_state, replicate):
 
 
 def test_outer_step_hand_computed():
-    from coordinator.codec.server import outer_step
+    from fedmla.protos.codec.server import outer_step
     cfg = CodecConfig(outer="nesterov", outer_lr=2.0, outer_momentum=0.5)
     step, m = outer_step(cfg, {"w": torch.tensor([1.0, -2.0])}, {})
     assert m["w"].tolist() == [1.0, -2.0] and step["w"].tolist() == [3.0, -6.0]       # 2 * (d + 0.5 * d)
@@ -299,7 +300,7 @@ def test_replicated_momentum_downlink_carries_the_aggregate_not_the_step(global_
         assert torch.allclose(server.global_state[name] - before, mean + 0.5 * momentum, atol=1e-5)
         w_state, w_shared = apply_downlink(w_state, w_shared, pb.ModelUpdate.FromString(down.SerializeToString()),
                                            tensors)
-        assert state_hash(w_state) == server.global_hash() and w_shared.digest() == server.shared.digest()
+        assert model_hash(w_state) == server.global_hash() and w_shared.digest() == server.shared.digest()
         assert torch.allclose(w_shared.momentum[name], momentum, atol=1e-6)
 
 
@@ -309,7 +310,7 @@ def test_codes_beyond_the_configured_range_are_refused(global_state):
     server = ServerCodec(MODEL, cfg, global_state)
     plan = server.plan()
     msg = ClientCodec(MODEL, cfg, shapes, "a").encode(global_state, perturbed(global_state, 0), plan, None, 5)
-    from protos.tensors import decode_int_rows, encode_int_rows
+    from fedmla.protos.tensors import decode_int_rows, encode_int_rows
     f = msg.factors[0]
     q, s, _ = decode_int_rows(f.left)
     q[0, 0] = 7                                                         # valid int4, not a 3-bit code
@@ -325,7 +326,7 @@ def test_int8_code_minus_128_is_refused(global_state):
     server = ServerCodec(MODEL, cfg, global_state)
     plan = server.plan()
     msg = ClientCodec(MODEL, cfg, shapes, "a").encode(global_state, perturbed(global_state, 0), plan, None, 5)
-    from protos.tensors import decode_int_rows, encode_int_rows
+    from fedmla.protos.tensors import decode_int_rows, encode_int_rows
     f = msg.factors[0]
     q, s, _ = decode_int_rows(f.left)
     q[0, 0] = -128

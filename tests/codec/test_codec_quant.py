@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from coordinator.codec.quant import dequantize_rows, error_bound, quantize_rows, scales_are_half
+from fedmla.protos.codec.quant import dequantize_rows, error_bound, quantize_rows, scales_are_half
 
 
 def test_int8_hand_computed():

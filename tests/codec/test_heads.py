@@ -1,6 +1,6 @@
 import torch
 
-from coordinator.codec.heads import (combine_importance, head_index, heads_to_keep, select_heads,
+from fedmla.protos.codec.heads import (combine_importance, head_index, heads_to_keep, select_heads,
                                      update_importance)
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from coordinator.inprocess import BackgroundCoordinator
-from coordinator.testing import settings_for
+from fedmla.coordinator.inprocess import BackgroundCoordinator
+from fedmla.coordinator.testing import settings_for
 
 
 @pytest.fixture

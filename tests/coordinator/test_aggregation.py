@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from coordinator.aggregation import Aggregator, DecodedUpdate, DenseUpdate, FedAvg, LowRankUpdate, RoundContext, dense_delta
+from fedmla.coordinator.aggregation import Aggregator, DecodedUpdate, DenseUpdate, FedAvg, LowRankUpdate, RoundContext, dense_delta
 
 BLOCKS = {"attn.wo.weight": (1, 2), "attn.wkv_b.weight": (0, 3)}
 

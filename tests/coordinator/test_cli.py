@@ -11,17 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.codec import CodecConfig
+from fedmla.protos.codec import CodecConfig
 
-from coordinator.settings import load_settings
-from coordinator.testing import start_coordinator_process
-from worker.transport import CoordinatorClient
+from fedmla.coordinator.settings import load_settings
+from fedmla.coordinator.testing import start_coordinator_process
+from fedmla.protos.transport import CoordinatorClient
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def cli(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "fedmla.worker.apps.cli", *args], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     if check:
         assert r.returncode == 0, r.stderr
@@ -79,8 +79,8 @@ def test_process_tokens_metrics_and_sigterm(tmp_path):
 
 
 def test_metrics_endpoint_serves_prometheus_text(tmp_path):
-    from coordinator.inprocess import BackgroundCoordinator
-    from coordinator.testing import settings_for
+    from fedmla.coordinator.inprocess import BackgroundCoordinator
+    from fedmla.coordinator.testing import settings_for
     with BackgroundCoordinator(settings_for(tmp_path, metrics_port=0)) as bg:
         body = urllib.request.urlopen(f"http://127.0.0.1:{bg.server.metrics_port}/metrics", timeout=10).read().decode()
     for name in ("fedmla_rounds_total", "fedmla_clients", "fedmla_bytes_total", "fedmla_rejections_total",

@@ -11,16 +11,16 @@ import grpc
 import pytest
 import torch
 
-from coordinator.codec import CodecConfig, ServerCodec
-from coordinator.errors import StoreError
-from coordinator.inprocess import BackgroundCoordinator
-from coordinator.rounds import Coordinator
-from coordinator.store import Store
-from coordinator.synthetic import SyntheticCodecClient
-from coordinator.testing import make_clients, ready_task, settings_for, wait_for
-from coordinator.weights import load_safetensors_bytes, model_hash
-from protos.fedmla.v1 import coordinator_pb2 as cpb
-from protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.codec import CodecConfig, ServerCodec
+from fedmla.coordinator.errors import StoreError
+from fedmla.coordinator.inprocess import BackgroundCoordinator
+from fedmla.coordinator.rounds import Coordinator
+from fedmla.coordinator.store import Store
+from fedmla.coordinator.synthetic import SyntheticCodecClient
+from fedmla.coordinator.testing import make_clients, ready_task, settings_for, wait_for
+from fedmla.protos.weights import load_safetensors_bytes, model_hash
+from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
 NAMES = ["alice", "bob"]
 
@@ -174,7 +174,7 @@ def test_restart_continues_codec_state_and_refuses_changed_codec(tmp_path):
 def test_version_one_store_is_migrated(tmp_path):
     """A store written by schema version 1 (no codec columns, mask or downlinks) opens,
     is migrated in one step and keeps its rows."""
-    from coordinator.dashboard.sqlite_source import STORE_SCHEMA   # the version-1 layout, as the dashboard documents it
+    from fedmla.coordinator.dashboard.sqlite_source import STORE_SCHEMA   # the version-1 layout, as the dashboard documents it
     root = tmp_path / "old"
     root.mkdir()
     db = sqlite3.connect(root / "fedmla.sqlite")
@@ -200,7 +200,7 @@ def test_get_task_long_poll_wakes_the_sampled_client_and_respects_deadlines(tmp_
     import threading
     import time
 
-    from worker.transport import CoordinatorClient
+    from fedmla.protos.transport import CoordinatorClient
     settings = codec_settings(tmp_path, clients_per_round=2, min_replies=2, task_long_poll_s=20.0)
     with BackgroundCoordinator(settings) as bg:
         tokens = {n: bg.call(lambda n=n: bg.store.create_token(n)) for n in ("alice", "bob")}
@@ -234,7 +234,7 @@ def test_get_task_long_poll_wakes_the_sampled_client_and_respects_deadlines(tmp_
 
 def test_bench_coordinator_codec_path_small_run():
     """`fedmla bench coordinator` drives real codec updates through a coordinator process."""
-    from coordinator.bench import run_bench
+    from fedmla.coordinator.bench import run_bench
     out = run_bench(clients=3, preset="tiny", rounds=2, rank=4, quant_bits=4, distinct_updates=2)
     assert out["updates_kind"] == "codec" and out["updates"] == 6
     assert out["round_status"] == ["committed", "committed"]
@@ -244,7 +244,7 @@ def test_bench_coordinator_codec_path_small_run():
 
 
 def test_dp_budget_stops_the_run_before_the_round_that_would_exceed_it(tmp_path):
-    from coordinator.privacy import DPConfig, PrivacyAccountant
+    from fedmla.coordinator.privacy import DPConfig, PrivacyAccountant
     probe = PrivacyAccountant(DPConfig(noise_multiplier=1.0, target_epsilon=1e9))
     eps = [probe.record_round(1.0) for _ in range(3)]            # two of two clients per round: q = 1
     target = (eps[1] + eps[2]) / 2                                # room for two rounds, not three
@@ -272,7 +272,7 @@ def test_dp_budget_stops_the_run_before_the_round_that_would_exceed_it(tmp_path)
 
 
 def test_defence_refuses_a_huge_update_and_the_round_commits_without_it(tmp_path):
-    from coordinator.defenses import DefenseConfig
+    from fedmla.coordinator.defenses import DefenseConfig
     names = ["a", "b", "c", "evil"]
     settings = codec_settings(tmp_path, clients_per_round=4, min_replies=3, defense=DefenseConfig(kind="median"))
     with BackgroundCoordinator(settings) as bg:

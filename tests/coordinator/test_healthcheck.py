@@ -4,7 +4,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.healthcheck import main
+from fedmla.coordinator.healthcheck import main
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from coordinator.privacy import BudgetExceeded, DPConfig, PrivacyAccountant, add_gaussian_noise
+from fedmla.coordinator.privacy import BudgetExceeded, DPConfig, PrivacyAccountant, add_gaussian_noise
 
 
 def test_epsilon_grows_and_budget_refuses_the_round_that_would_exceed_it():

@@ -4,14 +4,14 @@ from a bit-identical round-k model, and finishes the run exactly like an uninter
 import os
 import signal
 
-from coordinator.inprocess import BackgroundCoordinator
-from coordinator.store import Store
-from coordinator.synthetic import synthetic_update
-from coordinator.testing import ready_task, settings_for, start_coordinator_process, wait_for
-from coordinator.validation import ModelSpec
-from mla_model import MLAConfig
-from protos.fedmla.v1 import coordinator_pb2 as cpb
-from worker.transport import CoordinatorClient
+from fedmla.coordinator.inprocess import BackgroundCoordinator
+from fedmla.coordinator.store import Store
+from fedmla.coordinator.synthetic import synthetic_update
+from fedmla.coordinator.testing import ready_task, settings_for, start_coordinator_process, wait_for
+from fedmla.coordinator.validation import ModelSpec
+from fedmla.mla_model import MLAConfig
+from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+from fedmla.protos.transport import CoordinatorClient
 
 K = 2
 NAMES = ["a", "b"]

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from coordinator.robust import (clip_update, coordinate_median, dense, multi_krum_select, pairwise_sq_distances,
+from fedmla.coordinator.robust import (clip_update, coordinate_median, dense, multi_krum_select, pairwise_sq_distances,
                                 robust_importance, trimmed_mean, update_inner, update_norm, weighted_mean)
 
 

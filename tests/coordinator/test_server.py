@@ -4,14 +4,14 @@ import grpc
 import pytest
 import torch
 
-from coordinator.synthetic import synthetic_update
-from coordinator.weights import sha256_hex
-from protos.fedmla.v1 import coordinator_pb2 as cpb
-from protos.fedmla.v1 import types_pb2 as pb
-from protos.tensors import encode_tensor
-from worker.transport import CoordinatorClient, apply_download
+from fedmla.coordinator.synthetic import synthetic_update
+from fedmla.protos.weights import sha256_hex
+from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.tensors import encode_tensor
+from fedmla.protos.transport import CoordinatorClient, apply_download
 
-from coordinator.testing import make_clients, ready_task, wait_for
+from fedmla.coordinator.testing import make_clients, ready_task, wait_for
 
 
 def spec(bg):
@@ -115,7 +115,7 @@ def test_bad_payloads_refused_with_status_while_round_completes(coordinator):
     assert bg.call(lambda: len(bg.coord.round.replies)) == 0   # nothing changed
     # a corrupted upload: the header's hash does not match the bytes
     payload = update_for(bg, t).SerializeToString()
-    from worker.transport import submit_requests
+    from fedmla.protos.transport import submit_requests
     reqs = list(submit_requests(payload, rid, ver, chunk_bytes=4096))
     reqs[1].data = b"x" * len(reqs[1].data)
     code, details = code_of(lambda: bad.stub.SubmitUpdate(iter(reqs), metadata=bad._metadata))
@@ -145,9 +145,9 @@ def test_bad_payloads_refused_with_status_while_round_completes(coordinator):
 
 def test_rank_within_limit_but_above_max_is_refused_by_validation_message(tmp_path):
     # rank above the task's max_rank names both numbers
-    from coordinator.errors import InvalidArgument
-    from coordinator.validation import ModelSpec, UpdateLimits, decode_update
-    from mla_model import MLAConfig
+    from fedmla.coordinator.errors import InvalidArgument
+    from fedmla.coordinator.validation import ModelSpec, UpdateLimits, decode_update
+    from fedmla.mla_model import MLAConfig
     s = ModelSpec.from_config(MLAConfig.preset("tiny"))
     m = synthetic_update(s, rank=8)
     with pytest.raises(InvalidArgument, match=r"rank 8 outside \[1, max_rank=4\]"):
@@ -257,8 +257,8 @@ class ExplodingAggregator:
 
 
 def test_failing_aggregator_fails_the_round_not_the_service(tmp_path):
-    from coordinator.inprocess import BackgroundCoordinator
-    from coordinator.testing import settings_for
+    from fedmla.coordinator.inprocess import BackgroundCoordinator
+    from fedmla.coordinator.testing import settings_for
     with BackgroundCoordinator(settings_for(tmp_path, clients_per_round=1, min_replies=1),
                                aggregator=ExplodingAggregator()) as bg:
         (a,) = make_clients(bg, ["a"])

@@ -4,11 +4,11 @@ import sqlite3
 
 import pytest
 
-from coordinator.errors import StoreError
-from coordinator.rounds import Coordinator
-from coordinator.store import Store, TokenChecker
-from coordinator.errors import Unauthenticated
-from coordinator.testing import settings_for
+from fedmla.coordinator.errors import StoreError
+from fedmla.coordinator.rounds import Coordinator
+from fedmla.coordinator.store import Store, TokenChecker
+from fedmla.coordinator.errors import Unauthenticated
+from fedmla.coordinator.testing import settings_for
 
 
 def new_coordinator(tmp_path, **kw):
@@ -80,8 +80,8 @@ def test_corrupt_checkpoint_refused(tmp_path):
 def test_crash_between_checkpoint_and_database_keeps_old_round(tmp_path, monkeypatch):
     """A commit that dies after the checkpoint file is in place but before the SQLite
     transaction leaves the previous model current; the orphan file is harmless."""
-    from coordinator import store as store_mod
-    from coordinator.store import RoundRecord
+    from fedmla.coordinator import store as store_mod
+    from fedmla.coordinator.store import RoundRecord
     c = new_coordinator(tmp_path)
     sha0 = c.model_sha
 

@@ -9,9 +9,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from coordinator.inprocess import BackgroundCoordinator
-from coordinator.testing import settings_for
-from worker.transport import CoordinatorClient, TLSConfig
+from fedmla.coordinator.inprocess import BackgroundCoordinator
+from fedmla.coordinator.testing import settings_for
+from fedmla.protos.transport import CoordinatorClient, TLSConfig
 
 
 def _pem_key(key):

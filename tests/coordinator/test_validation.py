@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from coordinator.errors import InvalidArgument, ResourceExhausted
-from coordinator.synthetic import synthetic_update
-from coordinator.validation import ModelSpec, UpdateLimits, decode_update
-from mla_model import MLAConfig
-from protos.fedmla.v1 import types_pb2 as pb
-from protos.tensors import encode_tensor
+from fedmla.coordinator.errors import InvalidArgument, ResourceExhausted
+from fedmla.coordinator.synthetic import synthetic_update
+from fedmla.coordinator.validation import ModelSpec, UpdateLimits, decode_update
+from fedmla.mla_model import MLAConfig
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.tensors import encode_tensor
 
 SPEC = ModelSpec.from_config(MLAConfig.preset("tiny"))
 LIMITS = UpdateLimits(max_rank=16, max_update_bytes=1 << 20)

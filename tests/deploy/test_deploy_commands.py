@@ -9,8 +9,8 @@ import pytest
 import typer.main
 import yaml
 
-from coordinator.cli import app
-from coordinator.settings import load_settings
+from fedmla.worker.apps.cli import app
+from fedmla.coordinator.settings import load_settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

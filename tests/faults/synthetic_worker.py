@@ -14,7 +14,7 @@ from pathlib import Path
 
 def main(argv):
     target, token, path, rid, ver, chunk, pause = argv
-    from worker.transport import CoordinatorClient, submit_requests
+    from fedmla.protos.transport import CoordinatorClient, submit_requests
     payload = Path(path).read_bytes()
     client = CoordinatorClient(target, token, timeout=120)
 

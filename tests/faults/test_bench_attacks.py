@@ -2,9 +2,9 @@
 
 import pytest
 
-from coordinator.defenses import DefenseConfig
-from worker.bench_attacks import AttackBenchConfig, alie_z, run_attack_bench
-from worker.trainer import TrainerConfig
+from fedmla.coordinator.defenses import DefenseConfig
+from fedmla.worker.apps.bench_attacks import AttackBenchConfig, alie_z, run_attack_bench
+from fedmla.worker.trainer import TrainerConfig
 
 
 def test_alie_z_matches_the_papers_formula():

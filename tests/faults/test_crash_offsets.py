@@ -11,14 +11,14 @@ import threading
 import grpc
 import pytest
 
-from coordinator.inprocess import BackgroundCoordinator
-from coordinator.store import Store
-from coordinator.synthetic import SyntheticCodecClient, synthetic_update
-from coordinator.testing import settings_for, start_coordinator_process
-from coordinator.validation import ModelSpec
-from mla_model import MLAConfig
-from protos.fedmla.v1 import coordinator_pb2 as cpb
-from worker.transport import CoordinatorClient
+from fedmla.coordinator.inprocess import BackgroundCoordinator
+from fedmla.coordinator.store import Store
+from fedmla.coordinator.synthetic import SyntheticCodecClient, synthetic_update
+from fedmla.coordinator.testing import settings_for, start_coordinator_process
+from fedmla.coordinator.validation import ModelSpec
+from fedmla.mla_model import MLAConfig
+from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+from fedmla.protos.transport import CoordinatorClient
 
 ROUNDS = 24
 CODEC_ROUNDS = 12

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from coordinator.codec import ClientCodec, CodecConfig, ServerCodec
-from coordinator.defenses import DefenseConfig, DPAggregator, RobustAggregator, noise_std
-from coordinator.privacy import DPConfig
-from mla_model import MLAConfig, MLATransformer
-from protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.codec import ClientCodec, CodecConfig, ServerCodec
+from fedmla.coordinator.defenses import DefenseConfig, DPAggregator, RobustAggregator, noise_std
+from fedmla.coordinator.privacy import DPConfig
+from fedmla.mla_model import MLAConfig, MLATransformer
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
 MODEL = MLAConfig.preset("tiny")
 # Dense, unquantised, all heads: what a client sends is exactly its delta, so expectations are exact.
@@ -107,7 +107,7 @@ def test_inflated_importance_cannot_take_the_mask():
         plain.add(f"h{i}", decoded(server, state, plan, 0.01, f"h{i}", importance=honest, seed=i)[0])
     robust_agg.add("liar", decoded(server, state, plan, 0.01, "liar", importance=liar, seed=9)[0])
     plain.add("liar", decoded(server, state, plan, 0.01, "liar", importance=liar, seed=9)[0])
-    from coordinator.codec.heads import select_heads
+    from fedmla.protos.codec.heads import select_heads
     g = torch.Generator().manual_seed(0)
     taken = select_heads(plain.importance(), 0.5, 0, g, L, H)
     kept = select_heads(robust_agg.importance(), 0.5, 0, g, L, H)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.inprocess import BackgroundCoordinator
-from coordinator.synthetic import synthetic_update
-from coordinator.testing import make_clients, ready_task, settings_for, wait_for
-from coordinator.weights import sha256_hex
+from fedmla.coordinator.inprocess import BackgroundCoordinator
+from fedmla.coordinator.synthetic import synthetic_update
+from fedmla.coordinator.testing import make_clients, ready_task, settings_for, wait_for
+from fedmla.protos.weights import sha256_hex
 
 N, MIN = 20, 14
 WORKER = Path(__file__).with_name("synthetic_worker.py")

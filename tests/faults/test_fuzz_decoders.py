@@ -14,15 +14,15 @@ import torch
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from coordinator.errors import CoordinatorError
-from coordinator.inprocess import BackgroundCoordinator
-from coordinator.synthetic import synthetic_update
-from coordinator.testing import make_clients, ready_task, settings_for
-from coordinator.validation import UpdateLimits, decode_update
-from coordinator.weights import sha256_hex
-from protos.fedmla.v1 import coordinator_pb2 as cpb
-from protos.fedmla.v1 import types_pb2 as pb
-from protos.tensors import TensorDecodeError, decode_int_rows, decode_tensor
+from fedmla.coordinator.errors import CoordinatorError
+from fedmla.coordinator.inprocess import BackgroundCoordinator
+from fedmla.coordinator.synthetic import synthetic_update
+from fedmla.coordinator.testing import make_clients, ready_task, settings_for
+from fedmla.coordinator.validation import UpdateLimits, decode_update
+from fedmla.protos.weights import sha256_hex
+from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.tensors import TensorDecodeError, decode_int_rows, decode_tensor
 
 TYPED = (CoordinatorError, TensorDecodeError, DecodeError)
 FAST = dict(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
@@ -216,7 +216,7 @@ def test_fuzz_raw_bytes_every_rpc_full(live):
 def test_zero_element_shape_with_huge_dims_is_refused():
     """Found by hypothesis: a 0-element shape whose other dimensions overflow torch's
     stride arithmetic used to raise RuntimeError instead of TensorDecodeError."""
-    from protos.tensors import TensorDecodeError, decode_tensor
+    from fedmla.protos.tensors import TensorDecodeError, decode_tensor
     bad = pb.Tensor(dtype=pb.FLOAT32, shape=[0, 209, 1265, 1265, 27_577_976_025], data=b"")
     with pytest.raises(TensorDecodeError, match="too large to address"):
         decode_tensor(bad, "t")

@@ -7,11 +7,11 @@ import grpc
 import pytest
 import torch
 
-from coordinator.server import MAX_MESSAGE_BYTES
-from coordinator.synthetic import synthetic_update
-from coordinator.testing import make_clients, ready_task
-from protos.fedmla.v1 import coordinator_pb2 as cpb
-from worker.transport import submit_requests
+from fedmla.coordinator.server import MAX_MESSAGE_BYTES
+from fedmla.coordinator.synthetic import synthetic_update
+from fedmla.coordinator.testing import make_clients, ready_task
+from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+from fedmla.protos.transport import submit_requests
 
 
 def _code(fn):

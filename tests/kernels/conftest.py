@@ -10,7 +10,7 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-_compiled = [m for m in ("kernels.mla_attention.triton", "kernels.mla_decode.triton", "kernels.quant.triton")
+_compiled = [m for m in ("fedmla.kernels.mla_attention.triton", "fedmla.kernels.mla_decode.triton", "fedmla.kernels.quant.triton")
              if m in sys.modules]
 if _compiled:
     raise RuntimeError(f"{_compiled} were imported before TRITON_INTERPRET=1 was set; the kernel tests "

@@ -5,9 +5,9 @@ import json
 
 from typer.testing import CliRunner
 
-from coordinator.cli import app
-from kernels.bench import run_benchmarks
-from mla_model.config import MLAConfig
+from fedmla.worker.apps.cli import app
+from fedmla.worker.apps.bench_kernels import run_benchmarks
+from fedmla.mla_model.config import MLAConfig
 
 
 def test_run_benchmarks_tiny():

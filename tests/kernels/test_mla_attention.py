@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.mla_attention import mla_attention
+from fedmla.kernels.mla_attention import mla_attention
 
 from kernels_testlib import rel_err
 
@@ -204,7 +204,7 @@ def test_bad_device_and_scale():
 def test_chunked_cpu_path_matches_reference(T, S, block, masked):
     """The causal block path (query blocks against key prefixes, shared rope key never
     broadcast) with block sizes that do and do not divide T, against the reference."""
-    from kernels.mla_attention import mla_attention_chunked
+    from fedmla.kernels.mla_attention import mla_attention_chunked
     H = 4
     heads = torch.tensor([0, 3]) if masked else None
     inputs, do = make_inputs(2, T, S, H, 24, 8, 40, seed=T + S)
@@ -222,7 +222,7 @@ def test_chunked_cpu_path_matches_reference(T, S, block, masked):
 @pytest.mark.parametrize("T", [63, 300])
 def test_padded_sdpa_path_matches_reference_causal(T):
     """SDPA with v padded to the qk dim: what the dispatch uses above CHUNKED_MAX_T."""
-    from kernels.mla_attention import mla_attention_sdpa
+    from fedmla.kernels.mla_attention import mla_attention_sdpa
     inputs, do = make_inputs(1, T, T, 2, 24, 8, 16, seed=T)
     ref = run("naive", inputs, do)
     for t in inputs:
@@ -235,7 +235,7 @@ def test_padded_sdpa_path_matches_reference_causal(T):
 
 
 def test_chunked_bf16_within_bf16_tolerance():
-    from kernels.mla_attention import mla_attention_chunked
+    from fedmla.kernels.mla_attention import mla_attention_chunked
     inputs32, do32 = make_inputs(2, 70, 70, 3, 16, 8, 24, seed=5)
     ref = run("naive", inputs32, do32)
     inputs = [t.detach().to(torch.bfloat16).requires_grad_(True) for t in inputs32]

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.mla_decode import mla_decode
+from fedmla.kernels.mla_decode import mla_decode
 from kernels_testlib import rel_err
 
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from mla_model import MLAConfig, MLATransformer
-from mla_model.attention import mla_absorbed_attention_torch, mla_attention_torch
+from fedmla.mla_model import MLAConfig, MLATransformer
+from fedmla.mla_model.attention import mla_absorbed_attention_torch, mla_attention_torch
 from kernels_testlib import rel_err
 
 

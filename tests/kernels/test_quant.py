@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kernels.quant import QMAX, dequantize_rows, quantize_rows, quantize_rows_naive
-from kernels.quant.triton import quantize_rows_triton
-from protos.tensors import decode_int_rows, encode_int_rows
+from fedmla.kernels.quant import QMAX, dequantize_rows, quantize_rows, quantize_rows_naive
+from fedmla.kernels.quant.triton import quantize_rows_triton
+from fedmla.protos.tensors import decode_int_rows, encode_int_rows
 
 
 def sample(R, C, seed=0):

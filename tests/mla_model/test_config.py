@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from mla_model import PRESETS, MLAConfig, MLATransformer
+from fedmla.mla_model import PRESETS, MLAConfig, MLATransformer
 
 
 @pytest.mark.parametrize("field,value", [

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mla_model import MLAConfig, MLATransformer, head_importance, normalize_per_layer, prune_heads
+from fedmla.mla_model import MLAConfig, MLATransformer, head_importance, normalize_per_layer, prune_heads
 
 
 def make(seed=0, q_lora_rank=32):

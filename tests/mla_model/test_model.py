@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from mla_model import LatentCache, MLAConfig, MLATransformer, mla_cache_bytes_per_token
+from fedmla.mla_model import LatentCache, MLAConfig, MLATransformer, mla_cache_bytes_per_token
 
 
 def make(q_lora_rank=32, seed=0, **kw):
@@ -121,3 +121,13 @@ def test_train_mode_gradients_flow_to_all_parameters():
     m.loss(tokens(T=17)).backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert missing == []
+
+
+@pytest.mark.parametrize("preset,overrides", [("tiny", {}), ("small", {}), ("tiny", {"q_lora_rank": 0}),
+                                              ("tiny", {"heads_per_layer": [4, 2]})])
+def test_parameter_shapes_match_the_model(preset, overrides):
+    from fedmla.mla_model import parameter_shapes
+    cfg = MLAConfig.preset(preset, **overrides)
+    with torch.device("meta"):
+        model = MLATransformer(cfg)
+    assert parameter_shapes(cfg) == {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -2,8 +2,8 @@ import json
 
 from typer.testing import CliRunner
 
-from coordinator.cli import app
-from mla_model import MLAConfig, mla_cache_bytes_per_token
+from fedmla.worker.apps.cli import app
+from fedmla.mla_model import MLAConfig, mla_cache_bytes_per_token
 
 
 def test_model_info_json_reports_mla_beside_mha():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mla_model import MLAConfig, MLATransformer
+from fedmla.mla_model import MLAConfig, MLATransformer
 
 TEXT = (b"def add(a, b):\n    return a + b\n\nclass Point:\n    def __init__(self, x, y):\n"
         b"        self.x = x\n        self.y = y\n") * 4

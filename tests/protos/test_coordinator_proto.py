@@ -2,8 +2,8 @@
 
 import hashlib
 
-from protos.fedmla.v1 import coordinator_pb2 as cpb
-from worker.transport import CHUNK_BYTES, MAX_MESSAGE_BYTES, submit_requests
+from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+from fedmla.protos.transport import CHUNK_BYTES, MAX_MESSAGE_BYTES, submit_requests
 
 
 def test_service_methods_and_streaming_kinds():

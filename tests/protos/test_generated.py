@@ -2,7 +2,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from protos.fedmla.v1 import types_pb2
+from fedmla.protos.fedmla.v1 import types_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,8 +5,8 @@ import zlib
 import pytest
 import torch
 
-from protos.fedmla.v1 import types_pb2 as pb
-from protos.tensors import (MAX_INFLATED_BYTES, TensorDecodeError, decode_int_rows, decode_tensor, deflate,
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.tensors import (MAX_INFLATED_BYTES, TensorDecodeError, decode_int_rows, decode_tensor, deflate,
                             encode_int_rows, encode_tensor, pack_int2, unpack_int2)
 
 

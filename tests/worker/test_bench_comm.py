@@ -4,9 +4,9 @@ import json
 
 from typer.testing import CliRunner
 
-from coordinator.codec import CodecConfig
-from worker.bench_comm import BenchConfig, run_bench
-from worker.trainer import TrainerConfig
+from fedmla.protos.codec import CodecConfig
+from fedmla.worker.apps.bench_comm import BenchConfig, run_bench
+from fedmla.worker.trainer import TrainerConfig
 
 
 def micro_config(**codec):
@@ -31,7 +31,7 @@ def test_micro_bench_fields_and_byte_accounting():
 
 
 def test_cli_with_folder_data(tmp_path):
-    from coordinator.cli import app
+    from fedmla.worker.apps.cli import app
 
     for name in ("a", "b"):
         (tmp_path / "data" / name).mkdir(parents=True)

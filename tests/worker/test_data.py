@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from worker.data import DataError, load_folder, load_stdlib_corpus, repartition
+from fedmla.worker.data import DataError, load_folder, load_stdlib_corpus, repartition
 
 
 def write(path, data: bytes):

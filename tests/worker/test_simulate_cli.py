@@ -4,7 +4,7 @@ import json
 
 from typer.testing import CliRunner
 
-from coordinator.cli import app
+from fedmla.worker.apps.cli import app
 
 
 def test_simulate_four_clients_three_rounds(tmp_path):

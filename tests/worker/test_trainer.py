@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from mla_model import MLAConfig
-from worker.data import ClientData
-from worker.trainer import LocalTrainer, TrainerConfig, init_global_state, lr_at
+from fedmla.mla_model import MLAConfig
+from fedmla.worker.data import ClientData
+from fedmla.worker.trainer import LocalTrainer, TrainerConfig, init_global_state, lr_at
 
 MODEL = MLAConfig.preset("tiny")
 

@@ -7,8 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from coordinator.store import Store
-from coordinator.testing import start_coordinator_process, wait_for
+from fedmla.coordinator.store import Store
+from fedmla.coordinator.testing import start_coordinator_process, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,7 +17,7 @@ def start_worker(tmp_path, port, name, token, index):
     (tmp_path / f"{name}.token").write_text(token)
     log = tmp_path / f"{name}.log"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "worker", "--coordinator", f"127.0.0.1:{port}",
+    proc = subprocess.Popen([sys.executable, "-m", "fedmla.worker.apps.cli", "worker", "--coordinator", f"127.0.0.1:{port}",
                              "--name", name, "--token-file", str(tmp_path / f"{name}.token"),
                              "--state-dir", str(tmp_path / name), "--data", "builtin", "--client-index", str(index)],
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)

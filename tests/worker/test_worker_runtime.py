@@ -5,11 +5,11 @@ import threading
 
 from typer.testing import CliRunner
 
-from coordinator.cli import app
-from coordinator.inprocess import BackgroundCoordinator
-from coordinator.testing import settings_for
-from worker.data import load_stdlib_corpus
-from worker.runtime import Worker, WorkerOptions
+from fedmla.worker.apps.cli import app
+from fedmla.coordinator.inprocess import BackgroundCoordinator
+from fedmla.coordinator.testing import settings_for
+from fedmla.worker.data import load_stdlib_corpus
+from fedmla.worker.runtime import Worker, WorkerOptions
 
 
 def test_workers_run_rounds_until_finished(tmp_path):
@@ -68,7 +68,7 @@ def test_restarted_worker_resends_the_update_it_wrote_ahead(tmp_path, monkeypatc
         assert pending["residual"], "the codec residual is saved with the update"
         monkeypatch.undo()
 
-        from worker.trainer import LocalTrainer
+        from fedmla.worker.trainer import LocalTrainer
 
         def no_training(*a, **kw):
             raise AssertionError("the restarted worker trained again")
@@ -80,5 +80,5 @@ def test_restarted_worker_resends_the_update_it_wrote_ahead(tmp_path, monkeypatc
         assert [(r["client"], r["status"], r["bytes_up"]) for r in rows] == [("w0", "replied", len(pending["payload"]))]
         # The coordinator committed from those bytes, and the worker ends on its model.
         assert second.version == 1
-        from coordinator.weights import model_hash
+        from fedmla.protos.weights import model_hash
         assert model_hash(second.global_state) == bg.call(lambda: bg.coord.model_sha)

@@ -1,7 +1,7 @@
 """Flower apps for fedmla: a ServerApp whose strategy uses fedmla's codec and exact
 aggregation (or Flower's own FedAvg as the baseline) and a ClientApp running the one
-local trainer. ``flwr run .`` uses ``worker.flower.server_app:app`` and
-``worker.flower.client_app:app``; Python callers use :func:`run_flower_simulation`.
+local trainer. ``flwr run .`` uses ``fedmla.worker.flower.server_app:app`` and
+``fedmla.worker.flower.client_app:app``; Python callers use :func:`run_flower_simulation`.
 """
 
 from .config import FlowerConfig, load_federated_data

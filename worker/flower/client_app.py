@@ -23,9 +23,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from coordinator.codec import (ClientCodec, RoundPlan, SharedState, TensorCodec, UpdateDecodeError,
-                               apply_downlink, state_hash)
-from protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.weights import model_hash
+from fedmla.protos.codec import (ClientCodec, RoundPlan, SharedState, TensorCodec, UpdateDecodeError,
+                               apply_downlink)
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
 from ..data import ClientData
 from ..trainer import LocalTrainer, init_global_state
@@ -61,7 +62,7 @@ def _load_global(state: RecordDict) -> tuple[dict[str, torch.Tensor], SharedStat
     glob = state.array_records[_GLOBAL].to_torch_state_dict()
     shared = SharedState.from_tensors(state.array_records[_SHARED].to_torch_state_dict())
     # The hash is recomputed from the stored tensors, never trusted from a label.
-    return glob, shared, state_hash(glob)
+    return glob, shared, model_hash(glob)
 
 
 def _save_global(state: RecordDict, glob: dict[str, torch.Tensor], shared: SharedState) -> None:
@@ -81,7 +82,7 @@ def synchronise(node: _Node, rec: ConfigRecord) -> tuple[dict[str, torch.Tensor]
     held = _load_global(node.state)
     if sync == "full":
         glob, shared = decode_full_state(bytes(rec["full"]), shapes)
-        return glob, shared, state_hash(glob)
+        return glob, shared, model_hash(glob)
     if sync == "none":
         if held is None:
             raise UpdateDecodeError("told to keep a global model this node does not hold")
@@ -99,7 +100,7 @@ def synchronise(node: _Node, rec: ConfigRecord) -> tuple[dict[str, torch.Tensor]
     tensors = TensorCodec(model_cfg, cfg.codec, shapes)
     for raw in rec.get("downlinks", []):
         glob, shared = apply_downlink(glob, shared, pb.ModelUpdate.FromString(bytes(raw)), tensors)
-    return glob, shared, state_hash(glob)
+    return glob, shared, model_hash(glob)
 
 
 def _resync_reply(msg: Message, held_hash: str, reason: str) -> Message:

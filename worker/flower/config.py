@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator.codec import CodecConfig
-from mla_model import MLAConfig
+from fedmla.protos.codec import CodecConfig
+from fedmla.mla_model import MLAConfig
 
 from ..data import FederatedData, load_folder, load_stdlib_corpus, repartition
 from ..trainer import TrainerConfig

@@ -22,7 +22,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.codec import state_hash
+from fedmla.protos.weights import model_hash
 
 from ..trainer import LocalTrainer, init_global_state
 from .client_app import RUN_KEY
@@ -76,7 +76,7 @@ def run_strategy(grid: Grid, cfg: FlowerConfig) -> dict:
         "final_val_loss": val_losses.get(per_round[-1]["round"]) if per_round else val_losses.get(0),
         "bytes_up": up_total, "bytes_down": down_total, "bytes_total": up_total + down_total,
         "fedavg_fp32_bytes_total": fedavg_total, "per_round": per_round,
-        "global_hash": strategy.codec.global_hash() if cfg.strategy == "fedmla" else state_hash(final),
+        "global_hash": strategy.codec.global_hash() if cfg.strategy == "fedmla" else model_hash(final),
         "wall_seconds": time.time() - t0,
     }
     if cfg.strategy == "fedmla":

@@ -34,8 +34,9 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 from google.protobuf.message import DecodeError
 
-from coordinator.codec import ServerCodec, UpdateDecodeError, state_hash
-from protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.weights import model_hash
+from fedmla.protos.codec import ServerCodec, UpdateDecodeError
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
 from ..trainer import init_global_state
 from .client_app import FEDMLA_KEY, RUN_KEY
@@ -66,7 +67,7 @@ class FedMLAStrategy(Strategy):
         self._rec: dict | None = None
         self._run_json = cfg.to_json()
         # A node without a model rebuilds it from the seed only if that is where we started.
-        self._seeded = self.codec.global_hash() == state_hash(init_global_state(self.model_cfg, cfg.seed))
+        self._seeded = self.codec.global_hash() == model_hash(init_global_state(self.model_cfg, cfg.seed))
 
     def summary(self) -> None:
         c = self.cfg.codec

@@ -3,7 +3,7 @@ round's active-head mask and a full model (resync). All protobuf, never pickle.
 
 - mask: one serialized ``fedmla.v1.HeadSelection`` per layer (the heads active this round),
   the same bytes the communication benchmark counts;
-- full state: :mod:`coordinator.codec.transfer` (fp32 weights + the codec's shared state,
+- full state: :mod:`fedmla.protos.codec.transfer` (fp32 weights + the codec's shared state,
   the same bytes a gRPC worker downloads when it resyncs).
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from coordinator.codec import UpdateDecodeError
-from coordinator.codec.transfer import decode_full_state, dense_message, encode_full_state
-from protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.codec import UpdateDecodeError
+from fedmla.protos.codec.transfer import decode_full_state, dense_message, encode_full_state
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
 __all__ = ["encode_mask", "decode_mask", "dense_message", "encode_full_state", "decode_full_state"]
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.fedmla.v1 import coordinator_pb2 as fedmla_dot_v1_dot_coordinator__pb2
+from fedmla.protos.fedmla.v1 import coordinator_pb2 as fedmla_dot_v1_dot_coordinator__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

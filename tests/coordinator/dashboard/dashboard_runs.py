@@ -20,10 +20,10 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coordinator.dashboard.source import (ClientRecord, ClientRoundRecord, HeadImportanceRecord, InMemorySource,
+from fedmla.coordinator.dashboard.source import (ClientRecord, ClientRoundRecord, HeadImportanceRecord, InMemorySource,
                                           RoundRecord, RunRecord)
-from coordinator.dashboard.sqlite_source import APP, DB_NAME, STORE_SCHEMA, SqliteSource
-from mla_model.config import MLAConfig
+from fedmla.coordinator.dashboard.sqlite_source import APP, DB_NAME, STORE_SCHEMA, SqliteSource
+from fedmla.mla_model.config import MLAConfig
 
 RUN_ID = "3f9c1e0a5b7d4c2e8a6f0b1d2c3e4f5a"
 CLIENTS = ("client-a", "client-b", "client-c")

@@ -7,8 +7,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 import dashboard_runs as runs
-from coordinator.dashboard import DashboardServer, InMemorySource, create_app
-from coordinator.dashboard.app import plotly_js_path
+from fedmla.coordinator.dashboard import DashboardServer, InMemorySource, create_app
+from fedmla.coordinator.dashboard.app import plotly_js_path
 
 P = runs.MODEL_FP32_BYTES
 

@@ -38,8 +38,8 @@ import httpx
 import pytest
 
 import dashboard_runs as runs
-from coordinator.dashboard import DashboardServer
-from coordinator.dashboard.sqlite_source import SqliteSource
+from fedmla.coordinator.dashboard import DashboardServer
+from fedmla.coordinator.dashboard.sqlite_source import SqliteSource
 
 ROOT = Path(__file__).resolve().parents[3]
 ARTIFACTS = Path(os.environ.get("FEDMLA_ARTIFACTS", ROOT / "artifacts"))
@@ -105,7 +105,7 @@ def _simulate_run(directory: Path):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "FEDMLA_DASHBOARD_TOKEN": TOKEN}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "simulate", "--clients", "4",
+        proc = subprocess.Popen([sys.executable, "-m", "fedmla.worker.apps.cli", "simulate", "--clients", "4",
                                  "--clients-per-round", "2", "--rounds", "3", "--local-steps", "4", "--actors", "2",
                                  "--dashboard-port", "0", "--dashboard-linger", "300", "--json", str(out_json)],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -11,7 +11,7 @@ import httpx
 from typer.testing import CliRunner
 
 import dashboard_runs as runs
-from coordinator.cli import app
+from fedmla.worker.apps.cli import app
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -42,7 +42,7 @@ def test_serves_a_finished_runs_store_read_only(tmp_path):
     before = writer.path.read_bytes()
     assert not (writer.root / "fedmla.sqlite-wal").exists()  # closed cleanly: everything is in the main file
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDMLA_DASHBOARD_TOKEN": "t0k"}
-    proc = subprocess.Popen([sys.executable, "-m", "coordinator.cli", "dashboard", "--store", str(writer.root),
+    proc = subprocess.Popen([sys.executable, "-m", "fedmla.worker.apps.cli", "dashboard", "--store", str(writer.root),
                              "--port", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -2,9 +2,9 @@
 
 import httpx
 
-from coordinator.inprocess import BackgroundCoordinator
-from coordinator.synthetic import SyntheticCodecClient
-from coordinator.testing import make_clients, ready_task, settings_for, wait_for
+from fedmla.coordinator.inprocess import BackgroundCoordinator
+from fedmla.coordinator.synthetic import SyntheticCodecClient
+from fedmla.coordinator.testing import make_clients, ready_task, settings_for, wait_for
 
 TOKEN = "embedded-dashboard-token"
 

@@ -6,7 +6,7 @@ import threading
 import httpx
 import pytest
 
-from coordinator.dashboard import DashboardServer, InMemorySource
+from fedmla.coordinator.dashboard import DashboardServer, InMemorySource
 
 
 def test_port_zero_serves_on_the_reported_port_and_stop_closes_it():

@@ -5,9 +5,9 @@ import sqlite3
 import pytest
 
 import dashboard_runs as runs
-from coordinator.dashboard.source import (ClientRoundRecord, DashboardSource, HeadImportanceRecord, InMemorySource,
+from fedmla.coordinator.dashboard.source import (ClientRoundRecord, DashboardSource, HeadImportanceRecord, InMemorySource,
                                           OverlaySource, RoundRecord)
-from coordinator.dashboard.sqlite_source import SqliteSource, StoreError
+from fedmla.coordinator.dashboard.sqlite_source import SqliteSource, StoreError
 
 
 def test_in_memory_source_upserts_and_counts_changes():

@@ -5,8 +5,8 @@ import math
 import pytest
 
 import dashboard_runs as runs
-from coordinator.dashboard.source import ClientRecord, ClientRoundRecord, HeadImportanceRecord, RoundRecord, RunRecord
-from coordinator.dashboard.views import (client_views, head_importance_view, open_frontier, perplexity, round_views,
+from fedmla.coordinator.dashboard.source import ClientRecord, ClientRoundRecord, HeadImportanceRecord, RoundRecord, RunRecord
+from fedmla.coordinator.dashboard.views import (client_views, head_importance_view, open_frontier, perplexity, round_views,
                                          run_view, summary)
 
 
@@ -79,8 +79,8 @@ def test_open_frontier():
 
 
 def test_run_view_model_summary_from_preset_and_from_fields():
-    from mla_model.cli import model_info
-    from mla_model.config import MLAConfig
+    from fedmla.mla_model.cli import model_info
+    from fedmla.mla_model.config import MLAConfig
 
     v = run_view(RunRecord(run_id="r", config={"model": {"preset": "tiny", "n_layers": 3}}))  # a model section
     expected = model_info(MLAConfig.preset("tiny", n_layers=3))

@@ -12,12 +12,13 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.supercore.task_identity import TaskIdentity
 
-from coordinator.codec import SharedState, UpdateDecodeError, state_hash
-from worker.flower import client_app as ca
-from worker.flower.config import FlowerConfig, load_federated_data
-from worker.flower.strategy import FedMLAStrategy
-from worker.flower.wire import decode_full_state, decode_mask, encode_full_state, encode_mask
-from worker.trainer import init_global_state
+from fedmla.protos.weights import model_hash
+from fedmla.protos.codec import SharedState, UpdateDecodeError
+from fedmla.worker.flower import client_app as ca
+from fedmla.worker.flower.config import FlowerConfig, load_federated_data
+from fedmla.worker.flower.strategy import FedMLAStrategy
+from fedmla.worker.flower.wire import decode_full_state, decode_mask, encode_full_state, encode_mask
+from fedmla.worker.trainer import init_global_state
 
 ROOT = Path(__file__).resolve().parents[3]
 NODES = [101, 202, 303]
@@ -75,7 +76,7 @@ def test_rounds_keep_every_node_bit_identical_and_resync_a_stale_one(task_identi
     assert all(m.content["fedmla"]["from-hash"] == "seed" for m in msgs)
     assert rec["aggregated"] == 3 and rec["hash_ok"] and not rec["rejected"]
     assert set(rec["client_hashes"].values()) == {strategy.codec.global_hash()}
-    assert state_hash(ctx[NODES[0]].state["fedmla.global"].to_torch_state_dict()) == strategy.codec.global_hash()
+    assert model_hash(ctx[NODES[0]].state["fedmla.global"].to_torch_state_dict()) == strategy.codec.global_hash()
     fp32 = strategy.fp32_model_bytes
     assert max(rec["up_bytes"].values()) < fp32 / 5 and max(rec["down_bytes"].values()) < fp32 / 5
     assert set(ctx[NODES[1]].state.array_records) >= {"fedmla.global", "fedmla.shared", "fedmla.residual"}
@@ -98,7 +99,7 @@ def test_rounds_keep_every_node_bit_identical_and_resync_a_stale_one(task_identi
     assert [m.content["fedmla"]["sync"] for m in msgs] == ["none"] * 3
     assert rec["aggregated"] == 3 and rec["hash_ok"] and not rec["rejected"]
     for n in NODES:
-        assert state_hash(ctx[n].state["fedmla.global"].to_torch_state_dict()) == strategy.codec.global_hash()
+        assert model_hash(ctx[n].state["fedmla.global"].to_torch_state_dict()) == strategy.codec.global_hash()
 
 
 def test_a_malformed_update_is_rejected_and_changes_nothing_else(task_identity):
@@ -144,7 +145,7 @@ def test_wire_helpers_roundtrip_and_validate():
     state = init_global_state(mc, 3)
     shapes = {n: tuple(t.shape) for n, t in state.items()}
     got, shared = decode_full_state(encode_full_state(state, SharedState(round=5)), shapes)
-    assert state_hash(got) == state_hash(state) and shared.round == 5
+    assert model_hash(got) == model_hash(state) and shared.round == 5
     bad = dict(shapes)
     name = sorted(bad)[0]
     bad[name] = (1,) + tuple(bad[name])
@@ -154,8 +155,8 @@ def test_wire_helpers_roundtrip_and_validate():
 
 def test_pyproject_declares_the_flower_app_and_its_defaults_parse():
     conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert conf["components"] == {"serverapp": "worker.flower.server_app:app",
-                                  "clientapp": "worker.flower.client_app:app"}
+    assert conf["components"] == {"serverapp": "fedmla.worker.flower.server_app:app",
+                                  "clientapp": "fedmla.worker.flower.client_app:app"}
     cfg = FlowerConfig.from_run_config(conf["config"])
     assert cfg.strategy == "fedmla" and cfg.rounds in (2, 3) and cfg.preset == "tiny"
     assert cfg.clients_per_round is None and cfg.data_dir is None
@@ -165,8 +166,8 @@ def test_pyproject_declares_the_flower_app_and_its_defaults_parse():
     assert over.strategy == "fedavg" and over.codec.rank == 4 and over.trainer.total_steps == 3 * over.trainer.local_steps
     with pytest.raises(ValueError):
         FlowerConfig.from_run_config({"no-such-key": 1})
-    from worker.flower.client_app import app as client
-    from worker.flower.server_app import app as server
+    from fedmla.worker.flower.client_app import app as client
+    from fedmla.worker.flower.server_app import app as server
     assert isinstance(client, ClientApp) and isinstance(server, ServerApp)
 
 
@@ -180,7 +181,7 @@ def test_more_nodes_than_folder_clients_are_repartitioned(tmp_path):
 
 
 def test_config_from_the_comm_benchmark_uses_the_same_data_and_model():
-    from worker.bench_comm import load_data, quick_config
+    from fedmla.worker.apps.bench_comm import load_data, quick_config
     bench = quick_config()
     cfg = FlowerConfig.from_bench(bench)
     assert cfg.strategy == "fedavg" and cfg.num_nodes == bench.num_clients and cfg.rounds == bench.rounds

@@ -4,7 +4,7 @@ model, data and trainer (4 virtual SuperNodes, tiny MLA, 10 local steps)."""
 
 import pytest
 
-from worker.flower import FlowerConfig, run_flower_simulation
+from fedmla.worker.flower import FlowerConfig, run_flower_simulation
 
 ROUNDS, NODES = 2, 4
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mla_model import MLAConfig
-from protos.fedmla.v1 import types_pb2 as pb
-from protos.tensors import (TensorDecodeError, decode_int_rows, decode_tensor, encode_int_rows,
+from fedmla.mla_model import MLAConfig
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.tensors import (TensorDecodeError, decode_int_rows, decode_tensor, encode_int_rows,
                             encode_tensor)
 
 from .config import CodecConfig

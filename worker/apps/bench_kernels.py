@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mla_model.config import MLAConfig
+from fedmla.mla_model.config import MLAConfig
 
-from .mla_attention import mla_attention, mla_attention_naive, mla_attention_sdpa
-from .mla_decode import mla_decode
+from fedmla.kernels.mla_attention import mla_attention, mla_attention_naive, mla_attention_sdpa
+from fedmla.kernels.mla_decode import mla_decode
 
 
 def _sync(device: torch.device) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from mla_model import MLAConfig
-from protos.fedmla.v1 import types_pb2 as pb
+from fedmla.mla_model import MLAConfig
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
 from .config import CodecConfig
 from .layout import RoundPlan, generator

@@ -7,7 +7,7 @@ Flow of one round (``fedavg`` or DiLoCo ``nesterov`` outer step)::
     for each reply: agg.add(client_id, server.decode(msg, plan), msg.num_examples)
     down = server.finish_round(plan, agg.finish(), agg.importance())   # -> ModelUpdate
     # every worker: global, shared = apply_downlink(global, shared, down, ...)
-    assert state_hash(global) == server.global_hash()
+    assert model_hash(global) == server.global_hash()
 
 The coordinator applies its own downlink with the same :func:`apply_downlink` the
 workers run, so everybody ends the round with bit-identical weights and bases.
@@ -15,29 +15,19 @@ workers run, so everybody ends the round with bit-identical weights and bases.
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
-from mla_model import MLAConfig
-from protos.fedmla.v1 import types_pb2 as pb
+from fedmla.mla_model import MLAConfig
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
+from ..weights import model_hash
 from .config import CodecConfig
 from .heads import combine_importance, select_heads, update_importance
 from .layout import Basis, RoundPlan, SharedState, generator
 from .lowrank import basis_from_factor
 from .wire import DecodedTensors, TensorCodec, UpdateDecodeError
-
-
-def state_hash(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of a state dict: sorted names, each with dtype, shape and raw bytes."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 class DecodedUpdate:
@@ -307,4 +297,4 @@ class ServerCodec:
         self.importance = state["importance"].clone().double() if "importance" in state else None
 
     def global_hash(self) -> str:
-        return state_hash(self.global_state)
+        return model_hash(self.global_state)

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from mla_model import MLAConfig, head_blocks
+from fedmla.mla_model import MLAConfig, head_blocks
 
 
 def combine_importance(scores: list[torch.Tensor], num_examples: list[int]) -> torch.Tensor:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from protos.fedmla.v1 import types_pb2 as pb
-from protos.tensors import TensorDecodeError, decode_tensor, encode_tensor
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.tensors import TensorDecodeError, decode_tensor, encode_tensor
 
 from .config import CodecConfig
 from .layout import RoundPlan, SharedState

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError, FederatedData
+from fedmla.worker.data import DataError, FederatedData
 
 
 def _load_data(spec: str, clients: int, partition: str, seed: int, seq_len: int) -> FederatedData:
-    from .data import load_folder, load_stdlib_corpus, repartition
+    from fedmla.worker.data import load_folder, load_stdlib_corpus, repartition
     if spec == "builtin":
         # Re-partitioned runs deal 2 KiB chunks of the 16 largest packages: read enough of
         # each for about four chunks per client (1000 clients: 8 MB of the standard library).
@@ -88,8 +88,9 @@ def _client_actor_class():
         def run(self, target: str, clients: list[tuple[str, str, object]], state_root: str, ca: bytes | None) -> list[dict]:
             import threading
 
-            from .runtime import Worker, WorkerOptions
-            from .transport import TLSConfig
+            from fedmla.protos.weights import model_hash
+            from fedmla.worker.runtime import Worker, WorkerOptions
+            from fedmla.protos.transport import TLSConfig
             tls = TLSConfig(root_ca=ca) if ca else None
             out: dict[str, dict] = {}
 
@@ -104,7 +105,7 @@ def _client_actor_class():
                                  bytes_down=w.bytes_down, fedavg_up=w.fedavg_up, fedavg_down=w.fedavg_down,
                                  train_seconds=w.train_seconds,
                                  version=w.version,
-                                 hash=None if w.global_state is None else _hash(w.global_state))
+                                 hash=None if w.global_state is None else model_hash(w.global_state))
             threads = [threading.Thread(target=one, args=c, daemon=True) for c in clients]
             for t in threads:
                 t.start()
@@ -113,13 +114,6 @@ def _client_actor_class():
             return [out[c[0]] for c in clients]
 
     return ClientPool
-
-
-def _hash(state: dict) -> str:
-    import hashlib
-
-    from safetensors.torch import save
-    return hashlib.sha256(save({k: v.contiguous() for k, v in sorted(state.items())})).hexdigest()
 
 
 def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int = 5, preset: str = "tiny",
@@ -140,11 +134,11 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
 
     import ray
 
-    from coordinator.inprocess import BackgroundCoordinator
-    from coordinator.settings import CoordinatorSettings
-    from mla_model import MLAConfig
+    from fedmla.coordinator.inprocess import BackgroundCoordinator
+    from fedmla.coordinator.settings import CoordinatorSettings
+    from fedmla.mla_model import MLAConfig
 
-    from .trainer import LocalTrainer, TrainerConfig
+    from fedmla.worker.trainer import LocalTrainer, TrainerConfig
 
     fed = _load_data(data, clients, partition, seed, seq_len)
     tmp = tempfile.TemporaryDirectory(prefix="fedmla-sim-")

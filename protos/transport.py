@@ -21,12 +21,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.fedmla.v1 import coordinator_pb2 as cpb
-from protos.fedmla.v1 import coordinator_pb2_grpc as cpb_grpc
-from protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+from fedmla.protos.fedmla.v1 import coordinator_pb2_grpc as cpb_grpc
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
-CHUNK_BYTES = 1 << 20
-MAX_MESSAGE_BYTES = 4 << 20
+from .limits import CHUNK_BYTES, MAX_MESSAGE_BYTES
 
 
 class ModelIntegrityError(RuntimeError):

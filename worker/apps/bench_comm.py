@@ -18,15 +18,16 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mla_model import MLAConfig
-from protos.fedmla.v1 import types_pb2 as pb
-from protos.tensors import encode_tensor
+from fedmla.protos.weights import model_hash
+from fedmla.mla_model import MLAConfig
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.tensors import encode_tensor
 
-from coordinator.codec import ClientCodec, CodecConfig, ServerCodec, apply_downlink, state_hash
-from coordinator.codec.wire import TensorCodec
+from fedmla.protos.codec import ClientCodec, CodecConfig, ServerCodec, apply_downlink
+from fedmla.protos.codec.wire import TensorCodec
 
-from .data import FederatedData, load_folder, load_stdlib_corpus, repartition
-from .trainer import LocalTrainer, TrainerConfig, init_global_state
+from fedmla.worker.data import FederatedData, load_folder, load_stdlib_corpus, repartition
+from fedmla.worker.trainer import LocalTrainer, TrainerConfig, init_global_state
 
 
 class BenchConfig(BaseModel):
@@ -102,7 +103,7 @@ def run_baseline(run: _Run, log=print) -> dict:
         rounds.append({"round": r, "val_loss": loss, "up_bytes": up, "down_bytes": down, "bytes_cum": total})
         log(f"  baseline round {r:3d}  val {loss:.4f}  bytes {total:,}")
     return {"bytes_total": total, "final_val_loss": rounds[-1]["val_loss"], "rounds": len(rounds),
-            "per_round": rounds, "wall_seconds": time.time() - t0, "global_hash": state_hash(glob)}
+            "per_round": rounds, "wall_seconds": time.time() - t0, "global_hash": model_hash(glob)}
 
 
 def run_fedmla(run: _Run, codec: CodecConfig, target: float | None, max_rounds: int, log=print) -> dict:
@@ -132,7 +133,7 @@ def run_fedmla(run: _Run, codec: CodecConfig, target: float | None, max_rounds: 
         down_msg = server.finish_round(plan, agg.finish(), agg.importance())
         wire = down_msg.SerializeToString()
         w_global, w_shared = apply_downlink(w_global, w_shared, pb.ModelUpdate.FromString(wire), w_tensors)
-        hash_ok = state_hash(w_global) == server.global_hash() and w_shared.digest() == server.shared.digest()
+        hash_ok = model_hash(w_global) == server.global_hash() and w_shared.digest() == server.shared.digest()
         if not hash_ok:
             raise RuntimeError(f"round {r}: worker and coordinator global weights differ")
         down = [len(wire) + mask_bytes for _ in run.data.clients]
@@ -250,7 +251,7 @@ def register(app, bench) -> None:
         config: Path | None = typer.Option(None, "--config", help="JSON BenchConfig to start from"),
     ) -> None:
         """FedAvg (fp32) vs fedmla's codec: bytes to reach the baseline's loss (within 2%)."""
-        from .data import DataError
+        from fedmla.worker.data import DataError
         cfg = BenchConfig.model_validate_json(config.read_text()) if config else (
             quick_config() if quick else full_config())
         upd: dict[str, Any] = {}

@@ -23,17 +23,13 @@ from typing import Literal
 
 import torch
 
-from mla_model import MLAConfig
+from fedmla.mla_model import MLAConfig
+
+from ..seeds import derive_seed
 
 from .config import CodecConfig
 from .heads import head_axis, head_index
 from .lowrank import orthonormalize, random_basis, randomized_svd
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from printable parts, stable across processes and machines."""
-    h = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
 def generator(*parts) -> torch.Generator:

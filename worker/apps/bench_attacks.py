@@ -34,13 +34,13 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from coordinator.codec import ClientCodec, CodecConfig, ServerCodec
-from coordinator.defenses import DefenseConfig, RobustAggregator
-from mla_model import MLAConfig
-from protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.codec import ClientCodec, CodecConfig, ServerCodec
+from fedmla.coordinator.defenses import DefenseConfig, RobustAggregator
+from fedmla.mla_model import MLAConfig
+from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
-from .data import load_stdlib_corpus
-from .trainer import LocalTrainer, TrainerConfig, init_global_state
+from fedmla.worker.data import load_stdlib_corpus
+from fedmla.worker.trainer import LocalTrainer, TrainerConfig, init_global_state
 
 ATTACKS = ("sign_flip", "scaled", "gaussian", "alie", "inflated_importance")
 

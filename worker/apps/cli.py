@@ -22,14 +22,14 @@ app.add_typer(bench, name="bench")
 
 # Modules that define a `register(app, bench)` function adding their commands.
 COMMAND_MODULES = [
-    "mla_model.cli",
-    "coordinator.dashboard.cli",
-    "kernels.bench",
-    "worker.bench_comm",
-    "coordinator.commands",
-    "worker.runtime",
-    "worker.simulate",
-    "worker.bench_attacks",
+    "fedmla.mla_model.cli",
+    "fedmla.coordinator.dashboard.cli",
+    "fedmla.worker.apps.bench_kernels",
+    "fedmla.worker.apps.bench_comm",
+    "fedmla.coordinator.commands",
+    "fedmla.worker.runtime",
+    "fedmla.worker.apps.simulate",
+    "fedmla.worker.apps.bench_attacks",
 ]
 
 

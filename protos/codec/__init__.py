@@ -1,7 +1,8 @@
 """The fedmla update codec, shared by workers and the coordinator (pure torch + protobuf,
 no server imports).
 
-Worker side: :class:`ClientCodec` (``encode``), :func:`apply_downlink`, :func:`state_hash`.
+Worker side: :class:`ClientCodec` (``encode``), :func:`apply_downlink`; the model hash is
+:func:`fedmla.protos.weights.model_hash`.
 Coordinator side: :class:`ServerCodec` (``plan``, ``decode``, ``aggregator``,
 ``finish_round``), :class:`ExactAggregator`, :class:`OuterOptimizer`.
 Pure pieces: :mod:`.heads` (importance and masks), :mod:`.quant`, :mod:`.lowrank`.
@@ -13,12 +14,12 @@ from .heads import combine_importance, select_heads, update_importance
 from .layout import Basis, RoundPlan, SharedState
 from .quant import dequantize_rows, quantize_rows
 from .server import (DecodedUpdate, ExactAggregator, OuterOptimizer, ServerCodec, apply_downlink,
-                     decode_importance, state_hash)
+                     decode_importance)
 from .wire import TensorCodec, UpdateDecodeError
 
 __all__ = [
     "CodecConfig", "ClientCodec", "ServerCodec", "ExactAggregator", "OuterOptimizer", "DecodedUpdate",
-    "RoundPlan", "SharedState", "Basis", "TensorCodec", "UpdateDecodeError", "apply_downlink", "state_hash",
+    "RoundPlan", "SharedState", "Basis", "TensorCodec", "UpdateDecodeError", "apply_downlink",
     "combine_importance", "update_importance", "select_heads", "quantize_rows", "dequantize_rows",
     "encode_importance", "decode_importance",
 ]
