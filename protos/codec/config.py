@@ -86,6 +86,29 @@ class CodecConfig(BaseModel):
                              f"must be unset or equal to rank ({self.rank}), got {self.downlink_rank}")
         return self
 
+    @classmethod
+    def fedavg(cls, **overrides) -> "CodecConfig":
+        """Plain FedAvg as a configuration of the codec: every tensor dense in fp32 both ways,
+        all heads, no error feedback, outer step theta += mean delta."""
+        return cls(**{**_UNCOMPRESSED, "outer": "fedavg", "outer_lr": 1.0, **overrides})
+
+    @classmethod
+    def diloco(cls, **overrides) -> "CodecConfig":
+        """DiLoCo: FedAvg's uncompressed pseudo-gradients with the outer Nesterov step
+        (momentum replicated on every party, so the downlink is the fp32 mean delta)."""
+        return cls(**{**_UNCOMPRESSED, "outer": "nesterov", **overrides})
+
+    @property
+    def uncompressed(self) -> bool:
+        """True when every value travels as fp32 and nothing is left out (the baselines)."""
+        return (self.method == "dense" and self.factor_bits == 0 and self.dense_bits == 0 and self.downlink_bits == 0
+                and not self.head_selection and self.dense_every == 1)
+
     @property
     def down_rank(self) -> int:
         return self.downlink_rank or self.rank
+
+
+# The fields that make the codec send everything in fp32 (see CodecConfig.fedavg / .diloco).
+_UNCOMPRESSED = dict(method="dense", factor_bits=0, dense_bits=0, downlink_bits=0, entropy_coding=False,
+                     half_scales=False, error_feedback=False, head_selection=False, dense_every=1)

@@ -333,3 +333,32 @@ def test_int8_code_minus_128_is_refused(global_state):
     f.left.CopyFrom(encode_int_rows(q, s, 8))
     with pytest.raises(UpdateDecodeError, match=r"beyond \+-127"):
         server.decode(msg, plan)
+
+
+def test_fedavg_preset_is_the_weighted_mean_of_local_models():
+    """FedAvg is a configuration of the codec: fp32 dense both ways, all heads, outer lr 1."""
+    from fedmla.mla_model import MLAConfig
+    from fedmla.protos.codec import ClientCodec, CodecConfig, ServerCodec
+    from fedmla.protos.fedmla.v1 import types_pb2 as pb
+    cfg = MLAConfig.preset("tiny")
+    gen = torch.Generator().manual_seed(0)
+    init = {n: torch.randn(s, generator=gen) for n, s in __import__("fedmla.mla_model", fromlist=["x"]).parameter_shapes(cfg).items()}
+    shapes = {n: tuple(t.shape) for n, t in init.items()}
+    for codec_cfg, factor in [(CodecConfig.fedavg(), 1.0), (CodecConfig.diloco(), 1.5)]:
+        assert codec_cfg.uncompressed
+        server = ServerCodec(cfg, codec_cfg, init)
+        plan = server.plan()
+        assert bool(plan.mask.all())
+        agg = server.aggregator(plan)
+        locals_, weights = [], [10, 20, 30]
+        for i, w in enumerate(weights):
+            loc = {n: t + 0.01 * torch.randn(t.shape, generator=gen) for n, t in init.items()}
+            locals_.append(loc)
+            msg = ClientCodec(cfg, codec_cfg, shapes, f"c{i}").encode(init, loc, plan, None, w, {})
+            agg.add(f"c{i}", server.decode(pb.ModelUpdate.FromString(msg.SerializeToString()), plan))
+        server.finish_round(plan, agg.finish(), agg.importance())
+        for n in init:
+            mean_delta = sum((l[n].double() - init[n].double()) * w for l, w in zip(locals_, weights)) / sum(weights)
+            # DiLoCo's first outer Nesterov step (momentum 0.5 from zero) moves 1.5x the mean delta.
+            torch.testing.assert_close(server.global_state[n].double(), init[n].double() + factor * mean_delta,
+                                       rtol=0, atol=1e-6)
