@@ -3,11 +3,10 @@
 A coordinator runs as a subprocess (so its RSS is its own) on a fresh store with
 ``clients_per_round = min_replies = N``; N asyncio clients in this process, each on
 its own channel, join, wait for their task and submit at once a realistic compressed
-update. Default (``codec``, the product's mode): each round's updates are real
+update: each round's updates are real
 ClientCodec encodings for that round's plan (task mask and codec round), so the
-coordinator validates, aggregates exactly and produces its downlink as in production;
-``dense``: synthetic rank-r int8 factors of every 2-D parameter and dense 1-D tensors,
-aggregated by plain FedAvg. Reported: updates/s from the first submit to the last reply,
+coordinator validates, aggregates exactly and produces its downlink as in production.
+Reported: updates/s from the first submit to the last reply,
 p50/p99 submit latency, the coordinator's peak RSS (VmHWM) after the last round
 committed, and the round timings the store recorded.
 """
@@ -38,34 +37,12 @@ def _percentile(xs: list[float], q: float) -> float:
 
 def _codec_payloads(task, distinct: int) -> list[bytes]:
     """``distinct`` valid codec updates for ``task``'s plan (random pseudo-gradients)."""
-    import torch
-
-    from fedmla.mla_model import MLAConfig
-
-    from fedmla.protos.codec import ClientCodec, CodecConfig
-    from fedmla.protos.codec.layout import SharedState
-    from fedmla.protos.codec.transfer import task_plan
-    from fedmla.protos.spec import ModelSpec
-    model_cfg = MLAConfig.model_validate_json(task.model_config_json)
-    cfg = CodecConfig.model_validate_json(task.codec.config_json)
-    shapes = ModelSpec.from_config(model_cfg).shapes
-    shared = SharedState.initial(shapes, cfg)
-    shared.round = task.model.version
-    plan = task_plan(task, shared, cfg)
-    m = task.active_heads
-    zero = {n: torch.zeros(s) for n, s in shapes.items()}
-    out = []
-    for i in range(distinct):
-        g = torch.Generator().manual_seed(1000 * task.round_id + i)
-        local = {n: torch.randn(s, generator=g) * 1e-2 for n, s in shapes.items()}
-        codec = ClientCodec(model_cfg, cfg, shapes, f"bench-{i}")
-        imp = torch.rand(m.num_layers, m.num_heads, generator=g)
-        out.append(codec.encode(zero, local, plan, imp, 100 + i).SerializeToString())
-    return out
+    from .synthetic import synthetic_update
+    return [synthetic_update(task, seed=1000 * task.round_id + i, num_examples=100 + i, scale=1e-2,
+                             name=f"bench-{i}").SerializeToString() for i in range(distinct)]
 
 
-async def _clients(target: str, tokens: list[str], payloads: list[bytes] | None, rounds: int,
-                   distinct: int = 8) -> dict:
+async def _clients(target: str, tokens: list[str], rounds: int, distinct: int = 8) -> dict:
     from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
     from fedmla.protos.transport import AsyncCoordinatorClient
 
@@ -73,7 +50,7 @@ async def _clients(target: str, tokens: list[str], payloads: list[bytes] | None,
     await asyncio.gather(*(c.join(num_examples=100 + i) for i, c in enumerate(clients)))
     latencies: list[float] = []
     per_round = []
-    sizes: list[int] = [len(p) for p in payloads or []]
+    sizes: list[int] = []
     for _ in range(rounds):
         async def ready(c):
             while True:
@@ -84,9 +61,8 @@ async def _clients(target: str, tokens: list[str], payloads: list[bytes] | None,
                     raise RuntimeError("run finished early")
                 await asyncio.sleep(0.05)
         tasks = await asyncio.gather(*(ready(c) for c in clients))
-        if payloads is None or tasks[0].codec.config_json:   # codec: encodings for this round's plan
-            payloads = await asyncio.to_thread(_codec_payloads, tasks[0], distinct)
-            sizes.extend(len(p) for p in payloads)
+        payloads = await asyncio.to_thread(_codec_payloads, tasks[0], distinct)   # for this round's plan
+        sizes.extend(len(p) for p in payloads)
         start_all = time.perf_counter()
 
         async def submit(i, c, task):
@@ -105,26 +81,12 @@ async def _clients(target: str, tokens: list[str], payloads: list[bytes] | None,
     return {"latencies": latencies, "ingest_seconds": per_round, "sizes": sizes}
 
 
-def run_bench(clients: int, preset: str = "small", rounds: int = 1, rank: int = 8, quant_bits: int = 8,
-              distinct_updates: int = 8, updates: str = "codec") -> dict:
-    from fedmla.mla_model import MLAConfig
-
+def run_bench(clients: int, preset: str = "small", rounds: int = 1, codec: str = "default",
+              distinct_updates: int = 8) -> dict:
     from .store import Store
     from .testing import start_coordinator_process
-    from .synthetic import synthetic_update
-    from fedmla.protos.spec import ModelSpec
 
-    if updates not in ("codec", "dense"):
-        raise ValueError(f"updates must be 'codec' or 'dense', got {updates!r}")
-    if updates == "dense":
-        spec = ModelSpec.from_config(MLAConfig.preset(preset))
-        payloads = [synthetic_update(spec, rank=rank, quant_bits=quant_bits, seed=s).SerializeToString()
-                    for s in range(distinct_updates)]
-        mode_args = ["--updates", "dense", "--rank", str(min(rank, 64)), "--quant-bits", str(quant_bits)]
-    else:
-        import json
-        payloads = None
-        mode_args = ["--updates", "codec", "--codec", json.dumps({"rank": rank, "factor_bits": quant_bits})]
+    mode_args = ["--codec", codec]
     with tempfile.TemporaryDirectory(prefix="fedmla-bench-") as tmp:
         store_dir = Path(tmp) / "store"
         st = Store(store_dir)
@@ -137,7 +99,7 @@ def run_bench(clients: int, preset: str = "small", rounds: int = 1, rank: int = 
         try:
             rss_idle = _peak_rss_bytes(proc.pid)
             t0 = time.perf_counter()
-            res = asyncio.run(_clients(f"127.0.0.1:{port}", tokens, payloads, rounds, distinct_updates))
+            res = asyncio.run(_clients(f"127.0.0.1:{port}", tokens, rounds, distinct_updates))
             wall = time.perf_counter() - t0
             peak = _peak_rss_bytes(proc.pid)
         finally:
@@ -153,8 +115,7 @@ def run_bench(clients: int, preset: str = "small", rounds: int = 1, rank: int = 
     lat = res["latencies"]
     ingest = sum(res["ingest_seconds"])
     return {
-        "clients": clients, "preset": preset, "rounds": rounds, "rank": rank, "quant_bits": quant_bits,
-        "updates_kind": updates,
+        "clients": clients, "preset": preset, "rounds": rounds, "codec": codec,
         "update_bytes_mean": int(statistics.mean(res["sizes"])),
         "updates": len(lat),
         "updates_per_s": len(lat) / ingest if ingest else None,

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import robust
 from fedmla.protos.codec.heads import combine_importance
+from fedmla.protos.codec import ExactAggregator
 from fedmla.protos.codec.layout import RoundPlan
 from fedmla.protos.seeds import derive_seed
 from .privacy import DPConfig, add_gaussian_noise
@@ -155,11 +156,17 @@ class RobustAggregator(_Holding):
         norms = [norms[i] for i in keep]
         weights = [float(self._updates[c].num_examples) for c in ids]
         self.selected = list(ids)
-        if cfg.kind in ("none", "clip"):
-            scales = None
-            if cfg.kind == "clip":
-                bound = cfg.clip_multiple * statistics.median(norms)
-                scales = [1.0 if n <= bound or n == 0 else bound / n for n in norms]
+        if cfg.kind == "none":
+            # The codec's own exact mean over the updates kept: the same code as every
+            # benchmark and the Flower strategy, so no refusal means the same bits.
+            exact = ExactAggregator(self.shapes, self.num_layers, self.num_heads)
+            exact.begin_round(None, self.plan)
+            for c in ids:
+                exact.add(c, self._updates[c], self._updates[c].num_examples)
+            return exact.finish()
+        if cfg.kind == "clip":
+            bound = cfg.clip_multiple * statistics.median(norms)
+            scales = [1.0 if n <= bound or n == 0 else bound / n for n in norms]
             return self._weighted_dense(ids, weights, scales)
         if cfg.kind == "krum":
             f = cfg.byzantine

@@ -249,12 +249,12 @@ def server_credentials(settings: CoordinatorSettings) -> grpc.ServerCredentials 
 class CoordinatorServer:
     """A coordinator and its gRPC server in the current event loop."""
 
-    def __init__(self, settings: CoordinatorSettings, store: Store | None = None, aggregator=None,
+    def __init__(self, settings: CoordinatorSettings, store: Store | None = None,
                  metrics: CoordinatorMetrics | None = None):
         self.settings = settings
         self.metrics = metrics or CoordinatorMetrics()
         self.store = store or Store(settings.store)
-        self.coord = Coordinator(settings, self.store, self.metrics, aggregator)
+        self.coord = Coordinator(settings, self.store, self.metrics)
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._driver: asyncio.Task | None = None

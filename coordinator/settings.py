@@ -9,19 +9,26 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fedmla.protos.codec.config import CodecConfig
 from .defenses import DefenseConfig
 from .privacy import DPConfig
 
-# Settings that only mean something with dense updates; with the codec, its config has them.
-DENSE_ONLY = {"rank": "codec.rank", "max_rank": "codec.rank", "quant_bits": "codec.factor_bits",
-              "keep_ratio": "codec.keep_ratio", "random_heads": "codec.explore_heads",
-              "server_lr": "codec.outer_lr", "aggregator": None, "codec_extra": None}
+# Settings of the retired dense update mode, and what replaces each: a config, flag or
+# store that still names one is refused with this hint.
+RETIRED = {
+    "updates": "the codec is the only pipeline; plain FedAvg is --codec fedavg, DiLoCo --codec diloco",
+    "aggregator": "aggregator plug-ins are gone: --codec fedavg for plain FedAvg, --defense for robust "
+                  "aggregation, --dp for DP-FedAvg",
+    "server_lr": "use codec.outer_lr", "rank": "use codec.rank", "max_rank": "use codec.rank (the bound is the "
+    "codec's own rank)", "quant_bits": "use codec.factor_bits", "keep_ratio": "use codec.keep_ratio",
+    "random_heads": "use codec.explore_heads", "codec_extra": "use the codec's own fields (codec.*)",
+}
+CODEC_PRESETS = {"default": CodecConfig, "fedavg": CodecConfig.fedavg, "diloco": CodecConfig.diloco}
 
 
 class CoordinatorSettings(BaseSettings):
@@ -62,58 +69,53 @@ class CoordinatorSettings(BaseSettings):
         "GetTask holds a 'wait' answer up to this long, returning early when a round opens or the run "
         "ends, so idle clients neither poll hard nor start late (0: answer at once)"))
     # ---- what workers send -------------------------------------------------------------
-    updates: Literal["codec", "dense"] = Field("codec", description=(
-        "codec: workers send head importance and low-rank quantised updates with error feedback, and "
-        "receive compressed downlinks (the settings under `codec`); dense: workers send fp32 deltas and "
-        "download changed tensors (plain FedAvg, or an --aggregator plug-in)"))
     codec: CodecConfig = Field(default_factory=CodecConfig, description=(
-        "the update codec's config (JSON object of coordinator.codec.CodecConfig fields, e.g. "
-        "'{\"rank\": 8, \"keep_ratio\": 0.5}'); fixed for the life of a store"))
+        "the update codec's config: a preset name ('default'; 'fedavg' = plain FedAvg, fp32 dense both ways; "
+        "'diloco' = the same with DiLoCo's outer Nesterov step) or a JSON object of fedmla.protos.codec."
+        "CodecConfig fields (e.g. '{\"rank\": 8, \"keep_ratio\": 0.5}'); fixed for the life of a store"))
     defense: DefenseConfig = Field(default_factory=DefenseConfig, description=(
-        "codec runs: robust aggregation against hostile clients (JSON object of coordinator.defenses."
+        "robust aggregation against hostile clients (JSON object of fedmla.coordinator.defenses."
         "DefenseConfig, e.g. '{\"kind\": \"median\"}' or '{\"kind\": \"krum\", \"byzantine\": 2}'); by "
         "default the exact mean, refusing only updates whose norm is 1e6 x the round's median"))
     dp: DPConfig | None = Field(None, description=(
-        "codec runs: client-level differential privacy (JSON object of coordinator.privacy.DPConfig: clip_norm, "
+        "client-level differential privacy (JSON object of fedmla.coordinator.privacy.DPConfig: clip_norm, "
         "noise_multiplier, target_epsilon, delta); a round that would exceed target_epsilon is not started"))
     keep_downlinks: int = Field(64, ge=1, description=(
         "codec downlinks kept so that a worker k <= this many versions behind catches up with them "
         "instead of a full download"))
-    aggregator: str = Field("fedavg", description="dense updates only: 'fedavg' or 'package.module:factory' (factory(settings) -> Aggregator)")
-    server_lr: float = Field(1.0, gt=0, description="outer learning rate applied to the averaged update")
     # ---- task sent to workers ------------------------------------------------------------
     local_steps: int = Field(10, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(64, ge=1)
     hyper_extra: dict[str, str] = Field(default_factory=dict, description="extra hyperparameters (JSON object)")
-    rank: int = Field(8, ge=1, description="rank workers compress to")
-    max_rank: int = Field(64, ge=1, description="factors of higher rank are refused")
-    quant_bits: int = Field(8, description="8, 4, or 0 (unquantised)")
-    keep_ratio: float = Field(1.0, gt=0, le=1, description="fraction of heads per layer in the active mask")
-    random_heads: int = Field(0, ge=0, description="extra random heads per layer added to the mask")
     max_update_bytes: int = Field(64 << 20, ge=1024, description="largest serialized update accepted")
-    codec_extra: dict[str, str] = Field(default_factory=dict, description="extra codec settings (JSON object)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_retired(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            named = sorted(k for k in data if k in RETIRED)
+            if named:
+                raise ValueError("retired setting(s) of the dense update mode: " +
+                                 "; ".join(f"{k} ({RETIRED[k]})" for k in named))
+        return data
+
+    @field_validator("codec", mode="before")
+    @classmethod
+    def _codec_preset(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.lstrip().startswith("{"):
+            if v not in CODEC_PRESETS:
+                raise ValueError(f"unknown codec preset {v!r}: use one of {sorted(CODEC_PRESETS)} or a JSON object")
+            return CODEC_PRESETS[v]()
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "CoordinatorSettings":
-        if self.quant_bits not in (0, 4, 8):
-            raise ValueError(f"quant_bits must be 0, 4 or 8, got {self.quant_bits}")
-        if self.rank > self.max_rank:
-            raise ValueError(f"rank {self.rank} exceeds max_rank {self.max_rank}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("mutual TLS (tls_client_ca) needs tls_cert and tls_key")
-        if self.updates == "codec":
-            bad = sorted(f for f in DENSE_ONLY if f in self.model_fields_set
-                         and getattr(self, f) != type(self).model_fields[f].get_default(call_default_factory=True))
-            if bad:
-                hints = ", ".join(f"{f} (use {DENSE_ONLY[f]})" if DENSE_ONLY[f] else f for f in bad)
-                raise ValueError(f"settings {hints} apply to dense updates only; this coordinator runs the codec "
-                                 f"(updates='codec'). Set updates='dense' or use the codec's own settings")
-        if self.updates == "dense" and (self.dp is not None or self.defense.kind != "none"):
-            raise ValueError("defense and dp work on codec updates: set updates='codec' (the default)")
         if self.dp is not None and self.defense.kind != "none":
             raise ValueError(f"choose differential privacy (dp) or a robust defense (kind {self.defense.kind!r}), "
                              f"not both: DP's clipping and noise assume the plain mean")

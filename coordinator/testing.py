@@ -15,10 +15,9 @@ from .settings import CoordinatorSettings
 
 
 def settings_for(tmp_path, **kw) -> CoordinatorSettings:
-    """Settings of a test coordinator. Protocol tests drive it with hand-made dense
-    updates, so the default here is ``updates='dense'``; codec tests pass ``updates='codec'``.
-    GetTask answers at once (``task_long_poll_s=0``) unless a test asks for the long poll."""
-    base = dict(store=tmp_path / "store", port=0, preset="tiny", updates="dense", task_long_poll_s=0.0,
+    """Settings of a test coordinator (the product's default codec pipeline). GetTask
+    answers at once (``task_long_poll_s=0``) unless a test asks for the long poll."""
+    base = dict(store=tmp_path / "store", port=0, preset="tiny", task_long_poll_s=0.0,
                 clients_per_round=3, min_replies=2,
                 round_timeout_s=30, client_timeout_s=60, max_update_bytes=1 << 20)
     base.update(kw)
@@ -72,3 +71,19 @@ def start_coordinator_process(store: Path, args: list[str], log_path: Path, time
             raise TimeoutError(f"coordinator did not start within {timeout}s; see {log_path}")
         time.sleep(0.05)
     return proc, int(port_file.read_text())
+
+
+def download_global(client: CoordinatorClient, model_config_json: str):
+    """(weights, codec shared state, ModelVersion) from a full download, checked against
+    the model hash (for tests that follow the global model without a worker)."""
+    from fedmla.mla_model import MLAConfig
+    from fedmla.protos.codec.transfer import decode_full_state
+    from fedmla.protos.spec import ModelSpec
+    from fedmla.protos.weights import model_hash
+    dl = client.download(None)
+    if dl.kind != cpb.DownloadModelResponse.CODEC_FULL:
+        raise AssertionError(f"a download from nothing should be the full state, got kind {dl.kind}")
+    state, shared = decode_full_state(dl.data, ModelSpec.from_config(MLAConfig.model_validate_json(model_config_json)).shapes)
+    if model_hash(state) != dl.model.sha256:
+        raise AssertionError("the full state does not hash to the announced model version")
+    return state, shared, dl.model

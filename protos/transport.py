@@ -8,7 +8,7 @@ Two flavours with the same methods: :class:`CoordinatorClient` (blocking) and
     client = CoordinatorClient("127.0.0.1:50051", token, tls=TLSConfig(root_ca=ca_pem))
     client.join(device="cpu", num_examples=1000)
     reply = client.get_task()                  # READY -> reply.task
-    state, version = client.download_state()   # verified against the model hash
+    dl = client.download(since_version=None)   # payload checked against its SHA-256
     client.submit(update, reply.task.round_id, reply.task.model.version)
 """
 
@@ -91,22 +91,6 @@ def _assemble(header: cpb.DownloadModelResponse.Header | None, parts: list[bytes
     return DownloadedModel(header.kind, header.model, header.base_version, data)
 
 
-def apply_download(dl: DownloadedModel, state: dict | None = None) -> dict:
-    """The model state after a download (a delta is applied on ``state``), verified
-    against the model version hash. Raises ModelIntegrityError on a mismatch."""
-    from safetensors.torch import load, save
-    tensors = load(dl.data)
-    if dl.kind == cpb.DownloadModelResponse.DELTA:
-        if state is None:
-            raise ValueError("a delta download needs the state of its base version")
-        tensors = {**state, **tensors}
-    digest = hashlib.sha256(save({k: v.contiguous() for k, v in sorted(tensors.items())})).hexdigest()
-    if digest != dl.model.sha256:
-        raise ModelIntegrityError(f"reconstructed weights hash to {digest[:12]}, the coordinator's version "
-                                  f"{dl.model.version} is {dl.model.sha256[:12]}: download the full model")
-    return tensors
-
-
 class CoordinatorClient:
     """Blocking client; one channel per instance."""
 
@@ -134,18 +118,6 @@ class CoordinatorClient:
                 header = msg.header
             parts.append(msg.data)
         return _assemble(header, parts)
-
-    def download_state(self, state: dict | None = None, version: int | None = None) -> tuple[dict, pb.ModelVersion]:
-        """The current global state, verified; uses a delta when ``state`` is at ``version``,
-        and falls back to a full download if the delta does not reproduce the hash."""
-        dl = self.download(version if state is not None else None)
-        try:
-            return apply_download(dl, state), dl.model
-        except ModelIntegrityError:
-            if dl.kind != cpb.DownloadModelResponse.DELTA:
-                raise
-            dl = self.download(None)
-            return apply_download(dl), dl.model
 
     def submit(self, update: pb.ModelUpdate | bytes, round_id: int, model_version: int,
                chunk_bytes: int = CHUNK_BYTES) -> cpb.SubmitUpdateResponse:

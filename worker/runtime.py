@@ -40,7 +40,6 @@ import torch
 
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
-from fedmla.protos.tensors import encode_tensor
 
 from .data import ClientData, DataError
 from fedmla.protos.transport import CoordinatorClient, TLSConfig
@@ -65,20 +64,6 @@ def atomic_write_json(path: Path, obj: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def dense_update(global_state: dict[str, torch.Tensor], local_state: dict[str, torch.Tensor],
-                 importance: torch.Tensor | None, num_examples: int, metrics: dict[str, float]) -> pb.ModelUpdate:
-    """A FedAvg fp32 ModelUpdate: every parameter's delta, dense."""
-    msg = pb.ModelUpdate(dense=[pb.DenseUpdate(name=n, value=encode_tensor((local_state[n].float()
-                                                                          - global_state[n].float()).contiguous()))
-                                for n in sorted(global_state)],
-                         num_examples=int(num_examples), metrics={k: float(v) for k, v in metrics.items()})
-    if importance is not None:
-        L, H = importance.shape
-        msg.importance.CopyFrom(pb.HeadScores(num_layers=L, num_heads=H,
-                                              scores=[float(v) for v in importance.flatten().tolist()]))
-    return msg
 
 
 @dataclass
@@ -206,12 +191,10 @@ class Worker:
         from fedmla.protos.codec.transfer import apply_chain, decode_full_state
         from fedmla.protos.weights import model_hash
 
-        from fedmla.protos.transport import ModelIntegrityError, apply_download
+        from fedmla.protos.transport import ModelIntegrityError
         kinds = cpb.DownloadModelResponse
-        if dl.kind == kinds.FULL or (dl.kind == kinds.DELTA and self.shared is None):     # a dense run
-            return apply_download(dl, self.global_state), None
         try:
-            if dl.kind == kinds.DELTA:          # a codec run, and this worker is current
+            if dl.kind == kinds.DELTA:          # nothing to download: this worker is current
                 if dl.base_version != dl.model.version or self.version != dl.model.version:
                     raise ModelIntegrityError(f"empty delta for version {dl.model.version}, this worker holds "
                                               f"{self.version}")
@@ -243,12 +226,10 @@ class Worker:
         return state, shared
 
     def _sync(self, model: pb.ModelVersion, config_json: str | None = None) -> None:
-        codec_run = bool(config_json)
-        if self.version == model.version and self.global_state is not None and (self.shared is not None
-                                                                                 or not codec_run):
+        if self.version == model.version and self.global_state is not None and self.shared is not None:
             return
         from fedmla.protos.transport import ModelIntegrityError
-        have = self.global_state is not None and (self.shared is not None or not codec_run)
+        have = self.global_state is not None and self.shared is not None
         dl = self._download(self.version if have else None)
         try:
             state, shared = self._apply(dl, config_json)
@@ -314,7 +295,10 @@ class Worker:
     def _do_round(self, task: pb.Task) -> None:
         from fedmla.protos.codec.transfer import task_plan
         self._round = task.round_id
-        config_json = task.codec.config_json or None
+        config_json = task.codec.config_json
+        if not config_json:
+            raise RuntimeError(f"round {task.round_id}: the task carries no codec config (a coordinator older than "
+                               f"this worker?); update the coordinator")
         self._sync(task.model, config_json)
         trainer = self._trainer(task.model_config_json, task.hyper, task.seed)
         self.opts.log(f"round {task.round_id}: training {task.hyper.local_steps} steps from v{self.version}")
@@ -322,21 +306,17 @@ class Worker:
         res = trainer.train(self.global_state, self.data, round_idx=task.round_id, client_key=self.data.name)
         self.train_seconds += time.thread_time() - t0
         metrics = {k: float(v) for k, v in res.metrics.items()}
-        if config_json is None:
-            msg = dense_update(self.global_state, res.state, res.importance, res.num_examples, metrics)
-            old_residual = None
-        else:
-            codec = self._codec_for(config_json)
-            if self.shared.round != self.version:
-                raise RuntimeError(f"codec state is at round {self.shared.round} but the model at version "
-                                   f"{self.version}; this is a bug")
-            plan = task_plan(task, self.shared, codec.cfg)
-            old_residual = codec.state_dict()
-            msg = codec.encode(self.global_state, res.state, plan, res.importance, res.num_examples, metrics)
+        codec = self._codec_for(config_json)
+        if self.shared.round != self.version:
+            raise RuntimeError(f"codec state is at round {self.shared.round} but the model at version "
+                               f"{self.version}; this is a bug")
+        plan = task_plan(task, self.shared, codec.cfg)
+        old_residual = codec.state_dict()
+        msg = codec.encode(self.global_state, res.state, plan, res.importance, res.num_examples, metrics)
         payload = msg.SerializeToString()
         # Write-ahead: once this is on disk, this round's update is these bytes, whatever happens next.
         self._write_pending(task.round_id, task.model.version, payload, self.codec_json or "",
-                            self.codec.state_dict() if config_json else {})
+                            self.codec.state_dict())
         self._send(task, payload, old_residual, train_loss=res.metrics.get("train_loss"))
 
     def _send(self, task: pb.Task, payload: bytes, old_residual: dict | None, resent: bool = False,

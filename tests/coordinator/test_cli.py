@@ -32,15 +32,24 @@ def test_config_file_then_flags(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("coordinator:\n  clients_per_round: 5\n  min_replies: 3\n  codec: {rank: 6, keep_ratio: 0.75}\n")
     s = load_settings(cfg, min_replies=4, port=0)
-    assert (s.clients_per_round, s.min_replies, s.port, s.updates) == (5, 4, 0, "codec")
+    assert (s.clients_per_round, s.min_replies, s.port) == (5, 4, 0)
     assert (s.codec.rank, s.codec.keep_ratio) == (6, 0.75)
     assert s.codec.factor_bits == CodecConfig().factor_bits and s.codec.replicate_momentum   # unset: defaults
-    with pytest.raises(ValueError, match=r"codec_extra.*dense updates only"):
+    # the retired dense mode's settings are refused, each with what replaces it
+    with pytest.raises(ValueError, match=r"codec_extra \(use the codec's own fields"):
         load_settings(cfg, codec_extra={"warm_start": "true"})
     with pytest.raises(ValueError, match=r"rank \(use codec.rank\)"):
         load_settings(cfg, rank=4)
-    dense = load_settings(cfg, updates="dense", rank=4, codec_extra={"warm_start": "true"})
-    assert (dense.rank, dense.codec_extra) == (4, {"warm_start": "true"})
+    with pytest.raises(ValueError, match=r"updates \(the codec is the only pipeline; plain FedAvg is --codec fedavg"):
+        load_settings(cfg, updates="dense")
+    (tmp_path / "old.yaml").write_text("aggregator: fedavg\nserver_lr: 0.5\n")
+    with pytest.raises(ValueError, match=r"aggregator \(aggregator plug-ins are gone.*server_lr \(use codec.outer_lr\)"):
+        load_settings(tmp_path / "old.yaml")
+    # FedAvg and DiLoCo are presets of the codec
+    assert load_settings(cfg, codec="fedavg").codec == CodecConfig.fedavg()
+    assert load_settings(cfg, codec="diloco").codec.outer == "nesterov"
+    with pytest.raises(ValueError, match="unknown codec preset 'fedsgd'"):
+        load_settings(cfg, codec="fedsgd")
     (tmp_path / "badcodec.json").write_text(json.dumps({"codec": {"rank": 0}}))
     with pytest.raises(ValueError, match="codec.rank"):
         load_settings(tmp_path / "badcodec.json")
@@ -99,5 +108,7 @@ def test_corrupt_store_refused_at_start_with_clear_error(tmp_path):
 
 
 def test_bad_flag_value_named(tmp_path):
-    r = cli("coordinator", "--store", str(tmp_path / "s"), "--quant-bits", "5", check=False)
-    assert r.returncode != 0 and "quant_bits" in (r.stderr + r.stdout)
+    r = cli("coordinator", "--store", str(tmp_path / "s"), "--codec", '{"factor_bits": 5}', check=False)
+    assert r.returncode != 0 and "factor_bits" in (r.stderr + r.stdout)
+    r = cli("coordinator", "--store", str(tmp_path / "s"), "--min-replies", "9", check=False)
+    assert r.returncode != 0 and "min_replies" in (r.stderr + r.stdout)

@@ -26,7 +26,7 @@ NAMES = ["alice", "bob"]
 
 
 def codec_settings(tmp_path, **kw):
-    base = dict(updates="codec", clients_per_round=2, min_replies=2, codec=CodecConfig(keep_ratio=0.5, rank=4))
+    base = dict(clients_per_round=2, min_replies=2, codec=CodecConfig(keep_ratio=0.5, rank=4))
     base.update(kw)
     return settings_for(tmp_path, **base)
 
@@ -235,12 +235,13 @@ def test_get_task_long_poll_wakes_the_sampled_client_and_respects_deadlines(tmp_
 def test_bench_coordinator_codec_path_small_run():
     """`fedmla bench coordinator` drives real codec updates through a coordinator process."""
     from fedmla.coordinator.bench import run_bench
-    out = run_bench(clients=3, preset="tiny", rounds=2, rank=4, quant_bits=4, distinct_updates=2)
-    assert out["updates_kind"] == "codec" and out["updates"] == 6
+    out = run_bench(clients=3, preset="tiny", rounds=2, codec='{"rank": 4, "factor_bits": 4}', distinct_updates=2)
+    assert out["updates"] == 6
     assert out["round_status"] == ["committed", "committed"]
     assert 0 < out["update_bytes_mean"] < 100_000      # compressed: the tiny model is ~390 KB in fp32
-    with pytest.raises(ValueError, match="codec' or 'dense"):
-        run_bench(clients=1, preset="tiny", updates="fp32")
+    dense = run_bench(clients=2, preset="tiny", rounds=1, codec="fedavg", distinct_updates=1)
+    assert dense["round_status"] == ["committed"]
+    assert dense["update_bytes_mean"] > 300_000        # the fedavg preset sends every tensor in fp32
 
 
 def test_dp_budget_stops_the_run_before_the_round_that_would_exceed_it(tmp_path):

@@ -9,9 +9,9 @@ from fedmla.protos.weights import sha256_hex
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
 from fedmla.protos.tensors import encode_tensor
-from fedmla.protos.transport import CoordinatorClient, apply_download
+from fedmla.protos.transport import CoordinatorClient
 
-from fedmla.coordinator.testing import make_clients, ready_task, wait_for
+from fedmla.coordinator.testing import download_global, make_clients, ready_task, wait_for
 
 
 def spec(bg):
@@ -19,9 +19,7 @@ def spec(bg):
 
 
 def update_for(bg, task, seed=0, **kw):
-    mask = torch.tensor(list(task.active_heads.active)).reshape(task.active_heads.num_layers,
-                                                                task.active_heads.num_heads)
-    return synthetic_update(spec(bg), rank=4, seed=seed, active_heads=mask, **kw)
+    return synthetic_update(task, seed=seed, **kw)
 
 
 def code_of(fn):
@@ -36,9 +34,9 @@ def test_full_round_with_several_clients(coordinator):
     v0 = clients[0].get_task().model
     for i, c in enumerate(clients):
         task = ready_task(c)
-        assert task.round_id == 1 and task.model.version == 0 and task.codec.max_rank == bg.settings.max_rank
-        state, version = c.download_state()
-        assert version.sha256 == v0.sha256 == sha256_hex(bg.coord.model_bytes)
+        assert task.round_id == 1 and task.model.version == 0 and task.codec.max_rank == bg.settings.codec.rank
+        state, shared, version = download_global(c, task.model_config_json)
+        assert version.sha256 == v0.sha256 == bg.coord.model_sha
         r = c.submit(update_for(bg, task, seed=i), task.round_id, task.model.version)
         assert r.round_id == 1 and r.replies_in_round == i + 1
     wait_for(lambda: clients[0].get_task().model.version == 1, what="round 1 commit")
@@ -47,15 +45,23 @@ def test_full_round_with_several_clients(coordinator):
     rows = bg.call(lambda: bg.store.client_rounds(1))
     assert [(r["client"], r["status"]) for r in rows] == [("alice", "replied"), ("bob", "replied"), ("carol", "replied")]
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows)
-    # the new model differs from the old and a delta download reproduces it bit for bit
-    state1, ver1 = clients[0].download_state(state, 0)
+    # the new model differs from the old; a chain download from version 0 reproduces it bit for bit
+    state1, shared1, ver1 = download_global(clients[1], task.model_config_json)
     assert ver1.version == 1 and ver1.sha256 != v0.sha256
-    full = clients[1].download()
-    assert apply_download(full).keys() == state1.keys()
-    assert all(torch.equal(state1[k], apply_download(full)[k]) for k in state1)
+    from fedmla.mla_model import MLAConfig
+    from fedmla.protos.codec import CodecConfig
+    from fedmla.protos.codec.transfer import apply_chain
+    from fedmla.protos.codec.wire import TensorCodec
+    chain = clients[0].download(0)
+    assert chain.kind == cpb.DownloadModelResponse.CODEC_CHAIN
+    tensors = TensorCodec(MLAConfig.model_validate_json(task.model_config_json),
+                          CodecConfig.model_validate_json(task.codec.config_json), {n: tuple(v.shape) for n, v in state.items()})
+    replayed, _ = apply_chain(state, shared, list(cpb.CodecDownlinks.FromString(chain.data).downlinks), tensors)
+    assert all(torch.equal(state1[k], replayed[k]) for k in state1)
 
 
-@pytest.mark.coord(clients_per_round=4, min_replies=2, max_update_bytes=64 << 10, rank=4, max_rank=4)
+@pytest.mark.coord(clients_per_round=4, min_replies=2, max_update_bytes=64 << 10,
+                   codec=__import__("fedmla.protos.codec", fromlist=["CodecConfig"]).CodecConfig(rank=4))
 def test_bad_payloads_refused_with_status_while_round_completes(coordinator):
     bg = coordinator
     good1, good2, bad, other = make_clients(bg, ["g1", "g2", "bad", "zz"])
@@ -72,20 +78,19 @@ def test_bad_payloads_refused_with_status_while_round_completes(coordinator):
         m.factors[0].name = "layers.0.attn.bogus.weight"
 
     def nan(m):
-        m.dense[0].value.CopyFrom(encode_tensor(torch.full(tuple(m.dense[0].value.shape), float("nan"))))
+        s = m.dense[0].value.quant.scales
+        s.CopyFrom(encode_tensor(torch.full(tuple(s.shape), float("nan")).to(torch.float16)))
 
     def high_rank(m):
         f = next(f for f in m.factors if f.name == "layers.0.ffn.w1.weight")
-        rows, cols = spec(bg).shapes[f.name]
         f.rank = 6
-        f.left.CopyFrom(encode_tensor(torch.zeros(rows, 6)))
-        f.right.CopyFrom(encode_tensor(torch.zeros(6, cols)))
 
     def f64(m):
-        m.dense[0].value.CopyFrom(encode_tensor(torch.zeros(tuple(m.dense[0].value.shape), dtype=torch.float64)))
+        s = m.dense[0].value.quant.scales
+        s.CopyFrom(encode_tensor(torch.zeros(tuple(s.shape), dtype=torch.float64)))
 
     def wrong_shape(m):
-        m.dense[0].value.CopyFrom(encode_tensor(torch.zeros(7)))
+        m.dense[0].value.shape[:] = [7]
 
     cases = {
         "unknown name": (lambda: bad.submit(with_(set_name), rid, ver), grpc.StatusCode.INVALID_ARGUMENT),
@@ -106,10 +111,10 @@ def test_bad_payloads_refused_with_status_while_round_completes(coordinator):
         messages[what] = details
     # each message names the thing at fault
     assert "layers.0.attn.bogus.weight" in messages["unknown name"]
-    assert "NaN" in messages["non-finite"]
-    assert "rank 6 outside [1, max_rank=4]" in messages["rank"]
-    assert "FLOAT64" in messages["dtype"]
-    assert "shape" in messages["shape"] and "ModelUpdate" in messages["garbage bytes"]
+    assert "non-finite" in messages["non-finite"] and "layers.0.attn.kv_norm.weight" in messages["non-finite"]
+    assert "layers.0.ffn.w1.weight: rank 6, expected 4" in messages["rank"]
+    assert "FLOAT64" in messages["dtype"] and ".scales" in messages["dtype"]
+    assert "shape [7]" in messages["shape"] and "ModelUpdate" in messages["garbage bytes"]
     assert "replayed" in messages["late round"] and "version" in messages["stale version"]
     assert "exceeds" in messages["too big"]
     assert bg.call(lambda: len(bg.coord.round.replies)) == 0   # nothing changed
@@ -140,18 +145,7 @@ def test_bad_payloads_refused_with_status_while_round_completes(coordinator):
     code, details = code_of(lambda: good2.submit(update_for(bg, t, seed=2), rid, ver))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and str(rid) in details
     text = bg.call(lambda: __import__("prometheus_client").generate_latest(bg.server.metrics.registry).decode())
-    assert 'fedmla_rejections_total{reason="non_finite"}' in text and 'fedmla_rounds_total{status="committed"} 1.0' in text
-
-
-def test_rank_within_limit_but_above_max_is_refused_by_validation_message(tmp_path):
-    # rank above the task's max_rank names both numbers
-    from fedmla.coordinator.errors import InvalidArgument
-    from fedmla.coordinator.validation import ModelSpec, UpdateLimits, decode_update
-    from fedmla.mla_model import MLAConfig
-    s = ModelSpec.from_config(MLAConfig.preset("tiny"))
-    m = synthetic_update(s, rank=8)
-    with pytest.raises(InvalidArgument, match=r"rank 8 outside \[1, max_rank=4\]"):
-        decode_update(m, s, UpdateLimits(max_rank=4, max_update_bytes=1 << 20))
+    assert 'fedmla_rejections_total{reason="invalid_update"}' in text and 'fedmla_rounds_total{status="committed"} 1.0' in text
 
 
 def test_wrong_missing_and_revoked_tokens_refused(coordinator):
@@ -181,12 +175,16 @@ def test_not_joined_and_not_sampled(coordinator):
     assert ghost.heartbeat().action == cpb.HeartbeatResponse.REJOIN
 
 
-@pytest.mark.coord(clients_per_round=2, min_replies=2, round_timeout_s=1.0)
+@pytest.mark.coord(clients_per_round=2, min_replies=2, round_timeout_s=3.0)
 def test_deadline_with_too_few_replies_fails_round_and_keeps_model(coordinator):
     bg = coordinator
     a, b = make_clients(bg, ["a", "b"])
     t = ready_task(a)
-    a.submit(update_for(bg, t), t.round_id, t.model.version)
+    m = update_for(bg, t)
+    try:
+        a.submit(m, t.round_id, t.model.version)
+    except grpc.RpcError as e:    # the encoding outlived the short deadline: round 1 failed all the same
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
     b.heartbeat(t.round_id, "training")
     wait_for(lambda: bg.call(lambda: bg.coord.next_round_id) >= 2, what="round 1 deadline")
     r = bg.call(lambda: bg.store.rounds())[0]
@@ -199,7 +197,8 @@ def test_deadline_with_too_few_replies_fails_round_and_keeps_model(coordinator):
     assert code == grpc.StatusCode.FAILED_PRECONDITION
 
 
-@pytest.mark.coord(clients_per_round=2, min_replies=1, keep_ratio=0.5, rounds=2)
+@pytest.mark.coord(clients_per_round=2, min_replies=1, rounds=2,
+                   codec=__import__("fedmla.protos.codec", fromlist=["CodecConfig"]).CodecConfig(keep_ratio=0.5, explore_heads=0))
 def test_head_mask_follows_importance_and_run_finishes(coordinator):
     bg = coordinator
     a, b = make_clients(bg, ["a", "b"])
@@ -232,35 +231,29 @@ def test_client_not_sampled_waits_and_cannot_submit(coordinator):
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "not sampled" in details
 
 
-@pytest.mark.coord(clients_per_round=2, min_replies=1, client_timeout_s=1.0, round_timeout_s=120)
+@pytest.mark.coord(clients_per_round=2, min_replies=1, client_timeout_s=8.0, round_timeout_s=120)
 def test_silent_client_is_a_dropout_and_round_closes_before_deadline(coordinator):
     bg = coordinator
     a, b = make_clients(bg, ["a", "b"])
     t = ready_task(a)
-    a.submit(update_for(bg, t), t.round_id, t.model.version)
+    a.submit(update_for(bg, t), t.round_id, t.model.version)   # encoding takes well under client_timeout_s
     # b never calls again: after client_timeout_s it is a dropout and the round commits
-    wait_for(lambda: a.heartbeat().current_round >= 2 or None, what="round 1 to close", timeout=30)
-    r = bg.call(lambda: bg.store.rounds())[0]
+    wait_for(lambda: a.heartbeat().current_round > t.round_id or None, what="the round to close", timeout=30)
+    r = next(r for r in bg.call(lambda: bg.store.rounds()) if r["id"] == t.round_id)
     assert (r["status"], r["replied"], r["dropped"]) == ("committed", 1, 1)
     assert "dropped" in r["reason"]
 
 
-class ExplodingAggregator:
-    def begin_round(self, global_state, task):
-        pass
-
-    def add(self, client_id, update, num_examples):
-        raise RuntimeError("codec bug")
-
-    def finish(self):
-        return {}
-
-
-def test_failing_aggregator_fails_the_round_not_the_service(tmp_path):
+def test_failing_aggregation_fails_the_round_not_the_service(tmp_path):
     from fedmla.coordinator.inprocess import BackgroundCoordinator
     from fedmla.coordinator.testing import settings_for
-    with BackgroundCoordinator(settings_for(tmp_path, clients_per_round=1, min_replies=1),
-                               aggregator=ExplodingAggregator()) as bg:
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("codec bug")
+
+    with BackgroundCoordinator(settings_for(tmp_path, clients_per_round=1, min_replies=1)) as bg:
+        before = bg.call(lambda: bg.coord.codec.global_hash())
+        bg.call(lambda: setattr(bg.coord.codec, "finish_round", boom))
         (a,) = make_clients(bg, ["a"])
         t = ready_task(a)
         a.submit(update_for(bg, t), t.round_id, t.model.version)
@@ -268,3 +261,4 @@ def test_failing_aggregator_fails_the_round_not_the_service(tmp_path):
         assert (t2.round_id, t2.model.version) == (2, 0)
         r = bg.call(lambda: bg.store.rounds())[0]
         assert r["status"] == "failed" and "codec bug" in r["reason"]
+        assert bg.call(lambda: bg.coord.codec.global_hash()) == before == t2.model.sha256

@@ -49,7 +49,7 @@ def test_restarted_worker_resends_the_update_it_wrote_ahead(tmp_path, monkeypatc
     """A worker that dies after encoding (pending.safetensors written) but before sending
     sends the very same bytes after restart, without training again."""
     data = load_stdlib_corpus(num_clients=1, max_bytes_per_client=20_000)
-    settings = settings_for(tmp_path, updates="codec", rounds=1, clients_per_round=1, min_replies=1, local_steps=1,
+    settings = settings_for(tmp_path, rounds=1, clients_per_round=1, min_replies=1, local_steps=1,
                             batch_size=2, seq_len=32, max_update_bytes=64 << 20)
     with BackgroundCoordinator(settings) as bg:
         token = bg.call(lambda: bg.store.create_token("w0"))

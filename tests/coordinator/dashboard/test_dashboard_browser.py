@@ -317,7 +317,7 @@ def _watch_and_check(page, run: LiveRun, kind: str) -> None:
     assert page.text_content('#model-summary dd[data-key="parameters"]') == f"{info['model']['parameters']:,}"
     assert page.text_content('#model-summary dd[data-key="kv_cache_bytes_per_token"]').startswith(
         f"{info['model']['kv_cache_bytes_per_token']:,} ")
-    assert f'"rank": {info["config"]["rank"]}' in page.text_content("#run-config")
+    assert f'"rank": {info["config"]["codec"]["rank"]}' in page.text_content("#run-config")
     assert f'"kv_lora_rank": {info["mla_config"]["kv_lora_rank"]}' in page.text_content("#model-config")
 
     if kind == "simulate":

@@ -10,7 +10,7 @@ TOKEN = "embedded-dashboard-token"
 
 
 def test_coordinator_serves_its_dashboard_live_with_token(tmp_path):
-    settings = settings_for(tmp_path, updates="codec", clients_per_round=2, min_replies=2, dashboard_port=0,
+    settings = settings_for(tmp_path, clients_per_round=2, min_replies=2, dashboard_port=0,
                             dashboard_token=TOKEN)
     with BackgroundCoordinator(settings) as bg:
         dash = bg.server.dashboard
