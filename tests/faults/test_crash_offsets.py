@@ -15,21 +15,19 @@ from fedmla.coordinator.inprocess import BackgroundCoordinator
 from fedmla.coordinator.store import Store
 from fedmla.coordinator.synthetic import SyntheticCodecClient, synthetic_update
 from fedmla.coordinator.testing import settings_for, start_coordinator_process
-from fedmla.coordinator.validation import ModelSpec
-from fedmla.mla_model import MLAConfig
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 from fedmla.protos.transport import CoordinatorClient
 
 ROUNDS = 24
 CODEC_ROUNDS = 12
 NAMES = ["a", "b"]
-SPEC = ModelSpec.from_config(MLAConfig.preset("tiny"))
-ARGS = ["--preset", "tiny", "--updates", "dense", "--clients-per-round", "2", "--min-replies", "2", "--round-timeout-s", "120",
+ARGS = ["--preset", "tiny", "--clients-per-round", "2", "--min-replies", "2", "--round-timeout-s", "120",
         "--log-level", "warning"]
 
 
-def update(round_id, name):
-    return synthetic_update(SPEC, rank=4, seed=round_id * 100 + NAMES.index(name), num_examples=10 + NAMES.index(name))
+def update(task, name):
+    """A client that never downloads: a seeded codec encoding for the task's plan."""
+    return synthetic_update(task, seed=task.round_id * 100 + NAMES.index(name), num_examples=10 + NAMES.index(name))
 
 
 def connect(port, tokens):
@@ -57,7 +55,7 @@ def drive(clients, codec: dict[str, SyntheticCodecClient] | None = None):
                         codec[name].client = c
                         payload = codec[name].update_for(r.task)
                     else:
-                        payload = update(r.task.round_id, name)
+                        payload = update(r.task, name)
                     c.submit(payload, r.task.round_id, r.task.model.version)
                 except grpc.RpcError as e:
                     if e.code() not in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.FAILED_PRECONDITION):
@@ -65,9 +63,8 @@ def drive(clients, codec: dict[str, SyntheticCodecClient] | None = None):
                 submitted.add((name, r.task.round_id))
 
 
-def reference(tmp_path, mode="dense"):
-    with BackgroundCoordinator(settings_for(tmp_path / "ref", preset="tiny", clients_per_round=2, min_replies=2,
-                                            updates=mode)) as bg:
+def reference(tmp_path, mode="stateless"):
+    with BackgroundCoordinator(settings_for(tmp_path / "ref", preset="tiny", clients_per_round=2, min_replies=2)) as bg:
         tokens = {n: bg.call(lambda n=n: bg.store.create_token(n)) for n in NAMES}
         clients = connect(bg.port, tokens)
         final = drive(clients, {n: SyntheticCodecClient(None, n) for n in NAMES} if mode == "codec" else None)
@@ -76,7 +73,7 @@ def reference(tmp_path, mode="dense"):
     return final
 
 
-def crashed_run(tmp_path, offsets, mode="dense"):
+def crashed_run(tmp_path, offsets, mode="stateless"):
     codec = {n: SyntheticCodecClient(None, n) for n in NAMES} if mode == "codec" else None
     store_dir = tmp_path / "store"
     st = Store(store_dir)
@@ -85,8 +82,7 @@ def crashed_run(tmp_path, offsets, mode="dense"):
     log = tmp_path / "coordinator.log"
     killed = 0
     for off in [*offsets, None]:
-        args = ARGS if mode == "dense" else [a if a != "dense" else "codec" for a in ARGS]
-        proc, port = start_coordinator_process(store_dir, args, log)
+        proc, port = start_coordinator_process(store_dir, ARGS, log)
         try:
             clients = connect(port, tokens)
             killer = None
@@ -113,7 +109,7 @@ def crashed_run(tmp_path, offsets, mode="dense"):
     raise AssertionError("unreachable")
 
 
-def _check(tmp_path, n_offsets, seed, mode="dense", span=0.3):
+def _check(tmp_path, n_offsets, seed, mode="stateless", span=0.3):
     rng = random.Random(seed)
     ref = reference(tmp_path, mode)
     results = []
@@ -122,7 +118,7 @@ def _check(tmp_path, n_offsets, seed, mode="dense", span=0.3):
         offs = [rng.uniform(0.01, span) for _ in range(min(per_run, n_offsets - i))]
         final, killed, codec = crashed_run(tmp_path / f"run{i}", offs, mode)
         results.append((offs, killed, final.model.sha256 == ref.model.sha256))
-        assert final.model.version == (ROUNDS if mode == "dense" else CODEC_ROUNDS)
+        assert final.model.version == (ROUNDS if mode == "stateless" else CODEC_ROUNDS)
         assert final.model.sha256 == ref.model.sha256 and final.data == ref.data
         if codec:   # the clients followed along with codec downloads that reproduced every version's hash
             kinds = [k for c in codec.values() for k in c.downloads]

@@ -11,12 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from fedmla.coordinator.inprocess import BackgroundCoordinator
 from fedmla.coordinator.synthetic import synthetic_update
 from fedmla.coordinator.testing import make_clients, ready_task, settings_for, wait_for
-from fedmla.protos.weights import sha256_hex
 
 N, MIN = 20, 14
 WORKER = Path(__file__).with_name("synthetic_worker.py")
@@ -25,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _run(tmp_path, K):
     bg = BackgroundCoordinator(settings_for(tmp_path, clients_per_round=N, min_replies=MIN, round_timeout_s=25,
-                                            client_timeout_s=120, rank=4, max_rank=4, max_update_bytes=4 << 20)).start()
+                                            client_timeout_s=120, max_update_bytes=4 << 20)).start()
     procs = {}
     try:
         names = [f"w{i:02d}" for i in range(N)]
@@ -33,13 +31,12 @@ def _run(tmp_path, K):
         tasks = [ready_task(c) for c in clients]
         t = tasks[0]
         assert all(x.round_id == t.round_id for x in tasks)
-        mask = torch.tensor(list(t.active_heads.active)).reshape(t.active_heads.num_layers, t.active_heads.num_heads)
-        model0 = sha256_hex(bg.coord.model_bytes)
+        model0 = bg.coord.model_sha
         victims = set(names[:K])
         env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         for i, (name, c) in enumerate(zip(names, clients)):
             path = tmp_path / f"{name}.pb"
-            path.write_bytes(synthetic_update(bg.coord.spec, rank=4, seed=i, active_heads=mask).SerializeToString())
+            path.write_bytes(synthetic_update(t, seed=i).SerializeToString())
             token = c._metadata[0][1].split(" ", 1)[1]
             # victims upload in small chunks with long pauses, so the kill lands mid-stream
             chunk, pause = ("1024", "2.0") if name in victims else ("65536", "0")
@@ -58,7 +55,7 @@ def _run(tmp_path, K):
         full = bg.call(lambda: bg.store.client_rounds(t.round_id))
         rows = {r["client"]: r["status"] for r in full}
         print({r["client"]: r["rejection_reason"] for r in full if r["status"] == "rejected"})
-        return rounds[0], rows, victims, model0, sha256_hex(bg.coord.model_bytes), bg.coord.version
+        return rounds[0], rows, victims, model0, bg.coord.model_sha, bg.coord.version
     finally:
         for p in procs.values():
             if p.poll() is None:

@@ -18,7 +18,6 @@ from fedmla.coordinator.errors import CoordinatorError
 from fedmla.coordinator.inprocess import BackgroundCoordinator
 from fedmla.coordinator.synthetic import synthetic_update
 from fedmla.coordinator.testing import make_clients, ready_task, settings_for
-from fedmla.coordinator.validation import UpdateLimits, decode_update
 from fedmla.protos.weights import sha256_hex
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
@@ -32,20 +31,14 @@ FULL = dict(max_examples=600, deadline=None, suppress_health_check=list(HealthCh
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     bg = BackgroundCoordinator(settings_for(tmp_path_factory.mktemp("fuzz"), clients_per_round=2, min_replies=2,
-                                            max_update_bytes=256 << 10, rank=4, max_rank=4)).start()
+                                            max_update_bytes=256 << 10)).start()
     try:
         client, _other = make_clients(bg, ["fuzzer", "other"])
         task = ready_task(client)
-        mask = torch.tensor(list(task.active_heads.active)).reshape(task.active_heads.num_layers,
-                                                                    task.active_heads.num_heads)
-        good = synthetic_update(bg.coord.spec, rank=4, seed=1, active_heads=mask).SerializeToString()
+        good = synthetic_update(task, seed=1).SerializeToString()
         yield bg, client, task, good
     finally:
         bg.stop()
-
-
-def _limits(bg):
-    return UpdateLimits(max_rank=bg.settings.max_rank, max_update_bytes=bg.settings.max_update_bytes)
 
 
 def _decode_bytes(bg, raw: bytes):
@@ -54,7 +47,7 @@ def _decode_bytes(bg, raw: bytes):
     except DecodeError:
         return "parse"
     try:
-        decode_update(msg, bg.coord.spec, _limits(bg))
+        bg.coord.ingest.decode(msg, bg.coord.round)     # the round's codec plan, as at submit
         return "ok"
     except TYPED:
         return "typed"
@@ -162,7 +155,7 @@ def _parses(cls, raw: bytes) -> bool:
 
 
 def _state(bg):
-    return bg.call(lambda: (bg.store.rounds(), sha256_hex(bg.coord.model_bytes)))
+    return bg.call(lambda: (bg.store.rounds(), bg.coord.model_sha))
 
 
 def _fuzz_rpcs(live, data, stats):
