@@ -1,6 +1,15 @@
 """Helpers shared by the kernel tests."""
 
+import os
+
 import torch
+
+DEVICE = os.environ.get("FEDMLA_TEST_DEVICE", "cpu")
+
+
+def generator(seed: int) -> torch.Generator:
+    """A seeded generator on the kernel tests' device."""
+    return torch.Generator(device=DEVICE).manual_seed(seed)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

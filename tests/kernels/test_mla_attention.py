@@ -5,14 +5,14 @@ import torch
 
 from fedmla.kernels.mla_attention import mla_attention
 
-from kernels_testlib import rel_err
+from kernels_testlib import rel_err, generator
 
 FP32_TOL = 1e-3
 BF16_TOL = 3e-2
 
 
 def make_inputs(B, T, S, H, dn, dr, dv, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     mk = lambda *shape: torch.randn(*shape, generator=g).to(dtype).requires_grad_(True)  # noqa: E731
     q, kn, kp, v = mk(B, T, H, dn + dr), mk(B, S, H, dn), mk(B, S, dr), mk(B, S, H, dv)
     do = torch.randn(B, T, H, dv, generator=g).to(dtype)

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from fedmla.kernels.mla_decode import mla_decode
-from kernels_testlib import rel_err
+from kernels_testlib import rel_err, generator
 
 
 def make(B, H, c, dr, T, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     mk = lambda *s: torch.randn(*s, generator=g).to(dtype)  # noqa: E731
     return mk(B, H, c), mk(B, H, dr), mk(B, T, c), mk(B, T, dr)
 
@@ -70,7 +70,7 @@ def test_bf16(backend):
 def test_matches_per_head_attention():
     """Absorbed decode over the latent equals attention with per-head keys k = W_UK^T c and
     values c (the identity that lets MLA cache only the latent)."""
-    g = torch.Generator().manual_seed(4)
+    g = generator(4)
     B, H, c, dn, dr, T = 1, 3, 20, 12, 8, 30
     w_uk = torch.randn(H, dn, c, generator=g)
     q_nope, qp = torch.randn(B, H, dn, generator=g), torch.randn(B, H, dr, generator=g)

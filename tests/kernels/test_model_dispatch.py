@@ -4,11 +4,11 @@ import torch
 
 from fedmla.mla_model import MLAConfig, MLATransformer
 from fedmla.mla_model.attention import mla_absorbed_attention_torch, mla_attention_torch
-from kernels_testlib import rel_err
+from kernels_testlib import rel_err, generator
 
 
 def test_model_attention_functions_match_triton():
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
     B, T, H, dn, dr, dv, c = 2, 9, 3, 16, 8, 16, 32
     q, kn = torch.randn(B, T, H, dn + dr, generator=g), torch.randn(B, T, H, dn, generator=g)
     kp, v = torch.randn(B, T, dr, generator=g), torch.randn(B, T, H, dv, generator=g)

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
+from kernels_testlib import generator
 from fedmla.kernels.quant import QMAX, dequantize_rows, quantize_rows, quantize_rows_naive
 from fedmla.kernels.quant.triton import quantize_rows_triton
 from fedmla.protos.tensors import decode_int_rows, encode_int_rows
 
 
 def sample(R, C, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     x = torch.randn(R, C, generator=g) * torch.rand(R, 1, generator=g) * 5
     if R > 2:
         x[2] = 0.0  # an all-zero row
@@ -38,7 +39,7 @@ def test_nearest_matches_reference_exactly(bits, shape):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_stochastic_with_shared_noise_matches_reference(bits):
     x = sample(5, 300)
-    noise = torch.rand(5, 300, generator=torch.Generator().manual_seed(9))
+    noise = torch.rand(5, 300, generator=generator(9))
     qn, sn = quantize_rows_naive(x, bits, noise)
     qt, st = quantize_rows_triton(x, QMAX[bits], noise=noise)
     assert torch.equal(qt, qn) and torch.equal(st, sn)

@@ -11,6 +11,9 @@
   once for all heads (W_UK / W_UV absorption included in its time), plus the same
   naive cache stored head-major (B, H, S, D), and the equal-width MHA;
   tokens/s = B / step time, and the cache bytes.
+- throughput: the attention rows carry their matmul FLOPs and the dispatched path's
+  TFLOP/s; the decode rows the achieved cache-read bandwidth (GB/s) of the absorbed and
+  naive steps. On CUDA these are the figures to hold against the GPU's peak.
 
 Shapes default to the ``base`` preset (H=8, dn=128, dr=64, dv=128, c=512, dim=512).
 """
@@ -82,6 +85,15 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def attention_fwd_bwd_flops(batch: int, T: int, heads: int, d_qk: int, d_v: int) -> int:
+    """Matmul FLOPs of causal attention forward + backward: the forward's QK^T (d_qk) and
+    PV (d_v) over the T(T+1)/2 unmasked pairs, 2 FLOPs per multiply-add; the backward
+    recomputes nothing and does twice the forward's matmuls (dQ, dK from dS; dP, dV)."""
+    pairs = T * (T + 1) // 2
+    fwd = 2 * batch * heads * pairs * (d_qk + d_v)
+    return 3 * fwd
+
+
 def bench_attention(cfg: MLAConfig, seq_lens, batch: int, device: torch.device, dtype: torch.dtype,
                     repeats: int, naive_max_len: int) -> list[dict]:
     H, dn, dr, dv = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -124,6 +136,8 @@ def bench_attention(cfg: MLAConfig, seq_lens, batch: int, device: torch.device, 
         else:
             row["naive_ms"] = None
         row["mha_head_dim"] = d_h
+        row["fwd_bwd_flops"] = attention_fwd_bwd_flops(batch, T, H, dn + dr, dv)
+        row["dispatched_tflop_per_s"] = row["fwd_bwd_flops"] / (row["dispatched_ms"] * 1e-3) / 1e12
         row["speedup_dispatched_vs_math"] = row["sdpa_math_ms"] / row["dispatched_ms"]
         if row["naive_ms"] is not None:
             row["speedup_dispatched_vs_naive"] = row["naive_ms"] / row["dispatched_ms"]
@@ -197,6 +211,9 @@ def bench_decode(cfg: MLAConfig, contexts, batch: int, device: torch.device, dty
                                     "cache_bytes": latent_bytes},
                 "mha_equal_width": {"head_dim": d_h, "tokens_per_s": batch / mha_ms * 1e3, "step_ms": mha_ms,
                                     "cache_bytes": mha_bytes},
+                # Achieved bandwidth: the cache bytes each step must read, over its time.
+                "absorbed_cache_gb_per_s": latent_bytes / (absorbed_ms * 1e-3) / 1e9,
+                "naive_cache_gb_per_s": naive_bytes / (naive_ms * 1e-3) / 1e9,
                 "speedup_absorbed_vs_naive": naive_ms / absorbed_ms,
                 "speedup_absorbed_vs_naive_head_major": naive_hm_ms / absorbed_ms,
                 "cache_ratio_absorbed_vs_naive": latent_bytes / naive_bytes,
