@@ -129,21 +129,18 @@ def make_aggregator(settings: CoordinatorSettings) -> Aggregator:
 class Coordinator:
     def __init__(self, settings: CoordinatorSettings, store: Store | None = None,
                  metrics: CoordinatorMetrics | None = None, aggregator: Aggregator | None = None):
-        from fedmla.mla_model import MLAConfig, MLATransformer
+        from .model_source import initial_model
         self.settings = settings
         self.metrics = metrics or CoordinatorMetrics()
         self.store = store or Store(settings.store)
         self.aggregator = aggregator or make_aggregator(settings)
-        self.cfg = MLAConfig.preset(settings.preset)
+        self.cfg, initial_state, self.tokenizer_json = initial_model(settings, self.store)
         self.spec = ModelSpec.from_config(self.cfg)
         self.config_json = self.cfg.model_dump_json()
         self.store.bind_run(self.config_json, settings.public_json())
         rec = self.store.latest_model()
         if rec is None:
-            model = MLATransformer(self.cfg)
-            model.reset_parameters(torch.Generator().manual_seed(settings.init_seed))
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            data = canonical_bytes(state)
+            data = canonical_bytes(initial_state)
             rec = self.store.commit_initial(data, sha256_hex(data))
         data = self.store.read_checkpoint(rec)
         expected = {k: (s, torch.float32) for k, s in self.spec.shapes.items()}

@@ -47,6 +47,9 @@ class CoordinatorSettings(BaseSettings):
     # ---- store and model -----------------------------------------------------------
     store: Path = Field(Path("runs/coordinator"), description="store directory (SQLite + checkpoints)")
     preset: str = Field("tiny", description="MLA model preset of a new run")
+    model_dir: Path | None = Field(None, description=(
+        "start from this Hugging Face DeepSeek-V2/V3 checkpoint folder (config.json, *.safetensors, optional "
+        "tokenizer.json) instead of a preset; a resumed run needs the same folder again"))
     init_seed: int = Field(0, description="seed of the initial global model")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept on disk (older ones are deleted)")
     # ---- rounds ----------------------------------------------------------------------
