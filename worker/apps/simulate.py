@@ -244,7 +244,7 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                    fedavg_fp32_bytes=sum(r["fedavg_up"] + r["fedavg_down"] for r in results),
                    fedavg_fp32_bytes_up=sum(r["fedavg_up"] for r in results),
                    fedavg_fp32_bytes_down=sum(r["fedavg_down"] for r in results),
-                   seconds=time.monotonic() - t0, per_round=per_round,
+                   seconds=time.monotonic() - t0, per_round=per_round, data_source=fed.source,
                    **_overhead(per_round, results),
                    coordinator_hash=bg.coord.model_sha if bg else None,
                    clients={r["name"]: {k2: r[k2] for k2 in ("rounds", "bytes_up", "bytes_down", "version", "hash")}
