@@ -16,7 +16,7 @@ import json
 import torch
 
 from fedmla.mla_model import MLAConfig, MLATransformer
-from fedmla.mla_model.hf import HFCheckpointError
+from fedmla.mla_model.hf import HFCheckpointError, config_from_hf
 from fedmla.mla_model.hf_checkpoint import read_hf_checkpoint, read_hf_config
 
 from .errors import StoreError
@@ -32,12 +32,27 @@ def initial_model(settings: CoordinatorSettings, store: Store) -> tuple[MLAConfi
                                                                          bytes | None]:
     """(model config, initial fp32 state, tokenizer.json bytes or None) of the run.
 
-    The initial state is None when ``store`` already holds a model (a resumed run keeps
-    its own weights; an imported folder's weights are then not read again). For an
-    import into an empty store the checkpoint's config, dtypes and files are recorded
+    The initial state is None when ``store`` already holds a model: a resumed run keeps
+    its own weights, and a resumed import takes its config from the config.json kept in
+    the store (``--model`` may be left out then; given, it must be the same model). For
+    an import into an empty store the checkpoint's config, dtypes and files are recorded
     in the store's meta.
     """
     fresh = store.latest_model() is None
+    stored_hf, _ = stored_hf_config(store)
+    if not fresh and stored_hf is not None:
+        # A resumed import: the store has the config.json it came with; DIR is not needed
+        # (when given, bind_run still refuses a DIR whose model differs from the store's).
+        cfg = config_from_hf(stored_hf, f"store {store.root} (imported config.json)")
+        if settings.model_dir is not None:
+            try:
+                _, given = read_hf_config(settings.model_dir)
+            except HFCheckpointError as e:
+                raise StoreError(f"--model {settings.model_dir}: {e}") from None
+            if given != cfg:
+                raise StoreError(f"store {store.root} was started from another checkpoint than --model "
+                                 f"{settings.model_dir} (the config.json files differ); use a new --store")
+        return cfg, None, stored_files(store).get("tokenizer.json")
     if settings.model_dir is None:
         cfg = MLAConfig.preset(settings.preset)
         if not fresh:
@@ -45,10 +60,10 @@ def initial_model(settings: CoordinatorSettings, store: Store) -> tuple[MLAConfi
         model = MLATransformer(cfg)
         model.reset_parameters(torch.Generator().manual_seed(settings.init_seed))
         return cfg, {k: v.detach().clone() for k, v in model.state_dict().items()}, None
+    if not fresh:
+        raise StoreError(f"store {store.root} holds a run started from a preset, not from a checkpoint; "
+                         f"--model {settings.model_dir} needs a new --store")
     try:
-        if not fresh:
-            _, cfg = read_hf_config(settings.model_dir)
-            return cfg, None, stored_files(store).get("tokenizer.json")
         ckpt = read_hf_checkpoint(settings.model_dir)
     except HFCheckpointError as e:
         raise StoreError(f"--model {settings.model_dir}: {e}") from None

@@ -135,3 +135,31 @@ def test_bench_comm_from_checkpoint(tmp_path):
     n = sum(t.numel() for t in safetensors_tensors(ckpt).values())
     assert out["model_parameters"] == n
     assert all(r["hash_ok"] for r in out["fedmla"]["per_round"])
+
+
+def test_resume_without_model_and_mismatches(tmp_path):
+    """The store of an imported run is enough to resume it; another checkpoint or a preset
+    store with --model is refused."""
+    from fedmla.coordinator.errors import StoreError
+    from fedmla.coordinator.rounds import Coordinator
+    from fedmla.coordinator.settings import CoordinatorSettings
+    import pytest
+    ckpt, other, store = tmp_path / "ckpt", tmp_path / "other", tmp_path / "store"
+    save_checkpoint(ckpt, "deepseek_v3", tokenizer=True)
+    save_checkpoint(other, "deepseek_v3", q_lora_rank=None)
+    first = Coordinator(CoordinatorSettings(store=store, model_dir=ckpt))
+    first.store.close()
+    again = Coordinator(CoordinatorSettings(store=store))
+    assert again.cfg == first.cfg and again.model_sha == first.model_sha
+    assert again.tokenizer_json == (ckpt / "tokenizer.json").read_bytes()
+    again.store.close()
+    with pytest.raises(StoreError, match="another checkpoint"):
+        Coordinator(CoordinatorSettings(store=store, model_dir=other))
+    preset_store = tmp_path / "preset-store"
+    Coordinator(CoordinatorSettings(store=preset_store)).store.close()
+    with pytest.raises(StoreError, match="started from a preset"):
+        Coordinator(CoordinatorSettings(store=preset_store, model_dir=ckpt))
+    with pytest.raises(ValueError, match="either preset or model_dir"):
+        CoordinatorSettings(store=store, model_dir=ckpt, preset="small")
+    r = CliRunner().invoke(app, ["simulate", "--model", str(ckpt), "--preset", "tiny"])
+    assert r.exit_code == 2 and "not both" in r.output

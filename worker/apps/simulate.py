@@ -158,7 +158,8 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
     try:
         if coordinator is None:
             settings = CoordinatorSettings(store=store or Path(tmp.name) / "store", host="127.0.0.1", port=0,
-                                           preset=preset, model_dir=model, rounds=rounds,
+                                           **({"preset": preset} if model is None else {"model_dir": model}),
+                                           rounds=rounds,
                                            clients_per_round=clients_per_round,
                                            min_replies=clients_per_round, local_steps=local_steps, learning_rate=lr,
                                            batch_size=batch_size, seq_len=seq_len, seed=seed, round_timeout_s=300,
@@ -273,7 +274,7 @@ def register(app, bench) -> None:
         clients: int = typer.Option(4, "--clients", min=1),
         clients_per_round: int = typer.Option(2, "--clients-per-round", min=1),
         rounds: int = typer.Option(6, "--rounds", min=1),
-        preset: str = typer.Option("tiny", "--preset"),
+        preset: str = typer.Option(None, "--preset", help="model preset of a new run (default: tiny)"),
         model: Path = typer.Option(None, "--model", help="start from this Hugging Face DeepSeek-V2/V3 checkpoint "
                                    "folder instead of --preset; its tokenizer.json (if any) tokenizes the data"),
         local_steps: int = typer.Option(10, "--local-steps", min=1),
@@ -309,6 +310,10 @@ def register(app, bench) -> None:
         if partition not in ("natural", "iid", "dirichlet"):
             typer.echo(f"error: --partition must be natural, iid or dirichlet, not {partition!r}", err=True)
             raise typer.Exit(2)
+        if preset is not None and model is not None:
+            typer.echo("error: give --preset or --model, not both (a checkpoint brings its own model config)", err=True)
+            raise typer.Exit(2)
+        preset = preset or "tiny"
         if clients_per_round > clients:
             typer.echo(f"error: --clients-per-round {clients_per_round} exceeds --clients {clients}", err=True)
             raise typer.Exit(2)
