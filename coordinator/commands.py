@@ -62,8 +62,9 @@ def _build_coordinator_command():
     ]
     for name, field in CoordinatorSettings.model_fields.items():
         t = _flag_type(field.annotation)
+        flag_names = [f"--{name.replace('_', '-')}"] + (["--model"] if name == "model_dir" else [])
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=typing.Optional[t],
-                                        default=typer.Option(None, f"--{name.replace('_', '-')}",
+                                        default=typer.Option(None, *flag_names,
                                                              help=f"{field.description or name} (default: "
                                                                   f"{field.get_default(call_default_factory=True)})",
                                                              show_default=False)))

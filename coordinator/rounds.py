@@ -106,22 +106,18 @@ class RoundResult:
 class Coordinator:
     def __init__(self, settings: CoordinatorSettings, store: Store | None = None,
                  metrics: CoordinatorMetrics | None = None):
-        from fedmla.mla_model import MLAConfig, MLATransformer
+        from .model_source import initial_model
         self.settings = settings
         self.metrics = metrics or CoordinatorMetrics()
         self.store = store or Store(settings.store)
-        self.cfg = MLAConfig.preset(settings.preset)
+        self.cfg, initial_state, self.tokenizer_json = initial_model(settings, self.store)
         self.spec = ModelSpec.from_config(self.cfg)
         self.config_json = self.cfg.model_dump_json()
         self._refuse_retired_store()
         self.store.bind_run(self.config_json, settings.public_json())
         rec = self.store.latest_model()
         if rec is None:
-            model = MLATransformer(self.cfg)
-            model.reset_parameters(torch.Generator().manual_seed(settings.init_seed))
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            del model
-            data = canonical_bytes(state)
+            data = canonical_bytes(initial_state)
             rec = self.store.commit_initial(data, sha256_hex(data))
         data = self.store.read_checkpoint(rec)
         expected = {k: (s, torch.float32) for k, s in self.spec.shapes.items()}

@@ -54,6 +54,9 @@ class CoordinatorSettings(BaseSettings):
     # ---- store and model -----------------------------------------------------------
     store: Path = Field(Path("runs/coordinator"), description="store directory (SQLite + checkpoints)")
     preset: str = Field("tiny", description="MLA model preset of a new run")
+    model_dir: Path | None = Field(None, description=(
+        "start from this Hugging Face DeepSeek-V2/V3 checkpoint folder (config.json, *.safetensors, optional "
+        "tokenizer.json) instead of a preset; a resumed run finds the model in its store"))
     init_seed: int = Field(0, description="seed of the initial global model")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept on disk (older ones are deleted)")
     # ---- rounds ----------------------------------------------------------------------
@@ -119,6 +122,8 @@ class CoordinatorSettings(BaseSettings):
         if self.dp is not None and self.defense.kind != "none":
             raise ValueError(f"choose differential privacy (dp) or a robust defense (kind {self.defense.kind!r}), "
                              f"not both: DP's clipping and noise assume the plain mean")
+        if self.model_dir is not None and "preset" in self.model_fields_set:
+            raise ValueError("give either preset or model_dir (--model): a checkpoint brings its own model config")
         if self.min_replies > self.clients_per_round:
             raise ValueError(f"min_replies {self.min_replies} exceeds clients_per_round {self.clients_per_round}")
         return self

@@ -35,6 +35,8 @@ class MLAConfig(BaseModel):
     init_std: float = Field(0.02, gt=0)
     attn_mode: AttnMode = Field("naive", description="naive: per-head K,V (training); absorb: attend in latent space")
     heads_per_layer: tuple[int, ...] | None = Field(None, description="heads kept in each layer after pruning")
+    tie_word_embeddings: bool = Field(True, description=(
+        "the LM head is the embedding matrix; False adds a separate `lm_head` (imported checkpoints)"))
 
     @field_validator("qk_rope_head_dim")
     @classmethod

@@ -149,7 +149,8 @@ class Block(nn.Module):
 class MLATransformer(nn.Module):
     """Decoder-only MLA transformer: tokens (B, T) int64 -> logits (B, T, vocab_size).
 
-    The LM head is tied to ``embed``. Attention mode (naive / absorb) comes from the
+    The LM head is tied to ``embed`` unless ``cfg.tie_word_embeddings`` is False, in which
+    case a separate ``lm_head`` (vocab_size, dim) holds it. Attention mode (naive / absorb) comes from the
     config; :meth:`set_attn_mode` switches it in place.
     """
 
@@ -159,6 +160,7 @@ class MLATransformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer(
             "freqs_cis", precompute_freqs_cis(cfg.qk_rope_head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False
         )
@@ -184,7 +186,8 @@ class MLATransformer(nn.Module):
         freqs = self.freqs_cis[start_pos: start_pos + T]
         for layer in self.layers:
             x = layer(x, freqs, cache, start_pos)
-        return F.linear(self.norm(x), self.embed.weight)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(x), head)
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy of tokens (B, T+1): predict tokens[:, 1:] from tokens[:, :-1]."""
@@ -264,4 +267,6 @@ def parameter_shapes(cfg: MLAConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "ffn.w2.weight"] = (d, cfg.inter_dim)
         shapes[p + "ffn.w3.weight"] = (cfg.inter_dim, d)
     shapes["norm.weight"] = (d,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
     return shapes

@@ -29,7 +29,8 @@ def _attn_matmul_params(cfg: MLAConfig, layer: int) -> int:
 def mla_param_count(cfg: MLAConfig) -> int:
     norms = cfg.n_layers * 2 * cfg.dim + cfg.dim + cfg.n_layers * (cfg.kv_lora_rank + cfg.q_lora_rank)
     ffn = 3 * cfg.dim * cfg.inter_dim
-    return cfg.vocab_size * cfg.dim + norms + sum(_attn_matmul_params(cfg, i) + ffn for i in range(cfg.n_layers))
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.dim
+    return cfg.vocab_size * cfg.dim + head + norms + sum(_attn_matmul_params(cfg, i) + ffn for i in range(cfg.n_layers))
 
 
 def mha_param_count(cfg: MLAConfig) -> int:

@@ -8,8 +8,10 @@ Two sources, one shape of result (:class:`FederatedData`):
 - a user folder, :func:`load_folder`: ``DIR/<client>/**/*`` text files, one
   subfolder per client.
 
-Tokens are raw UTF-8 bytes (vocabulary 256). Each client's files are read in sorted
-path order and joined with a newline into one stream.
+Tokens are raw UTF-8 bytes (vocabulary 256, uint8) by default; with a
+:class:`TextTokenizer` (a Hugging Face ``tokenizer.json``, e.g. the one of a model imported
+with ``--model DIR``) each client's stream is tokenized with it instead (int32 ids). Each
+client's files are read in sorted path order and joined with a newline into one stream.
 
 Held-out set (fixed and documented): the last ``eval_fraction`` of every *source*
 client's stream, cut before any re-partitioning. The global validation set is a fixed
@@ -49,7 +51,7 @@ _STDLIB_SKIP = {"site-packages", "dist-packages", "__pycache__", "test", "tests"
 
 @dataclass
 class ClientData:
-    """One client's tokens: ``train`` (N,) uint8 bytes, ``eval`` (M,) uint8 bytes."""
+    """One client's tokens: ``train`` (N,) and ``eval`` (M,), uint8 bytes or int32 token ids."""
 
     name: str
     train: torch.Tensor
@@ -59,6 +61,13 @@ class ClientData:
     @property
     def num_train_tokens(self) -> int:
         return int(self.train.numel())
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse token ids the model has no embedding for (a tokenizer larger than the model)."""
+        top = max((int(t.max()) for t in (self.train, self.eval) if t.numel()), default=-1)
+        if top >= vocab_size:
+            raise DataError(f"client {self.name!r} has token id {top}, but the model's vocabulary has {vocab_size} "
+                            f"tokens; tokenize with the model's own tokenizer")
 
     def batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
         """(batch_size, seq_len + 1) int64 windows at random offsets of the training stream."""
@@ -96,18 +105,76 @@ class FederatedData:
         raise DataError(f"no client named {name!r} in {self.source} (have {', '.join(self.names)})")
 
     def fingerprint(self) -> str:
-        """SHA-256 over client names, training and validation bytes: same data, same hash."""
+        """SHA-256 over client names, training and validation tokens: same data, same hash."""
         h = hashlib.sha256()
         for c in self.clients:
             h.update(c.name.encode())
             h.update(c.train.numpy().tobytes())
-        h.update(self.validation.to(torch.uint8).numpy().tobytes())
+        # Validation windows are int64; hash them in the clients' token dtype (uint8 for bytes).
+        h.update(self.validation.to(self.clients[0].train.dtype).numpy().tobytes())
         return h.hexdigest()
 
     def summary(self) -> dict:
         return {"source": self.source, "seq_len": self.seq_len, "validation_windows": int(self.validation.size(0)),
                 "clients": {c.name: {"train_tokens": c.num_train_tokens, "eval_tokens": int(c.eval.numel()),
                                      "files": len(c.files)} for c in self.clients}}
+
+
+# ---- tokenizing --------------------------------------------------------------------------------
+
+class TextTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer read from ``tokenizer.json`` bytes.
+
+    Called on a client's UTF-8 stream, returns its ids as an int32 tensor. ``sha256``
+    identifies the file (it enters the data source's description).
+    """
+
+    def __init__(self, tokenizer_json: bytes, where: str = "tokenizer.json"):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise DataError(f"{where}: tokenizing needs the `tokenizers` package (pip install 'fedmla[hf]')") from None
+        try:
+            self.tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        except Exception as e:  # tokenizers raises its own exception type
+            raise DataError(f"{where}: not a valid tokenizer.json ({e})") from None
+        self.where = where
+        self.sha256 = hashlib.sha256(tokenizer_json).hexdigest()
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> "TextTokenizer":
+        """From a ``tokenizer.json`` file, or a folder holding one (a model checkpoint)."""
+        p = Path(path)
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        try:
+            return cls(p.read_bytes(), str(p))
+        except OSError as e:
+            raise DataError(f"cannot read tokenizer {p}: {e.strerror or e}") from None
+
+    def __call__(self, stream: bytes) -> torch.Tensor:
+        # A byte cap can cut the last character in two; the fragment is dropped.
+        ids = self.tokenizer.encode(stream.decode("utf-8", errors="ignore"), add_special_tokens=False).ids
+        return torch.tensor(ids, dtype=torch.int32)
+
+    def describe(self) -> str:
+        return f"{self.where} (sha256 {self.sha256[:12]}, {self.vocab_size} tokens)"
+
+
+def model_tokenizer(model_dir: str | Path | None) -> TextTokenizer | None:
+    """The tokenizer of a Hugging Face checkpoint folder, or None (no folder, or a folder
+    without ``tokenizer.json``: byte-level data, as for fedmla's own presets)."""
+    if model_dir is None or not (Path(model_dir) / "tokenizer.json").is_file():
+        return None
+    return TextTokenizer.from_path(Path(model_dir) / "tokenizer.json")
+
+
+def check_tokenizer_fits(tokenizer: TextTokenizer | None, vocab_size: int) -> None:
+    """A tokenizer whose ids reach past the model's vocabulary is refused up front."""
+    if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+        raise DataError(f"{tokenizer.where} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                        f"{vocab_size}; use the model's own tokenizer")
 
 
 # ---- reading ---------------------------------------------------------------------------------
@@ -129,14 +196,19 @@ def _join_capped(chunks: list[bytes], max_bytes: int | None) -> bytes:
     return out if max_bytes is None else out[:max_bytes]
 
 
-def _split_client(name: str, stream: bytes, files: list[str], eval_fraction: float, seq_len: int) -> ClientData:
+def _split_client(name: str, stream: bytes, files: list[str], eval_fraction: float, seq_len: int,
+                  tokenizer: TextTokenizer | None = None) -> ClientData:
     if not stream:
         raise DataError(f"client {name!r} is empty (no text in {len(files)} file(s))")
-    t = torch.frombuffer(bytearray(stream), dtype=torch.uint8).clone()
+    if tokenizer is None:
+        t = torch.frombuffer(bytearray(stream), dtype=torch.uint8).clone()
+    else:
+        t = tokenizer(stream)
+    unit = "bytes" if tokenizer is None else "tokens"
     n_eval = int(round(t.numel() * eval_fraction))
     train, ev = t[: t.numel() - n_eval], t[t.numel() - n_eval:]
     if train.numel() < seq_len + 1:
-        raise DataError(f"client {name!r} has {train.numel()} training bytes, fewer than one sequence of "
+        raise DataError(f"client {name!r} has {train.numel()} training {unit}, fewer than one sequence of "
                         f"{seq_len + 1} (seq_len={seq_len}); give it more text or lower seq_len")
     return ClientData(name=name, train=train, eval=ev, files=files)
 
@@ -154,12 +226,14 @@ def _validation(clients: list[ClientData], seq_len: int, per_client: int) -> tor
 
 
 def _finish(streams: dict[str, tuple[bytes, list[str]]], source: str, seq_len: int, eval_fraction: float,
-            eval_windows_per_client: int) -> FederatedData:
+            eval_windows_per_client: int, tokenizer: TextTokenizer | None = None) -> FederatedData:
     if not 0.0 < eval_fraction < 1.0:
         raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
-    clients = [_split_client(n, s, f, eval_fraction, seq_len) for n, (s, f) in sorted(streams.items())]
+    clients = [_split_client(n, s, f, eval_fraction, seq_len, tokenizer) for n, (s, f) in sorted(streams.items())]
     if not clients:
         raise DataError(f"{source}: no clients")
+    if tokenizer is not None:
+        source = f"{source}, tokenized with {tokenizer.describe()}"
     return FederatedData(clients, _validation(clients, seq_len, eval_windows_per_client), seq_len, source)
 
 
@@ -188,13 +262,13 @@ def stdlib_clients(root: Path | None = None) -> dict[str, list[Path]]:
 
 def load_stdlib_corpus(num_clients: int | None = 8, seq_len: int = 64, max_bytes_per_client: int = 200_000,
                        eval_fraction: float = 0.1, eval_windows_per_client: int = 16,
-                       names: list[str] | None = None) -> FederatedData:
+                       names: list[str] | None = None, tokenizer: TextTokenizer | None = None) -> FederatedData:
     """The built-in corpus: one client per top-level stdlib module/package.
 
     ``names`` picks clients by name; otherwise the ``num_clients`` largest (by bytes,
     ties by name; ``None`` = all). Each stream is capped at ``max_bytes_per_client``
     bytes so loading takes well under a second. Files that are not UTF-8 are skipped
-    (this is our own corpus, not user data).
+    (this is our own corpus, not user data). ``tokenizer``: tokenize instead of bytes.
     """
     groups = stdlib_clients()
     if names is not None:
@@ -220,15 +294,17 @@ def load_stdlib_corpus(num_clients: int | None = 8, seq_len: int = 64, max_bytes
             if total >= max_bytes_per_client:
                 break
         streams[n] = (_join_capped(chunks, max_bytes_per_client), files)
-    return _finish(streams, f"stdlib {stdlib_dir()}", seq_len, eval_fraction, eval_windows_per_client)
+    return _finish(streams, f"stdlib {stdlib_dir()}", seq_len, eval_fraction, eval_windows_per_client, tokenizer)
 
 
 def load_folder(root: str | Path, seq_len: int = 64, max_bytes_per_client: int | None = 2_000_000,
-                eval_fraction: float = 0.1, eval_windows_per_client: int = 16) -> FederatedData:
+                eval_fraction: float = 0.1, eval_windows_per_client: int = 16,
+                tokenizer: TextTokenizer | None = None) -> FederatedData:
     """User data: ``root/<client>/...`` text files (any depth, sorted), one subfolder per client.
 
     Every file must be UTF-8 text; hidden files are ignored; a client without text or
-    with fewer training bytes than one sequence is an error naming it.
+    with fewer training tokens than one sequence is an error naming it.
+    ``max_bytes_per_client`` caps the text read (bytes, before any tokenizing).
     """
     root = Path(root)
     if not root.is_dir():
@@ -250,7 +326,7 @@ def load_folder(root: str | Path, seq_len: int = 64, max_bytes_per_client: int |
             if max_bytes_per_client is not None and total >= max_bytes_per_client:
                 break
         streams[d.name] = (_join_capped(chunks, max_bytes_per_client), [str(p) for p in paths])
-    return _finish(streams, f"folder {root}", seq_len, eval_fraction, eval_windows_per_client)
+    return _finish(streams, f"folder {root}", seq_len, eval_fraction, eval_windows_per_client, tokenizer)
 
 
 # ---- re-partitioning ---------------------------------------------------------------------------
@@ -259,7 +335,7 @@ def repartition(data: FederatedData, num_clients: int, scheme: str = "iid", alph
                 chunk_bytes: int = 2048) -> FederatedData:
     """Redistribute the training bytes of ``data`` over ``num_clients`` new clients.
 
-    The training streams are cut into ``chunk_bytes`` chunks, each labelled with its
+    The training streams are cut into ``chunk_bytes`` chunks (of tokens, for tokenized data), each labelled with its
     source client. ``iid``: chunks shuffled and dealt round-robin. ``dirichlet``: for
     each source, the share going to each new client is drawn from Dirichlet(alpha)
     (small alpha = very skewed), as in Hsu et al. 2019. The validation set is untouched.
@@ -299,7 +375,7 @@ def repartition(data: FederatedData, num_clients: int, scheme: str = "iid", alph
         train = torch.cat(parts)
         if train.numel() < data.seq_len + 1:
             raise DataError(f"{scheme} partition left {name} with {train.numel()} bytes, fewer than one sequence")
-        new.append(ClientData(name=name, train=train, eval=torch.empty(0, dtype=torch.uint8)))
+        new.append(ClientData(name=name, train=train, eval=torch.empty(0, dtype=train.dtype)))
     return FederatedData(new, data.validation, data.seq_len, f"{data.source} ({scheme}, {num_clients} clients, seed {seed})")
 
 

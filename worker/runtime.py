@@ -350,16 +350,17 @@ class Worker:
         self._round = 0
 
 
-def load_client_data(spec: str, client_index: int | None, name: str) -> ClientData:
-    """``builtin`` (standard-library corpus, client ``client_index``) or a folder path."""
+def load_client_data(spec: str, client_index: int | None, name: str, tokenizer=None) -> ClientData:
+    """``builtin`` (standard-library corpus, client ``client_index``) or a folder path;
+    ``tokenizer`` (a :class:`~fedmla.worker.data.TextTokenizer`): token ids instead of bytes."""
     from .data import load_folder, load_stdlib_corpus
     if spec == "builtin":
-        data = load_stdlib_corpus()
+        data = load_stdlib_corpus(tokenizer=tokenizer)
     else:
         p = Path(spec)
         if not p.exists():
             raise DataError(f"data path {spec!r} (client {name!r}) does not exist")
-        data = load_folder(p)
+        data = load_folder(p, tokenizer=tokenizer)
     if client_index is None:
         names = data.names
         if name in names:
@@ -386,6 +387,9 @@ def register(app, bench) -> None:
         state_dir: Path = typer.Option(..., "--state-dir", help="directory for the worker's restart state"),
         data: str = typer.Option("builtin", "--data", help="'builtin' or a folder of client data"),
         client_index: int = typer.Option(None, "--client-index", help="which client of the data to be"),
+        tokenizer: Path = typer.Option(None, "--tokenizer", help=(
+            "tokenizer.json (or a checkpoint folder holding one) of a run started with --model: tokenize the data "
+            "with it, as the coordinator's model expects (default: bytes)")),
     ) -> None:
         """Take part in federated rounds until the coordinator's run is finished."""
         if (token is None) == (token_file is None):
@@ -402,7 +406,9 @@ def register(app, bench) -> None:
             raise typer.Exit(2)
         tls = TLSConfig(root_ca=ca, cert=cert, key=key) if ca or cert else None
         try:
-            client_data = load_client_data(data, client_index, name)
+            from .data import TextTokenizer
+            client_data = load_client_data(data, client_index, name,
+                                           TextTokenizer.from_path(tokenizer) if tokenizer is not None else None)
             w = Worker(WorkerOptions(coordinator, token, state_dir, tls=tls,
                                      log=lambda m: typer.echo(f"[{name}] {m}", err=True)), client_data)
             code = w.run()

@@ -109,6 +109,7 @@ class LocalTrainer:
         """
         cfg = self.cfg
         start = round_idx * cfg.local_steps if start_step is None else start_step
+        data.check_vocab(self.model_cfg.vocab_size)
         self._load(global_state)
         model = self.model
         model.train()
@@ -155,6 +156,9 @@ class LocalTrainer:
         """
         if windows.dim() != 2 or windows.size(0) == 0:
             raise ValueError(f"evaluation windows must be a non-empty (V, T+1) tensor, got {tuple(windows.shape)}")
+        if int(windows.max()) >= self.model_cfg.vocab_size:
+            raise ValueError(f"evaluation windows hold token id {int(windows.max())}, past the model's vocab_size "
+                             f"{self.model_cfg.vocab_size}")
         self._load(state)
         model = self.model
         model.eval()

@@ -124,7 +124,8 @@ def test_train_mode_gradients_flow_to_all_parameters():
 
 
 @pytest.mark.parametrize("preset,overrides", [("tiny", {}), ("small", {}), ("tiny", {"q_lora_rank": 0}),
-                                              ("tiny", {"heads_per_layer": [4, 2]})])
+                                              ("tiny", {"heads_per_layer": [4, 2]}),
+                                              ("tiny", {"tie_word_embeddings": False})])
 def test_parameter_shapes_match_the_model(preset, overrides):
     from fedmla.mla_model import parameter_shapes
     cfg = MLAConfig.preset(preset, **overrides)

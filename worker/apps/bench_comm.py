@@ -26,7 +26,8 @@ from fedmla.protos.tensors import encode_tensor
 from fedmla.protos.codec import ClientCodec, CodecConfig, ServerCodec, apply_downlink
 from fedmla.protos.codec.wire import TensorCodec
 
-from fedmla.worker.data import FederatedData, load_folder, load_stdlib_corpus, repartition
+from fedmla.worker.data import (FederatedData, check_tokenizer_fits, load_folder, load_stdlib_corpus, model_tokenizer,
+                                repartition)
 from fedmla.worker.trainer import LocalTrainer, TrainerConfig, init_global_state
 
 
@@ -35,6 +36,9 @@ class BenchConfig(BaseModel):
 
     preset: str = "tiny"
     model_overrides: dict[str, Any] = Field(default_factory=dict)
+    model_dir: str | None = Field(None, description=(
+        "start from this Hugging Face DeepSeek-V2/V3 checkpoint folder instead of the preset (its tokenizer.json, "
+        "if any, tokenizes the data)"))
     num_clients: int = Field(4, ge=1)
     rounds: int = Field(16, ge=1, description="R: baseline rounds; fedmla is capped at max_round_factor * R")
     max_round_factor: float = 2.0
@@ -55,14 +59,15 @@ def _fedavg_message(state: dict[str, torch.Tensor], num_examples: int = 0) -> pb
 
 def load_data(cfg: BenchConfig, data_dir: str | None) -> FederatedData:
     seq = cfg.trainer.seq_len
+    tok = model_tokenizer(cfg.model_dir)
     if data_dir:
         data = load_folder(data_dir, seq_len=seq, max_bytes_per_client=cfg.max_bytes_per_client,
-                           eval_windows_per_client=cfg.eval_windows_per_client)
+                           eval_windows_per_client=cfg.eval_windows_per_client, tokenizer=tok)
         if cfg.partition is None and len(data.clients) > cfg.num_clients:
             data = FederatedData(data.clients[: cfg.num_clients], data.validation, data.seq_len, data.source)
     else:
         data = load_stdlib_corpus(cfg.num_clients, seq_len=seq, max_bytes_per_client=cfg.max_bytes_per_client,
-                                  eval_windows_per_client=cfg.eval_windows_per_client)
+                                  eval_windows_per_client=cfg.eval_windows_per_client, tokenizer=tok)
     if cfg.partition is not None:
         data = repartition(data, cfg.num_clients, cfg.partition, cfg.alpha, cfg.seed)
     return data
@@ -72,9 +77,17 @@ class _Run:
     def __init__(self, cfg: BenchConfig, data: FederatedData):
         self.cfg = cfg
         self.data = data
-        self.model_cfg = MLAConfig.preset(cfg.preset, **cfg.model_overrides)
+        if cfg.model_dir is not None:
+            from fedmla.mla_model.hf_checkpoint import read_hf_checkpoint
+            if cfg.model_overrides:
+                raise ValueError("model_overrides apply to a preset, not to a model_dir checkpoint")
+            ckpt = read_hf_checkpoint(cfg.model_dir)
+            self.model_cfg, self.init_state = ckpt.cfg, ckpt.state
+        else:
+            self.model_cfg = MLAConfig.preset(cfg.preset, **cfg.model_overrides)
+            self.init_state = init_global_state(self.model_cfg, cfg.seed)
+        check_tokenizer_fits(model_tokenizer(cfg.model_dir), self.model_cfg.vocab_size)
         self.trainer = LocalTrainer(self.model_cfg, cfg.trainer)
-        self.init_state = init_global_state(self.model_cfg, cfg.seed)
         self.fp32_model_bytes = _fedavg_message(self.init_state).ByteSize()
 
     def val_loss(self, state) -> float:
@@ -206,7 +219,7 @@ def run_bench(cfg: BenchConfig, data_dir: str | None = None, ablation: bool = Fa
     t0 = time.time()
     data = load_data(cfg, data_dir)
     run = _Run(cfg, data)
-    log(f"data: {data.source}; clients {data.names}; model {cfg.preset} "
+    log(f"data: {data.source}; clients {data.names}; model {cfg.model_dir or cfg.preset} "
         f"({sum(t.numel() for t in run.init_state.values()):,} params, fp32 message {run.fp32_model_bytes:,} B)")
     base = run_baseline(run, log)
     target = base["final_val_loss"] * (1 + cfg.tolerance)
@@ -249,6 +262,8 @@ def register(app, bench) -> None:
         clients: int | None = typer.Option(None, help="override the number of clients"),
         seed: int | None = typer.Option(None, help="override the seed"),
         config: Path | None = typer.Option(None, "--config", help="JSON BenchConfig to start from"),
+        model: Path | None = typer.Option(None, "--model", help="start from this Hugging Face DeepSeek-V2/V3 "
+                                          "checkpoint folder (and tokenize with its tokenizer.json, if any)"),
     ) -> None:
         """FedAvg (fp32) vs fedmla's codec: bytes to reach the baseline's loss (within 2%)."""
         from fedmla.worker.data import DataError
@@ -262,11 +277,15 @@ def register(app, bench) -> None:
             upd["num_clients"] = clients
         if seed is not None:
             upd["seed"] = seed
+        if model is not None:
+            upd["model_dir"] = str(model)
+            upd["model_overrides"] = {}
         cfg = cfg.model_copy(update=upd)
+        from fedmla.mla_model.hf import HFCheckpointError
         try:
             out = run_bench(cfg, str(data) if data else None, ablation=(not quick) if ablation is None else ablation,
                             log=lambda s: typer.echo(s, err=True))
-        except DataError as e:
+        except (DataError, HFCheckpointError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
         json_path.write_text(json.dumps(out, indent=2))

@@ -25,16 +25,16 @@ import torch
 from fedmla.worker.data import DataError, FederatedData
 
 
-def _load_data(spec: str, clients: int, partition: str, seed: int, seq_len: int) -> FederatedData:
+def _load_data(spec: str, clients: int, partition: str, seed: int, seq_len: int, tokenizer=None) -> FederatedData:
     from fedmla.worker.data import load_folder, load_stdlib_corpus, repartition
     if spec == "builtin":
         # Re-partitioned runs deal 2 KiB chunks of the 16 largest packages: read enough of
         # each for about four chunks per client (1000 clients: 8 MB of the standard library).
         per_source = 60_000 if partition == "natural" else max(60_000, -(-clients * 4 * 2048 // 16))
         data = load_stdlib_corpus(num_clients=clients if partition == "natural" else 16, seq_len=seq_len,
-                                  max_bytes_per_client=per_source)
+                                  max_bytes_per_client=per_source, tokenizer=tokenizer)
     else:
-        data = load_folder(spec, seq_len=seq_len)
+        data = load_folder(spec, seq_len=seq_len, tokenizer=tokenizer)
     if partition != "natural":
         data = repartition(data, clients, scheme=partition, seed=seed)
     if len(data.clients) < clients:
@@ -117,6 +117,7 @@ def _client_actor_class():
 
 
 def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int = 5, preset: str = "tiny",
+                   model: Path | None = None,
                    local_steps: int = 10, batch_size: int = 8, seq_len: int = 64, lr: float = 3e-3,
                    data: str = "builtin", partition: str = "natural", seed: int = 0, actors: int | None = None,
                    address: str | None = None, store: Path | None = None, coordinator: str | None = None,
@@ -129,7 +130,11 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
     round id or None), ``replied``/``sampled`` (of the open round), ``committed`` (rounds
     committed so far), ``val_loss`` (latest), ``bytes_up``/``bytes_down`` (committed
     rounds, cumulative). ``on_result``, if given, gets the results as soon as the run
-    is over (before a dashboard linger)."""
+    is over (before a dashboard linger).
+
+    ``model``: a Hugging Face DeepSeek-V2/V3 checkpoint folder to start from instead of
+    ``preset``; the coordinator imports it and serves it to the clients like any model,
+    and the clients' text is tokenized with its ``tokenizer.json`` (bytes without one)."""
     import os
 
     import ray
@@ -137,17 +142,25 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
     from fedmla.coordinator.inprocess import BackgroundCoordinator
     from fedmla.coordinator.settings import CoordinatorSettings
     from fedmla.mla_model import MLAConfig
+    from fedmla.mla_model.hf_checkpoint import read_hf_config
+    from fedmla.worker.data import check_tokenizer_fits, model_tokenizer
 
     from fedmla.worker.trainer import LocalTrainer, TrainerConfig
 
-    fed = _load_data(data, clients, partition, seed, seq_len)
+    # The model's config.json alone (the weights go to the coordinator), to check the data against.
+    model_cfg = read_hf_config(model)[1] if model is not None else MLAConfig.preset(preset)
+    tokenizer = model_tokenizer(model)
+    check_tokenizer_fits(tokenizer, model_cfg.vocab_size)
+    fed = _load_data(data, clients, partition, seed, seq_len, tokenizer)
     tmp = tempfile.TemporaryDirectory(prefix="fedmla-sim-")
     bg = None
     t0 = time.monotonic()
     try:
         if coordinator is None:
             settings = CoordinatorSettings(store=store or Path(tmp.name) / "store", host="127.0.0.1", port=0,
-                                           preset=preset, rounds=rounds, clients_per_round=clients_per_round,
+                                           **({"preset": preset} if model is None else {"model_dir": model}),
+                                           rounds=rounds,
+                                           clients_per_round=clients_per_round,
                                            min_replies=clients_per_round, local_steps=local_steps, learning_rate=lr,
                                            batch_size=batch_size, seq_len=seq_len, seed=seed, round_timeout_s=300,
                                            client_timeout_s=300, heartbeat_interval_s=5,
@@ -181,7 +194,6 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                             bytes_up=up, bytes_down=down)
             progress({**bg.call(snap), "val_loss": last_loss})
         datas = {n: fed.clients[i] for i, n in enumerate(names)}
-        model_cfg = MLAConfig.preset(preset)
         evaluator = LocalTrainer(model_cfg, TrainerConfig(seq_len=seq_len, importance=False))
 
         def val_loss(state):
@@ -233,7 +245,7 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                    fedavg_fp32_bytes=sum(r["fedavg_up"] + r["fedavg_down"] for r in results),
                    fedavg_fp32_bytes_up=sum(r["fedavg_up"] for r in results),
                    fedavg_fp32_bytes_down=sum(r["fedavg_down"] for r in results),
-                   seconds=time.monotonic() - t0, per_round=per_round,
+                   seconds=time.monotonic() - t0, per_round=per_round, data_source=fed.source,
                    **_overhead(per_round, results),
                    coordinator_hash=bg.coord.model_sha if bg else None,
                    clients={r["name"]: {k2: r[k2] for k2 in ("rounds", "bytes_up", "bytes_down", "version", "hash")}
@@ -262,7 +274,9 @@ def register(app, bench) -> None:
         clients: int = typer.Option(4, "--clients", min=1),
         clients_per_round: int = typer.Option(2, "--clients-per-round", min=1),
         rounds: int = typer.Option(6, "--rounds", min=1),
-        preset: str = typer.Option("tiny", "--preset"),
+        preset: str = typer.Option(None, "--preset", help="model preset of a new run (default: tiny)"),
+        model: Path = typer.Option(None, "--model", help="start from this Hugging Face DeepSeek-V2/V3 checkpoint "
+                                   "folder instead of --preset; its tokenizer.json (if any) tokenizes the data"),
         local_steps: int = typer.Option(10, "--local-steps", min=1),
         data: str = typer.Option("builtin", "--data", help="'builtin' or a folder of client data"),
         partition: str = typer.Option("natural", "--partition", help="natural | iid | dirichlet"),
@@ -290,9 +304,16 @@ def register(app, bench) -> None:
         of validation loss, bytes up/down against FedAvg in fp32, and time per round."""
         from rich.console import Console
         from rich.table import Table
+
+        from fedmla.coordinator.errors import StoreError
+        from fedmla.mla_model.hf import HFCheckpointError
         if partition not in ("natural", "iid", "dirichlet"):
             typer.echo(f"error: --partition must be natural, iid or dirichlet, not {partition!r}", err=True)
             raise typer.Exit(2)
+        if preset is not None and model is not None:
+            typer.echo("error: give --preset or --model, not both (a checkpoint brings its own model config)", err=True)
+            raise typer.Exit(2)
+        preset = preset or "tiny"
         if clients_per_round > clients:
             typer.echo(f"error: --clients-per-round {clients_per_round} exceeds --clients {clients}", err=True)
             raise typer.Exit(2)
@@ -339,13 +360,17 @@ def register(app, bench) -> None:
         try:
             with bars:   # the table and --json are written by show() as soon as the run is over
                 run_simulation(clients=clients, clients_per_round=clients_per_round, rounds=rounds,
-                                     preset=preset, local_steps=local_steps, data=data, partition=partition, seed=seed,
+                                     preset=preset, model=model, local_steps=local_steps, data=data,
+                                     partition=partition, seed=seed,
                                      actors=actors, address=address, store=store, coordinator=coordinator,
                                      token_dir=token_dir, ca=ca, dashboard_port=dashboard_port,
                                      dashboard_token=dashboard_token, dashboard_linger=dashboard_linger,
                                      log=bars.console.print, progress=on_progress, on_result=show)
         except DataError as e:
             typer.echo(f"error: bad data: {e}", err=True)
+            raise typer.Exit(2)
+        except (HFCheckpointError, StoreError) as e:
+            typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
         except RuntimeError as e:
             typer.echo(f"error: {e}", err=True)
