@@ -32,6 +32,8 @@ sub-matrix for everyone, and norms and pairwise distances come from the factors
 from __future__ import annotations
 
 import statistics
+import threading
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -127,20 +129,74 @@ class _Holding:
 
 
 class RobustAggregator(_Holding):
-    def __init__(self, shapes, num_layers: int, num_heads: int, cfg: DefenseConfig):
+    """See the module docstring. With ``kind='none'`` (the default defence) it streams:
+    ``add`` sums each update at once into the codec's :class:`ExactAggregator` and keeps
+    only its norm, weight and importance, so memory does not grow with the number of
+    clients; an update refused at ``finish`` (its norm an outlier against the round's
+    median) is taken out again exactly, read back through ``reload(client_id)`` (when no
+    ``reload`` is given, the updates are kept for that). The other kinds hold every
+    compact update until ``finish``."""
+
+    def __init__(self, shapes, num_layers: int, num_heads: int, cfg: DefenseConfig,
+                 reload: Callable[[str], object] | None = None):
         super().__init__(shapes, num_layers, num_heads)
         self.cfg = cfg
+        self.reload = reload
         self.norms: dict[str, float] = {}
         self.selected: list[str] = []
+        self._lock = threading.Lock()
+
+    @property
+    def streaming(self) -> bool:
+        return self.cfg.kind == "none"
+
+    def begin_round(self, global_state, plan: RoundPlan) -> None:
+        super().begin_round(global_state, plan)
+        self.norms = {}
+        self._weights: dict[str, int] = {}
+        self._exact = ExactAggregator(self.shapes, self.num_layers, self.num_heads)
+        self._exact.begin_round(None, plan)
+
+    def add(self, client_id: str, update, num_examples: int | None = None) -> None:
+        """Takes the update's norm (from its factors) now; safe to call from several threads."""
+        if self.plan is None:
+            raise RuntimeError("call begin_round before add")
+        n = update.num_examples if num_examples is None else int(num_examples)
+        if n <= 0:
+            raise ValueError(f"client {client_id!r}: num_examples must be positive, got {n}")
+        norm = robust.update_norm({k: _factor_form(p) for k, p in update.tensors.parts.items()})
+        with self._lock:
+            if client_id in self._weights:
+                raise ValueError(f"client {client_id!r} already contributed to round {self.plan.round}")
+            self._weights[client_id] = n
+        try:
+            if self.streaming:
+                self._exact.add(client_id, update, n)
+                if self.reload is None:
+                    self._updates[client_id] = update
+            else:
+                update.num_examples = n
+                self._updates[client_id] = update
+        except BaseException:
+            with self._lock:
+                del self._weights[client_id]
+            raise
+        self.norms[client_id] = norm
+
+    @property
+    def num_clients(self) -> int:
+        return len(self._weights)
+
+    def _update_of(self, client_id: str):
+        u = self._updates.get(client_id)
+        return u if u is not None else self.reload(client_id)
 
     def finish(self) -> dict[str, torch.Tensor]:
-        if not self._updates:
+        if not self._weights:
             raise ValueError("no client updates to aggregate")
         cfg = self.cfg
-        ids = sorted(self._updates)
-        views = self._views(ids)
-        norms = [robust.update_norm(v) for v in views]
-        self.norms = dict(zip(ids, norms))
+        ids = sorted(self._weights)
+        norms = [self.norms[c] for c in ids]
         med = statistics.median(norms)
         keep = list(range(len(ids)))
         if cfg.refuse_norm_multiple is not None and med > 0:
@@ -151,19 +207,18 @@ class RobustAggregator(_Holding):
                     keep.remove(i)
         if not keep:
             raise ValueError("every update of the round was refused")
+        if self.streaming:
+            # The codec's own exact mean: the same code as every benchmark and the Flower
+            # strategy; a refused update is taken out again, bit for bit.
+            for c in self.rejected:
+                self._exact.remove(c, self._update_of(c))
+            self.selected = [ids[i] for i in keep]
+            return self._exact.finish()
         ids = [ids[i] for i in keep]
-        views = [views[i] for i in keep]
+        views = self._views(ids)
         norms = [norms[i] for i in keep]
-        weights = [float(self._updates[c].num_examples) for c in ids]
+        weights = [float(self._weights[c]) for c in ids]
         self.selected = list(ids)
-        if cfg.kind == "none":
-            # The codec's own exact mean over the updates kept: the same code as every
-            # benchmark and the Flower strategy, so no refusal means the same bits.
-            exact = ExactAggregator(self.shapes, self.num_layers, self.num_heads)
-            exact.begin_round(None, self.plan)
-            for c in ids:
-                exact.add(c, self._updates[c], self._updates[c].num_examples)
-            return exact.finish()
         if cfg.kind == "clip":
             bound = cfg.clip_multiple * statistics.median(norms)
             scales = [1.0 if n <= bound or n == 0 else bound / n for n in norms]
@@ -192,12 +247,14 @@ class RobustAggregator(_Holding):
         return out
 
     def importance(self) -> torch.Tensor | None:
+        if self.streaming:
+            return self._exact.importance()      # refused updates were taken out
         items = [(c, self._updates[c]) for c in sorted(self._updates)
                  if c not in self.rejected and self._updates[c].importance is not None]
         if not items:
             return None
-        if self.cfg.kind == "none" or self.cfg.importance == "mean":
-            return combine_importance([u.importance for _, u in items], [u.num_examples for _, u in items])
+        if self.cfg.importance == "mean":
+            return combine_importance([u.importance for _, u in items], [self._weights[c] for c, _ in items])
         return robust.robust_importance([u.importance for _, u in items], "median").double()
 
 

@@ -114,12 +114,21 @@ class UploadIngest:
                     path = coord.spool_root / f"round-{rnd.id:06d}" / f"{client}.pb"
                     path.parent.mkdir(parents=True, exist_ok=True)
                     await asyncio.to_thread(path.write_bytes, payload)
+                    # Summed into the round's aggregate now (exactly, in any order), so the
+                    # close has little left to do; the decoded update is dropped after.
+                    try:
+                        await asyncio.to_thread(rnd.aggregator.add, client, update, update.num_examples)
+                    except (OverflowError, ValueError) as e:
+                        path.unlink(missing_ok=True)
+                        raise InvalidArgument(f"update cannot be aggregated: {e}", "invalid_update") from None
+                    num_examples, metrics = update.num_examples, update.metrics
+                    del update
                 finally:
                     rnd.receiving.discard(client)
                     coord.changed()
         except CoordinatorError as e:
             raise coord.reject(e, client) from None
-        rnd.replies[client] = Reply(path, len(payload), update.num_examples, update.metrics)
+        rnd.replies[client] = Reply(path, len(payload), num_examples, metrics)
         rnd.rejected.pop(client, None)
         coord.metrics.updates.inc()
         coord.metrics.bytes.labels("up").inc(len(payload))

@@ -79,6 +79,7 @@ class OpenRound:
     bytes_down: dict[str, int] = field(default_factory=dict)
     closing: bool = False
     dp_rate: float | None = None         # DP runs: the sampling rate the accountant charges for this round
+    aggregator: object | None = None     # sums accepted updates as they arrive (see _make_aggregator)
 
     @property
     def active_heads(self) -> torch.Tensor:
@@ -382,6 +383,7 @@ class Coordinator:
                 return
         now = time.time()
         rnd = OpenRound(rid, self.version, now, now + s.round_timeout_s, sampled, self.codec.plan())
+        rnd.aggregator = self._make_aggregator(rnd.plan, rnd)
         rnd.dp_rate = dp_rate
         self.round = rnd
         self.notify_tasks()
@@ -490,9 +492,14 @@ class Coordinator:
             agg = DPAggregator(c.shapes, c.num_layers, c.num_heads, s.dp, expected_clients=len(rnd.sampled),
                                seed=s.seed)
         else:
-            agg = RobustAggregator(c.shapes, c.num_layers, c.num_heads, s.defense)
+            agg = RobustAggregator(c.shapes, c.num_layers, c.num_heads, s.defense,
+                                   reload=lambda client: self._reload(rnd, client))
         agg.begin_round(c.global_state, plan)
         return agg
+
+    def _reload(self, rnd: OpenRound, client: str):
+        """A spooled update of the open round, decoded again (an aggregator taking it out)."""
+        return self.ingest.decode(pb.ModelUpdate.FromString(rnd.replies[client].path.read_bytes()), rnd)
 
     def privacy_summary(self, exhausted: bool = False) -> dict | None:
         acc = self.accountant
@@ -509,14 +516,9 @@ class Coordinator:
         step and produce the downlink (on a worker thread). The codec's state changes only
         if all of it succeeds (on an error it is put back as it was)."""
         plan = rnd.plan
-        snapshot = self.codec.state_dict()
+        snapshot = self.codec.snapshot()
         try:
-            agg = self._make_aggregator(plan, rnd)
-            for client in sorted(rnd.replies):
-                msg = pb.ModelUpdate.FromString(rnd.replies[client].path.read_bytes())
-                update = self.ingest.decode(msg, rnd)
-                del msg
-                agg.add(client, update, update.num_examples)
+            agg = rnd.aggregator             # every accepted update is already in it
             aggregate = agg.finish()
             importance = agg.importance()
             refused = dict(agg.rejected)
@@ -524,12 +526,14 @@ class Coordinator:
                 raise ValueError(f"{len(refused)} update(s) refused by the defence ({'; '.join(refused.values())}), "
                                  f"leaving fewer than min_replies {self.settings.min_replies}")
             down = self.codec.finish_round(plan, aggregate, importance)
-            new_state = {k: self.codec.global_state[k].detach().to("cpu", torch.float32).contiguous().clone()
-                         for k in self.state}
+            del aggregate
+            # finish_round replaces the codec's tensors, never writes into them: the new
+            # global weights can be shared, not copied.
+            new_state = {k: self.codec.global_state[k].contiguous() for k in self.state}
             data = canonical_bytes(new_state)
-            codec_bytes = canonical_bytes(self.codec.state_dict())
+            codec_bytes = canonical_bytes(self.codec.state_dict(copy=False))
         except BaseException:
-            self.codec.load_state_dict(snapshot)
+            self.codec.restore(snapshot)
             raise
         return RoundResult(state=new_state, checkpoint=data, sha256=sha256_hex(data),
                            importance=importance.float().tolist() if importance is not None else None,

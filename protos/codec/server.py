@@ -16,6 +16,7 @@ workers run, so everybody ends the round with bit-identical weights and bases.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -24,6 +25,7 @@ from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
 from ..weights import model_hash
 from .config import CodecConfig
+from .exact import ExactSum
 from .heads import combine_importance, select_heads, update_importance
 from .layout import Basis, RoundPlan, SharedState, generator
 from .lowrank import basis_from_factor
@@ -56,74 +58,81 @@ def decode_importance(msg: pb.HeadScores, num_layers: int, num_heads: int) -> to
 class ExactAggregator:
     """Example-weighted mean of the clients' reconstructed updates, exact for what was sent.
 
-    Each client's factors are multiplied out (left^T @ right, or basis @ factor) into a
-    float64 accumulator weighted by its example count: never mean(B) @ mean(A).
-
-    ``deterministic=True`` (default): ``add`` validates and keeps the *compact* decoded
-    update (its factors, about the size of the message) and ``finish`` accumulates in
-    sorted client-id order. Float addition is not associative, so summing in arrival order
-    could change the last bit after the cast to float32; sorting makes the result a
-    function of the set of replies, so a restarted coordinator gets the same bits.
-    ``deterministic=False``: ``add`` accumulates at once (O(model) memory whatever the
-    number of clients; order-dependent only at float64 rounding level).
+    Each client's factors are multiplied out (left^T @ right, or basis @ factor) and added
+    at once, weighted by its example count, to an :class:`~.exact.ExactSum`: integer
+    limbs on a fixed grid, so the sum is the same bits whatever order the updates arrive
+    in (and from whichever thread: ``add`` takes a lock), and an update can be taken out
+    again exactly (:meth:`remove`). Memory is O(model) whatever the number of clients:
+    nothing of an update is kept after ``add`` but its weight and importance. Never
+    mean(B) @ mean(A).
     """
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], num_layers: int, num_heads: int,
-                 deterministic: bool = True):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], num_layers: int, num_heads: int):
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
         self.num_layers, self.num_heads = num_layers, num_heads
-        self.deterministic = deterministic
         self.plan: RoundPlan | None = None
+        self._lock = threading.Lock()
 
     def begin_round(self, global_state: dict[str, torch.Tensor] | None, plan: RoundPlan) -> None:
         self.plan = plan
-        self._pending: dict[str, DecodedUpdate] = {}
-        self._seen: set[str] = set()
-        self._acc = {n: torch.zeros(s, dtype=torch.float64) for n, s in self.shapes.items()}
-        self._imp: list[tuple[str, torch.Tensor, int]] = []
-        self._total = 0
+        self._sum = ExactSum(self.shapes)
+        self._weights: dict[str, int] = {}
+        self._imp: dict[str, torch.Tensor] = {}
 
-    def _accumulate(self, update: DecodedUpdate, weight: int) -> None:
+    def _terms(self, update: DecodedUpdate, weight: int):
         for name, part in update.tensors.parts.items():
-            self._acc[name] += part.dense(self.shapes[name]).double() * weight
+            # float32 value times an integer weight < 2**21: exact in float64
+            yield name, part.dense(self.shapes[name]).to(torch.float64).mul_(weight)
 
     def add(self, client_id: str, update: DecodedUpdate, num_examples: int | None = None) -> None:
         if self.plan is None:
             raise RuntimeError("call begin_round before add")
-        if client_id in self._seen:
-            raise ValueError(f"client {client_id!r} already contributed to round {self.plan.round}")
         n = update.num_examples if num_examples is None else int(num_examples)
         if n <= 0:
             raise ValueError(f"client {client_id!r}: num_examples must be positive, got {n}")
-        self._seen.add(client_id)
-        self._total += n
-        if update.importance is not None:
-            self._imp.append((client_id, update.importance, n))
-        if self.deterministic:
-            self._pending[client_id] = update
-            update.num_examples = n
-        else:
-            self._accumulate(update, n)
+        terms = list(self._terms(update, n))          # outside the lock: the costly part
+        limbs = [(name, ExactSum.limbs(term)) for name, term in terms]
+        del terms
+        with self._lock:
+            if client_id in self._weights:
+                raise ValueError(f"client {client_id!r} already contributed to round {self.plan.round}")
+            for name, (hi, lo) in limbs:
+                self._sum.add_limbs(name, hi, lo)
+            self._weights[client_id] = n
+            if update.importance is not None:
+                self._imp[client_id] = update.importance
+
+    def remove(self, client_id: str, update: DecodedUpdate) -> None:
+        """Take a client's update out again (exactly): the same update ``add`` was given."""
+        with self._lock:
+            n = self._weights.pop(client_id)
+            self._imp.pop(client_id, None)
+        for name, term in self._terms(update, n):
+            hi, lo = ExactSum.limbs(term)
+            with self._lock:
+                self._sum.add_limbs(name, hi, lo, sign=-1)
 
     @property
     def num_clients(self) -> int:
-        return len(self._seen)
+        return len(self._weights)
+
+    @property
+    def weights(self) -> dict[str, int]:
+        return dict(self._weights)
 
     def finish(self) -> dict[str, torch.Tensor]:
         """Weighted mean pseudo-gradient per parameter (float32, full shapes)."""
-        if not self._seen:
+        if not self._weights:
             raise ValueError("no client updates to aggregate")
-        for cid in sorted(self._pending):
-            self._accumulate(self._pending[cid], self._pending[cid].num_examples)
-        self._pending.clear()
-        return {n: (a / self._total).float() for n, a in self._acc.items()}
+        total = sum(self._weights.values())
+        return {n: (self._sum.value(n) / total).float() for n in self.shapes}
 
     def importance(self) -> torch.Tensor | None:
         """Example-weighted mean of the reported importance (L, H) float64, or None."""
         if not self._imp:
             return None
-        items = sorted(self._imp, key=lambda x: x[0])
-        return combine_importance([s for _, s, _ in items], [n for _, _, n in items])
+        ids = sorted(self._imp)
+        return combine_importance([self._imp[c] for c in ids], [self._weights[c] for c in ids])
 
 
 def outer_step(cfg: CodecConfig, delta: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor]
@@ -227,8 +236,8 @@ class ServerCodec:
                             self.num_layers, self.num_heads)
         return RoundPlan(round=r, mask=mask, shared=self.shared, send_dense=r % self.cfg.dense_every == 0)
 
-    def aggregator(self, plan: RoundPlan, deterministic: bool = True) -> ExactAggregator:
-        agg = ExactAggregator(self.shapes, self.num_layers, self.num_heads, deterministic)
+    def aggregator(self, plan: RoundPlan) -> ExactAggregator:
+        agg = ExactAggregator(self.shapes, self.num_layers, self.num_heads)
         agg.begin_round(self.global_state, plan)
         return agg
 
@@ -269,16 +278,26 @@ class ServerCodec:
         return msg
 
     # ---- checkpoint / restart ----------------------------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, copy: bool = True) -> dict[str, torch.Tensor]:
         """Everything the coordinator needs to resume bit-identically, as a flat tensor dict
-        (safetensors-friendly): global weights, shared state, importance, momentum, residual."""
-        out = {f"global/{n}": t.clone() for n, t in self.global_state.items()}
+        (safetensors-friendly): global weights, shared state, importance, momentum, residual.
+        ``copy=False`` shares the tensors (to serialize them at once without a second copy)."""
+        c = (lambda t: t.clone()) if copy else (lambda t: t)
+        out = {f"global/{n}": c(t) for n, t in self.global_state.items()}
         out.update({f"shared/{k}": v for k, v in self.shared.to_tensors().items()})
-        out.update({f"momentum/{n}": t.clone() for n, t in self.outer.momentum.items()})
-        out.update({f"residual/{n}": t.clone() for n, t in self.residual.items()})
+        out.update({f"momentum/{n}": c(t) for n, t in self.outer.momentum.items()})
+        out.update({f"residual/{n}": c(t) for n, t in self.residual.items()})
         if self.importance is not None:
-            out["importance"] = self.importance.clone()
+            out["importance"] = c(self.importance)
         return out
+
+    def snapshot(self) -> tuple:
+        """The codec's state by reference, for :meth:`restore` after a failed round. Cheap:
+        a round replaces these objects (``finish_round`` writes into none of them)."""
+        return (self.global_state, self.shared, self.outer.momentum, self.residual, self.importance)
+
+    def restore(self, snapshot: tuple) -> None:
+        self.global_state, self.shared, self.outer.momentum, self.residual, self.importance = snapshot
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         def group(prefix):

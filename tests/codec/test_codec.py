@@ -362,3 +362,62 @@ def test_fedavg_preset_is_the_weighted_mean_of_local_models():
             # DiLoCo's first outer Nesterov step (momentum 0.5 from zero) moves 1.5x the mean delta.
             torch.testing.assert_close(server.global_state[n].double(), init[n].double() + factor * mean_delta,
                                        rtol=0, atol=1e-6)
+
+
+def test_exact_aggregate_is_the_same_bits_in_any_arrival_order_and_from_threads():
+    """The aggregate of a round does not depend on the order (or the threads) its updates
+    arrive in, an update taken out leaves exactly the sum of the others, and it equals the
+    exactly rounded weighted mean of what was sent to within the grid."""
+    import itertools
+    import threading
+
+    from fedmla.mla_model import MLAConfig, parameter_shapes
+    from fedmla.protos.codec import ClientCodec, CodecConfig, ServerCodec
+    from fedmla.protos.fedmla.v1 import types_pb2 as pb
+    cfg = MLAConfig.preset("tiny")
+    codec_cfg = CodecConfig(rank=4)
+    gen = torch.Generator().manual_seed(7)
+    shapes = parameter_shapes(cfg)
+    init = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    server = ServerCodec(cfg, codec_cfg, init)
+    plan = server.plan()
+    decoded, weights = {}, {}
+    for i in range(5):
+        scale = 10.0 ** (i - 3)     # updates of very different sizes make float sums order-sensitive
+        loc = {n: t + scale * torch.randn(t.shape, generator=gen) for n, t in init.items()}
+        msg = ClientCodec(cfg, codec_cfg, {n: tuple(s) for n, s in shapes.items()}, f"c{i}").encode(
+            init, loc, plan, torch.rand(2, 4, generator=gen), 7 + 13 * i, {})
+        decoded[f"c{i}"] = server.decode(pb.ModelUpdate.FromString(msg.SerializeToString()), plan)
+        weights[f"c{i}"] = 7 + 13 * i
+
+    def aggregate(order, threads=False, drop=None):
+        agg = server.aggregator(plan)
+        if threads:
+            ts = [threading.Thread(target=agg.add, args=(c, decoded[c], weights[c])) for c in order]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join()
+        else:
+            for c in order:
+                agg.add(c, decoded[c], weights[c])
+        if drop:
+            agg.remove(drop, decoded[drop])
+        return agg.finish(), agg.importance()
+
+    ref, ref_imp = aggregate(sorted(decoded))
+    for order in itertools.islice(itertools.permutations(sorted(decoded)), 1, 120, 17):
+        out, imp = aggregate(order)
+        assert all(torch.equal(out[n], ref[n]) for n in ref), order
+        assert torch.equal(imp, ref_imp)
+    out, _ = aggregate(list(reversed(sorted(decoded))), threads=True)
+    assert all(torch.equal(out[n], ref[n]) for n in ref)
+    # taking an update out is exact: the same bits as never adding it
+    without, _ = aggregate(["c0", "c1", "c3", "c4"])
+    removed, _ = aggregate(sorted(decoded), drop="c2")
+    assert all(torch.equal(without[n], removed[n]) for n in ref)
+    # and the sum is the weighted mean of what was sent (float64 reference, to the grid)
+    total = sum(weights.values())
+    for n, shape in shapes.items():
+        expect = sum(decoded[c].tensors.parts[n].dense(tuple(shape)).double() * weights[c] for c in decoded) / total
+        assert (ref[n].double() - expect).abs().max() <= 1e-6 * expect.abs().max() + 1e-9, n

@@ -30,8 +30,8 @@ CLIENTS = ("client-a", "client-b", "client-c")
 T0 = 1_760_000_000.0                        # unix time the run started (unit tests; live tests pass their own)
 MLA_CONFIG = MLAConfig.preset("tiny").model_dump()
 MODEL_FP32_BYTES = 97_728 * 4               # tiny preset: 97,728 parameters
-CONFIG = {"preset": "tiny", "rounds": 3, "clients_per_round": 3, "min_replies": 1, "rank": 4, "quant_bits": 8,
-          "keep_ratio": 0.75, "random_heads": 0, "local_steps": 20, "seed": 7}
+CONFIG = {"preset": "tiny", "rounds": 3, "clients_per_round": 3, "min_replies": 1,
+          "codec": {"rank": 4, "factor_bits": 8, "keep_ratio": 0.75, "explore_heads": 0}, "local_steps": 20, "seed": 7}
 
 TRAIN_LOSS = {1: 3.2, 2: 2.9, 3: 2.7}
 VAL_LOSS = {1: 3.3, 2: 3.0, 3: 2.75}
