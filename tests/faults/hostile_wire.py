@@ -119,11 +119,11 @@ def submit_chunks(payload: bytes, round_id: int, version: int, chunk: int = 64 <
     return [first] + [f_bytes(2, payload[o:o + chunk]) for o in range(chunk, len(payload), chunk)]
 
 
-def deflate_bomb(n_bytes: int) -> bytes:
-    """Raw DEFLATE of ``n_bytes`` zeros (about 1000:1)."""
+def deflate_bomb(n_bytes: int, byte: bytes = b"\x00") -> bytes:
+    """Raw DEFLATE of ``n_bytes`` copies of ``byte`` (about 1000:1)."""
     co = zlib.compressobj(9, zlib.DEFLATED, -15)
     z = bytearray()
-    block = b"\x00" * (1 << 20)
+    block = byte * (1 << 20)
     left = n_bytes
     while left > 0:
         z += co.compress(block[:min(left, len(block))])
@@ -149,7 +149,7 @@ class RawClient:
                                                                     timeout=timeout)
 
     def submit_future(self, chunks, timeout: float = 30.0):
-        return self.channel.stream_unary(SERVICE + "SubmitUpdate").future(chunks, metadata=self.metadata,
+        return self.channel.stream_unary(SERVICE + "SubmitUpdate").future(iter(chunks), metadata=self.metadata,
                                                                           timeout=timeout)
 
     def close(self) -> None:
@@ -236,8 +236,10 @@ def quant_tensor(shape: tuple[int, int], bits: int, *, data: bytes | None = None
     dtype, scheme = {8: (INT8, INT8_ROW), 4: (INT4, INT4_ROW), 2: (INT2, INT2_ROW)}[width]
     row_bytes = math.ceil(C * width / 8)
     if data is None:
-        # code 0 is a valid level at every width (2-bit codes travel as q + 2)
-        data = (b"\xaa" if width == 2 else b"\x00") * (R * row_bytes)
+        # code 0 is a valid level at every width (2-bit codes travel as q + 2); DEFLATEd,
+        # as an honest encoder sends codes that compress
+        data = deflate_bomb(R * row_bytes, b"\xaa" if width == 2 else b"\x00")
+        compression = compression or DEFLATE
     if scales is None:
         scales = tensor(FLOAT32, [R], b"\x00" * (4 * R))
     return tensor(dtype, [R, C], data, scheme=scheme, scales=scales, compression=compression)
