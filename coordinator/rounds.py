@@ -46,13 +46,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedmla.protos.codec import RoundPlan, ServerCodec, SharedState
+from fedmla.protos.codec import DecodeLimits, RoundPlan, ServerCodec, SharedState
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
 from fedmla.protos.seeds import derive_seed
 from fedmla.protos.spec import ModelSpec
 from fedmla.protos.weights import canonical_bytes, load_safetensors_bytes, model_hash, sha256_hex
 
+from .bounds import bounded_weights
 from .downloads import DownloadService
 from .errors import CoordinatorError, StoreError
 from .ingest import Reply, UploadIngest
@@ -79,6 +80,7 @@ class OpenRound:
     bytes_down: dict[str, int] = field(default_factory=dict)
     closing: bool = False
     dp_rate: float | None = None         # DP runs: the sampling rate the accountant charges for this round
+    upload_limits: tuple[int, int] | None = None   # (largest update bytes, decoded elements) its plan allows
 
     @property
     def active_heads(self) -> torch.Tensor:
@@ -182,7 +184,9 @@ class Coordinator:
                              f"the codec's state is tied to its config. Keep the config or start a new --store")
         if stored is None:
             self.store.set_meta("codec_config", cfg.model_dump_json())
-        codec = ServerCodec(self.cfg, cfg, self.state)
+        s = self.settings
+        codec = ServerCodec(self.cfg, cfg, self.state, limits=DecodeLimits(
+            max_examples=s.max_num_examples, max_metrics=s.max_metrics, max_metric_name_chars=s.max_metric_name_chars))
         data = self.store.read_codec_state(rec)
         if data is None:
             if rec.version != 0:
@@ -512,11 +516,14 @@ class Coordinator:
         snapshot = self.codec.state_dict()
         try:
             agg = self._make_aggregator(plan, rnd)
+            # A client's weight in the mean is at most max_weight_multiple x the round's median count.
+            weights = bounded_weights({c: r.num_examples for c, r in rnd.replies.items()},
+                                      self.settings.max_weight_multiple)
             for client in sorted(rnd.replies):
                 msg = pb.ModelUpdate.FromString(rnd.replies[client].path.read_bytes())
                 update = self.ingest.decode(msg, rnd)
                 del msg
-                agg.add(client, update, update.num_examples)
+                agg.add(client, update, weights[client])
             aggregate = agg.finish()
             importance = agg.importance()
             refused = dict(agg.rejected)

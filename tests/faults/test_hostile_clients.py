@@ -35,9 +35,9 @@ MAX_STATUS_CHARS = 1024
 
 
 def _settings(tmp_path, **kw) -> CoordinatorSettings:
-    # A codec coordinator with the CLI's default update size limit (64 MiB). Settings
+    # A coordinator with the CLI's default update size limit (64 MiB). Settings
     # this code base does not know are dropped, so the file also runs against older code.
-    base = dict(updates="codec", clients_per_round=3, min_replies=2, round_timeout_s=60,
+    base = dict(clients_per_round=3, min_replies=2, round_timeout_s=60,
                 max_update_bytes=64 << 20)
     base.update(kw)
     known = CoordinatorSettings.model_fields
@@ -478,7 +478,7 @@ def _rss_under_attack(tmp_path, repeats: int, heavy: bool) -> None:
     names = ["honest-a", "honest-b", "mallory", "trudy"]
     tokens = {n: st.create_token(n) for n in names}
     st.close()
-    args = ["--preset", "tiny", "--updates", "codec", "--clients-per-round", "4", "--min-replies", "2",
+    args = ["--preset", "tiny", "--clients-per-round", "4", "--min-replies", "2",
             "--round-timeout-s", "120", "--task-long-poll-s", "0", "--log-level", "info"]
     log = tmp_path / "coordinator.log"
     proc, port = start_coordinator_process(store_dir, args, log)
