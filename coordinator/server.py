@@ -139,6 +139,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServiceServicer):
 
     def __init__(self, coord: Coordinator):
         self.coord = coord
+        self._downloading: dict[str, int] = {}    # client -> DownloadModel streams in flight
 
     async def Join(self, request, context):
         try:
@@ -166,15 +167,26 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServiceServicer):
             await _abort(context, e)
 
     async def DownloadModel(self, request, context):
+        client = CLIENT.get()
         try:
-            header, data = self.coord.download(CLIENT.get(), request)
+            if self._downloading.get(client, 0) >= MAX_DOWNLOADS_PER_CLIENT:
+                # A stream the client does not read holds a chunk until its deadline: bounded per client.
+                raise ResourceExhausted(f"client {client!r} has {MAX_DOWNLOADS_PER_CLIENT} downloads in flight; "
+                                        f"read or cancel them first", "downloads_in_flight")
+            header, data = self.coord.download(client, request)
         except CoordinatorError as e:
             await _abort(context, e)
             return
-        view = memoryview(data)
-        yield cpb.DownloadModelResponse(header=header, data=bytes(view[:CHUNK_BYTES]))
-        for off in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
-            yield cpb.DownloadModelResponse(data=bytes(view[off: off + CHUNK_BYTES]))
+        self._downloading[client] = self._downloading.get(client, 0) + 1
+        try:
+            view = memoryview(data)
+            yield cpb.DownloadModelResponse(header=header, data=bytes(view[:CHUNK_BYTES]))
+            for off in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
+                yield cpb.DownloadModelResponse(data=bytes(view[off: off + CHUNK_BYTES]))
+        finally:
+            left = self._downloading.pop(client) - 1
+            if left:
+                self._downloading[client] = left
 
     async def SubmitUpdate(self, request_iterator, context):
         try:
@@ -193,6 +205,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServiceServicer):
 
 
 TRUNCATION_GRACE_S = 1.0
+MAX_DOWNLOADS_PER_CLIENT = 2
 
 SERVICE = "fedmla.v1.CoordinatorService"
 
@@ -348,7 +361,8 @@ class CoordinatorServer:
                 ("grpc.http2.bdp_probe", 0),
                 ("grpc.http2.lookahead_bytes", 64 << 10)]
         server = grpc.aio.server(interceptors=[AuthInterceptor(TokenChecker(self.store), self.metrics)], options=opts)
-        add_servicer(CoordinatorServicer(self.coord), server)
+        self.servicer = CoordinatorServicer(self.coord)
+        add_servicer(self.servicer, server)
         add_health_servicer(self.health, server)
         addr = f"{s.host}:{s.port}"
         creds = server_credentials(s)

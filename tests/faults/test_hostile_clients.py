@@ -565,3 +565,30 @@ def test_hostile_uploads_keep_coordinator_rss_bounded(tmp_path):
 @pytest.mark.slow
 def test_hostile_uploads_keep_coordinator_rss_bounded_full(tmp_path):
     _rss_under_attack(tmp_path, repeats=5, heavy=True)
+
+
+# ---- downloads nobody reads -----------------------------------------------------------------------
+def test_download_streams_in_flight_are_bounded_per_client(scene):
+    """A DownloadModel stream the client does not read holds a chunk until its deadline:
+    at most two per client; cancelled ones free their place."""
+    # a small receive window, so that an unread stream stalls the coordinator's writes
+    ch = grpc.insecure_channel(scene.bg.target, options=[("grpc.http2.lookahead_bytes", 1024),
+                                                         ("grpc.http2.bdp_probe", 0)])
+    call = ch.unary_stream("/fedmla.v1.CoordinatorService/DownloadModel")
+    held = [call(b"", metadata=scene.raw.metadata, timeout=30) for _ in range(2)]
+    try:
+        wait_for(lambda: scene.bg.call(lambda: sum(scene.bg.server.servicer._downloading.values())) == 2, 10, 0.05,
+                 "two downloads in flight")
+        for _ in range(3):
+            code, details = refusal(lambda: list(call(b"", metadata=scene.raw.metadata, timeout=10)))
+            _typed(code, details, SC.RESOURCE_EXHAUSTED, "downloads in flight", "third download")
+    finally:
+        for h in held:
+            h.cancel()
+    # the cancelled streams free their places; the client downloads normally again
+    got = wait_for(lambda: refusal(lambda: list(call(b"", metadata=scene.raw.metadata, timeout=10)))[0] == SC.OK,
+                   10, 0.1, "a download after cancelling the held ones")
+    assert got
+    ch.close()
+    rnd, rows = scene.finish()
+    assert rnd["status"] == "committed"
