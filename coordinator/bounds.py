@@ -40,9 +40,13 @@ async def bounded(aw, idle_s: float, deadline: float | None, round_id: int | Non
                 aw.close()
             raise round_closed(round_id)
         wait = min(wait, left)
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that
+    # arrives as the awaited read completes (a client killed mid-upload: gRPC cancels the
+    # call as the stream ends), and the upload would be recorded as refused, not dropped.
     try:
-        return await asyncio.wait_for(aw, wait)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(wait):
+            return await aw
+    except TimeoutError:
         if deadline is not None and wait < idle_s:
             raise round_closed(round_id) from None
         raise DeadlineExceeded(f"{what} for {idle_s:g}s (upload_idle_timeout_s): upload ended", "idle") from None

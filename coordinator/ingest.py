@@ -47,7 +47,16 @@ class UploadIngest:
     def __init__(self, coord: "Coordinator"):
         self.coord = coord
         self.settings = coord.settings
-        self.gate = UploadGate(coord.settings.max_concurrent_uploads, coord.settings.upload_memory_budget_bytes)
+        self.gate = UploadGate(coord.settings.max_concurrent_uploads, self.memory_budget(coord))
+
+    @staticmethod
+    def memory_budget(coord: "Coordinator") -> int:
+        """``upload_memory_budget_bytes``, or by default room for two of the largest uploads
+        the model allows (an fp32 update of every parameter), at least 256 MiB."""
+        if coord.settings.upload_memory_budget_bytes:
+            return coord.settings.upload_memory_budget_bytes
+        n = coord.spec.num_elements()
+        return max(256 << 20, 2 * upload_cost(4 * n + (1 << 20), n))
 
     def check_round(self, client: str, round_id: int, model_version: int) -> "OpenRound":
         rnd = self.coord.round

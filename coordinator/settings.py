@@ -55,10 +55,11 @@ class CoordinatorSettings(BaseSettings):
     upload_idle_timeout_s: float = Field(30.0, gt=0, description=(
         "an upload stream that sends no chunk for this long (the first one included) is ended with "
         "DEADLINE_EXCEEDED; the round's deadline ends any stream still open, whatever it sends"))
-    upload_memory_budget_bytes: int = Field(256 << 20, ge=1 << 20, description=(
+    upload_memory_budget_bytes: int = Field(0, ge=0, description=(
         "memory all uploads in flight may hold together (received bytes, the parsed message and the decoded "
         "tensors, reserved when the header arrives at 2x the announced size plus 4 bytes per decoded "
-        "element of the round's plan); an upload that does not fit waits, bounded by the idle timeout"))
+        "element of the round's plan); an upload that does not fit waits, bounded by the idle timeout. "
+        "0 (default): room for two fp32 updates of the whole model at once, at least 256 MiB"))
     max_num_examples: int = Field(1_000_000, ge=1, description=(
         "largest example count an update may report (its weight in the mean); larger counts are refused"))
     max_weight_multiple: float = Field(10.0, ge=1, description=(

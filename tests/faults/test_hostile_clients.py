@@ -511,7 +511,9 @@ def _rss_under_attack(tmp_path, repeats: int, heavy: bool) -> None:
         assert not any(t.is_alive() for t in threads)
         # garbage to the health service, no token
         anon = RawClient(target, None)
+        t_health = time.monotonic()
         health = [refusal(lambda: anon.unary(HEALTH_CHECK, b"\xff\xff\xff\xff"))[0] for _ in range(50)]
+        health_windows = 1 + int((time.monotonic() - t_health) / 10)     # one line per 10 s at most
         anon.close()
         hwm = _proc_kb(proc.pid, "VmHWM")
         for r in raws.values():
@@ -531,7 +533,7 @@ def _rss_under_attack(tmp_path, repeats: int, heavy: bool) -> None:
         assert rounds[0]["status"] == "committed" and rounds[0]["replied"] == 2, rounds
         text = log.read_text()
         assert "Traceback" not in text, text[-3000:]
-        assert text.count("HealthCheckRequest") <= 1, text[-3000:]
+        assert text.count("HealthCheckRequest") <= health_windows, text[-3000:]
     finally:
         for c in honest.values():
             c.close()
