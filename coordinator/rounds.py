@@ -50,6 +50,7 @@ from fedmla.protos.codec import DecodeLimits, RoundPlan, ServerCodec, SharedStat
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
 from fedmla.protos.seeds import derive_seed
+from fedmla.protos.limits import clip_status
 from fedmla.protos.spec import ModelSpec
 from fedmla.protos.weights import canonical_bytes, load_safetensors_bytes, model_hash, sha256_hex
 
@@ -211,7 +212,7 @@ class Coordinator:
         self.metrics.rejections.labels(err.reason).inc()
         rnd = self.round
         if client and rnd and client in rnd.sampled and client not in rnd.replies:
-            rnd.rejected[client] = f"{err.code}: {err.message}"
+            rnd.rejected[client] = clip_status(f"{err.code}: {err.message}")     # stored: bounded
         return err
 
     def _known(self, client: str):

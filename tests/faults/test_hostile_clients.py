@@ -116,7 +116,7 @@ def _committed_without(rnd: dict, rows: dict, who: str = "mallory") -> None:
     assert rows[who]["status"] in ("rejected", "dropped"), rows[who]
     assert not rows[who]["num_examples"] and rows[who]["bytes_up"] == 0, rows[who]
     assert rows[who]["metrics"] in (None, "", "{}"), rows[who]
-    assert len(rows[who]["rejection_reason"] or "") <= MAX_STATUS_CHARS + 64, rows[who]["rejection_reason"][:200]
+    assert len(rows[who]["rejection_reason"] or "") <= MAX_STATUS_CHARS, rows[who]["rejection_reason"][:200]
     assert all(rows[h]["status"] == "replied" for h in ("honest-a", "honest-b")), rows
 
 
