@@ -113,6 +113,9 @@ class _Holding:
     def num_clients(self) -> int:
         return len(self._updates)
 
+    def reweight(self, client_id: str, update, weight: int) -> None:
+        self._updates[client_id].num_examples = weight
+
     def _views(self, ids: list[str]) -> list[dict[str, robust.Entry]]:
         return [{k: _factor_form(p) for k, p in self._updates[c].tensors.parts.items()} for c in ids]
 
@@ -182,6 +185,12 @@ class RobustAggregator(_Holding):
                 del self._weights[client_id]
             raise
         self.norms[client_id] = norm
+
+    def reweight(self, client_id: str, update, weight: int) -> None:
+        """Give a client's update another weight in the mean (the same update ``add`` was given)."""
+        if self.streaming:
+            self._exact.reweight(client_id, update, weight)
+        self._weights[client_id] = weight
 
     @property
     def num_clients(self) -> int:

@@ -51,3 +51,7 @@ class Unavailable(CoordinatorError):
 
 class StoreError(RuntimeError):
     """The store on disk cannot be used (corrupt, foreign, or of another run)."""
+
+
+class DeadlineExceeded(CoordinatorError):
+    code = "DEADLINE_EXCEEDED"

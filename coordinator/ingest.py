@@ -2,9 +2,14 @@
 decoded against the round's codec plan and spooled to disk.
 
 Refusals raise a :class:`~fedmla.coordinator.errors.CoordinatorError` and change
-nothing. At most ``max_concurrent_uploads`` streams are read at once, so memory does not
-grow with the number of clients submitting together; accepted updates wait in
-``STORE/spool/round-N/`` until the round closes.
+nothing; accepted updates wait in ``STORE/spool/round-N/`` until the round closes.
+
+Bounded whatever a client does (issue 15, pieces in :mod:`fedmla.coordinator.bounds`):
+one upload in flight per client; every read of a stream waits at most
+``upload_idle_timeout_s`` and never past the round's deadline; an upload slot
+(``max_concurrent_uploads``) is taken only once the header has arrived; an announced size
+above the largest update the round's plan allows is refused unread; the memory an upload
+may need is reserved from ``upload_memory_budget_bytes``, shared by all uploads in flight.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
 from fedmla.protos.weights import sha256_hex
 
+from .bounds import UploadGate, next_chunk, upload_cost
 from .errors import AlreadyExists, CoordinatorError, FailedPrecondition, InvalidArgument, ResourceExhausted
 
 if TYPE_CHECKING:
@@ -41,7 +47,16 @@ class UploadIngest:
     def __init__(self, coord: "Coordinator"):
         self.coord = coord
         self.settings = coord.settings
-        self._slots = asyncio.Semaphore(coord.settings.max_concurrent_uploads)
+        self.gate = UploadGate(coord.settings.max_concurrent_uploads, self.memory_budget(coord))
+
+    @staticmethod
+    def memory_budget(coord: "Coordinator") -> int:
+        """``upload_memory_budget_bytes``, or by default room for two of the largest uploads
+        the model allows (an fp32 update of every parameter), at least 256 MiB."""
+        if coord.settings.upload_memory_budget_bytes:
+            return coord.settings.upload_memory_budget_bytes
+        n = coord.spec.num_elements()
+        return max(256 << 20, 2 * upload_cost(4 * n + (1 << 20), n))
 
     def check_round(self, client: str, round_id: int, model_version: int) -> "OpenRound":
         rnd = self.coord.round
@@ -64,6 +79,15 @@ class UploadIngest:
             raise AlreadyExists(f"client {client!r} already submitted an update for round {rnd.id}", "replay")
         return rnd
 
+    def limits(self, rnd: "OpenRound") -> tuple[int, int]:
+        """(largest serialized update, float32 elements of a decoded update) a client can
+        send in ``rnd``: from its codec plan, and never above ``max_update_bytes``."""
+        if rnd.upload_limits is None:
+            codec = self.coord.codec
+            rnd.upload_limits = (min(self.settings.max_update_bytes, codec.max_update_bytes(rnd.plan)),
+                                 codec.tensors.decoded_elements(rnd.plan))
+        return rnd.upload_limits
+
     def decode(self, msg: pb.ModelUpdate, rnd: "OpenRound") -> DecodedUpdate:
         """Validate one update against the round's codec plan (on a worker thread)."""
         try:
@@ -76,38 +100,42 @@ class UploadIngest:
         (header on the first). Refuses with a CoordinatorError and changes nothing."""
         coord = self.coord
         started = time.perf_counter()
+        idle = self.settings.upload_idle_timeout_s
         try:
             coord.registry.known(client)
-            async with self._slots:
+            with self.gate.client(client):                  # one upload in flight per client
                 it = requests.__aiter__()
-                try:
-                    first = await it.__anext__()
-                except StopAsyncIteration:
-                    first = None
+                now = coord.round
+                first = await next_chunk(it, idle, now.deadline if now else None, now.id if now else None)
                 if first is None or not first.HasField("header"):
                     raise InvalidArgument("the first SubmitUpdate chunk must carry the header (round, version, "
                                           "size, sha256)", "malformed")
                 header = first.header
                 rnd = self.check_round(client, header.round_id, header.model_version)
-                limit = self.settings.max_update_bytes
+                limit, elements = self.limits(rnd)
                 if header.total_bytes <= 0:
                     raise InvalidArgument(f"header.total_bytes must be positive, got {header.total_bytes}", "malformed")
                 if header.total_bytes > limit:
-                    raise ResourceExhausted(f"update of {header.total_bytes} bytes exceeds this round's limit of "
-                                            f"{limit} bytes (max_update_bytes)", "size")
+                    raise ResourceExhausted(f"update of {header.total_bytes} bytes exceeds round {rnd.id}'s limit of "
+                                            f"{limit} bytes (the largest update its plan allows, at most "
+                                            f"max_update_bytes)", "size")
                 if client in rnd.receiving:
                     raise AlreadyExists(f"an update from {client!r} for round {rnd.id} is already being received",
                                         "replay")
                 rnd.receiving.add(client)
                 try:
-                    payload = await self.read_payload(header, first, it)
-                    msg = pb.ModelUpdate()
-                    try:
-                        msg.ParseFromString(payload)
-                    except DecodeError:
-                        raise InvalidArgument("payload is not a serialized fedmla.v1.ModelUpdate", "malformed") from None
-                    update = await asyncio.to_thread(self.decode, msg, rnd)
-                    del msg
+                    # A slot, then the memory this upload may need, both taken once data arrived.
+                    async with self.gate.slot(idle, rnd.deadline, rnd.id), \
+                            self.gate.memory(upload_cost(header.total_bytes, elements), idle, rnd.deadline, rnd.id):
+                        payload = await self.read_payload(header, first, it, rnd)
+                        msg = pb.ModelUpdate()
+                        try:
+                            msg.ParseFromString(payload)
+                        except DecodeError:
+                            raise InvalidArgument("payload is not a serialized fedmla.v1.ModelUpdate",
+                                                  "malformed") from None
+                        update = await asyncio.to_thread(self.decode, msg, rnd)
+                        del msg
                     if coord.round is not rnd or rnd.closing:
                         raise FailedPrecondition(f"round {rnd.id} closed while the update was being received",
                                                  "round_closed")
@@ -136,11 +164,15 @@ class UploadIngest:
         coord.changed()
         return cpb.SubmitUpdateResponse(round_id=rnd.id, bytes_received=len(payload), replies_in_round=len(rnd.replies))
 
-    async def read_payload(self, header, first, rest: AsyncIterator) -> bytes:
+    async def read_payload(self, header, first, rest: AsyncIterator, rnd: "OpenRound | None" = None) -> bytes:
+        """The rest of the stream; each chunk awaited at most ``upload_idle_timeout_s`` and
+        never past the round's deadline."""
         buf = bytearray(first.data)
         if len(buf) > header.total_bytes:
             raise ResourceExhausted(f"received more than the {header.total_bytes} bytes the header announced", "size")
-        async for msg in rest:
+        idle = self.settings.upload_idle_timeout_s
+        deadline, rid = (rnd.deadline, rnd.id) if rnd is not None else (None, None)
+        while (msg := await next_chunk(rest, idle, deadline, rid)) is not None:
             if msg.HasField("header"):
                 raise InvalidArgument("only the first SubmitUpdate chunk may carry a header", "malformed")
             data = msg.data

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 
+from .bounds import check_capabilities
 from .errors import FailedPrecondition, InvalidArgument
 from .metrics import CoordinatorMetrics
 from .settings import CoordinatorSettings
@@ -46,6 +47,7 @@ class ClientRegistry:
     def join(self, client: str, caps: cpb.ClientCapabilities) -> ClientState:
         if caps.num_examples < 0 or caps.free_memory_bytes < 0:
             raise InvalidArgument("capabilities: num_examples and free_memory_bytes must be >= 0", "capabilities")
+        check_capabilities(caps)          # stored and shown on the dashboard: bounded
         capabilities = dict(device=caps.device, free_memory_bytes=caps.free_memory_bytes,
                             num_examples=caps.num_examples, software_version=caps.software_version, extra=dict(caps.extra))
         now = time.time()

@@ -46,13 +46,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedmla.protos.codec import RoundPlan, ServerCodec, SharedState
+from fedmla.protos.codec import DecodeLimits, RoundPlan, ServerCodec, SharedState
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
 from fedmla.protos.seeds import derive_seed
+from fedmla.protos.limits import clip_status
 from fedmla.protos.spec import ModelSpec
 from fedmla.protos.weights import canonical_bytes, load_safetensors_bytes, model_hash, sha256_hex
 
+from .bounds import bounded_weights
 from .downloads import DownloadService
 from .errors import CoordinatorError, StoreError
 from .ingest import Reply, UploadIngest
@@ -80,6 +82,7 @@ class OpenRound:
     closing: bool = False
     dp_rate: float | None = None         # DP runs: the sampling rate the accountant charges for this round
     aggregator: object | None = None     # sums accepted updates as they arrive (see _make_aggregator)
+    upload_limits: tuple[int, int] | None = None   # (largest update bytes, decoded elements) its plan allows
 
     @property
     def active_heads(self) -> torch.Tensor:
@@ -183,7 +186,9 @@ class Coordinator:
                              f"the codec's state is tied to its config. Keep the config or start a new --store")
         if stored is None:
             self.store.set_meta("codec_config", cfg.model_dump_json())
-        codec = ServerCodec(self.cfg, cfg, self.state)
+        s = self.settings
+        codec = ServerCodec(self.cfg, cfg, self.state, limits=DecodeLimits(
+            max_examples=s.max_num_examples, max_metrics=s.max_metrics, max_metric_name_chars=s.max_metric_name_chars))
         data = self.store.read_codec_state(rec)
         if data is None:
             if rec.version != 0:
@@ -208,7 +213,7 @@ class Coordinator:
         self.metrics.rejections.labels(err.reason).inc()
         rnd = self.round
         if client and rnd and client in rnd.sampled and client not in rnd.replies:
-            rnd.rejected[client] = f"{err.code}: {err.message}"
+            rnd.rejected[client] = clip_status(f"{err.code}: {err.message}")     # stored: bounded
         return err
 
     def _known(self, client: str):
@@ -519,6 +524,12 @@ class Coordinator:
         snapshot = self.codec.snapshot()
         try:
             agg = rnd.aggregator             # every accepted update is already in it
+            # A client's weight in the mean is at most max_weight_multiple x the round's median
+            # count: the few above it are re-weighted (exactly) now that the median is known.
+            weights = bounded_weights({c: r.num_examples for c, r in rnd.replies.items()},
+                                      self.settings.max_weight_multiple)
+            for client in sorted(c for c, w in weights.items() if w != rnd.replies[c].num_examples):
+                agg.reweight(client, self._reload(rnd, client), weights[client])
             aggregate = agg.finish()
             importance = agg.importance()
             refused = dict(agg.rejected)

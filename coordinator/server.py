@@ -17,19 +17,20 @@ import asyncio
 import contextvars
 import logging
 import signal
+import time
 from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 from fedmla.protos.fedmla.v1 import coordinator_pb2_grpc as cpb_grpc
 
-from .errors import CoordinatorError, InvalidArgument
+from .errors import CoordinatorError, InvalidArgument, ResourceExhausted
 from .metrics import CoordinatorMetrics
-from fedmla.protos.limits import CHUNK_BYTES, MAX_MESSAGE_BYTES
+from fedmla.protos.limits import CHUNK_BYTES, MAX_MESSAGE_BYTES, clip_status
 
 from .rounds import Coordinator
 from .settings import CoordinatorSettings
@@ -73,7 +74,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 def _wrap(h: grpc.RpcMethodHandler, client: str | None, error: CoordinatorError | None) -> grpc.RpcMethodHandler:
     async def refuse(context):
-        await context.abort(grpc.StatusCode[error.code], error.message)
+        await context.abort(grpc.StatusCode[error.code], clip_status(error.message))
 
     if h.request_streaming and h.response_streaming:
         raise NotImplementedError("no bidirectional methods in this service")
@@ -102,7 +103,35 @@ def _wrap(h: grpc.RpcMethodHandler, client: str | None, error: CoordinatorError 
 
 
 async def _abort(context, e: CoordinatorError):
-    await context.abort(grpc.StatusCode[e.code], e.message)
+    # Every status goes out cut to MAX_STATUS_CHARS: a longer one would not fit the
+    # peer's metadata limit and the refusal would never reach the client.
+    await context.abort(grpc.StatusCode[e.code], clip_status(e.message))
+
+
+class RateLimitedLog:
+    """One WARNING line per ``interval_s`` per kind of event, with the count of the ones
+    not logged since: events anyone can cause (bytes that do not parse, sent to a port
+    open to all) must not flood the log."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0):
+        self.logger, self.interval_s = logger, interval_s
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str) -> bool:
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval_s:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return False
+        self._last[kind] = now
+        n = self._suppressed.pop(kind, 0)
+        self.logger.warning("%s%s", message, f" ({n} more like it in the last {self.interval_s:g}s not logged)"
+                            if n else "")
+        return True
+
+
+REFUSALS_LOG = RateLimitedLog(log)
 
 
 class CoordinatorServicer(cpb_grpc.CoordinatorServiceServicer):
@@ -110,6 +139,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServiceServicer):
 
     def __init__(self, coord: Coordinator):
         self.coord = coord
+        self._downloading: dict[str, int] = {}    # client -> DownloadModel streams in flight
 
     async def Join(self, request, context):
         try:
@@ -137,15 +167,26 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServiceServicer):
             await _abort(context, e)
 
     async def DownloadModel(self, request, context):
+        client = CLIENT.get()
         try:
-            header, data = self.coord.download(CLIENT.get(), request)
+            if self._downloading.get(client, 0) >= MAX_DOWNLOADS_PER_CLIENT:
+                # A stream the client does not read holds a chunk until its deadline: bounded per client.
+                raise ResourceExhausted(f"client {client!r} has {MAX_DOWNLOADS_PER_CLIENT} downloads in flight; "
+                                        f"read or cancel them first", "downloads_in_flight")
+            header, data = self.coord.download(client, request)
         except CoordinatorError as e:
             await _abort(context, e)
             return
-        view = memoryview(data)
-        yield cpb.DownloadModelResponse(header=header, data=bytes(view[:CHUNK_BYTES]))
-        for off in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
-            yield cpb.DownloadModelResponse(data=bytes(view[off: off + CHUNK_BYTES]))
+        self._downloading[client] = self._downloading.get(client, 0) + 1
+        try:
+            view = memoryview(data)
+            yield cpb.DownloadModelResponse(header=header, data=bytes(view[:CHUNK_BYTES]))
+            for off in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
+                yield cpb.DownloadModelResponse(data=bytes(view[off: off + CHUNK_BYTES]))
+        finally:
+            left = self._downloading.pop(client) - 1
+            if left:
+                self._downloading[client] = left
 
     async def SubmitUpdate(self, request_iterator, context):
         try:
@@ -164,6 +205,7 @@ class CoordinatorServicer(cpb_grpc.CoordinatorServiceServicer):
 
 
 TRUNCATION_GRACE_S = 1.0
+MAX_DOWNLOADS_PER_CLIENT = 2
 
 SERVICE = "fedmla.v1.CoordinatorService"
 
@@ -175,6 +217,8 @@ class _Unparsed:
         self.type_name, self.error = type_name, error
 
     def refusal(self) -> InvalidArgument:
+        REFUSALS_LOG.warning(f"unparsed:{self.type_name}",
+                             f"refused a request that is not a serialized {self.type_name}")
         return InvalidArgument(f"request is not a serialized {self.type_name} ({self.error})", "malformed")
 
 
@@ -235,6 +279,50 @@ def add_servicer(servicer: "CoordinatorServicer", server) -> None:
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
+HEALTH_SERVICE = "grpc.health.v1.Health"
+MAX_HEALTH_SERVICE_CHARS = 256   # the service names asked about are ours; nothing longer is
+MAX_HEALTH_WATCHES = 64          # Watch streams open at once (the health service needs no token)
+
+
+def add_health_servicer(servicer: HealthServicer, server) -> None:
+    """The standard health service with the same safe request parsing as the coordinator's
+    RPCs: bytes that do not parse get INVALID_ARGUMENT (grpc's own registration answers
+    UNKNOWN and logs a traceback each time, a log flood open to anyone who reaches the port)."""
+    out = lambda m: m.SerializeToString()  # noqa: E731
+    parse = _safe_parser(health_pb2.HealthCheckRequest)
+    watching = [0]
+
+    async def refuse_bad(request, context):
+        if isinstance(request, _Unparsed):
+            await _abort(context, request.refusal())
+        if len(request.service) > MAX_HEALTH_SERVICE_CHARS:
+            await _abort(context, InvalidArgument(f"service name of {len(request.service)} characters; at most "
+                                                  f"{MAX_HEALTH_SERVICE_CHARS}", "malformed"))
+
+    async def check(request, context):
+        await refuse_bad(request, context)
+        return await servicer.Check(request, context)
+
+    async def watch(request, context):
+        await refuse_bad(request, context)
+        if watching[0] >= MAX_HEALTH_WATCHES:
+            await _abort(context, ResourceExhausted(f"{MAX_HEALTH_WATCHES} health watches are open already; "
+                                                    f"use Check", "health_watches"))
+        watching[0] += 1
+        try:
+            await servicer.Watch(request, context)
+        finally:
+            watching[0] -= 1
+
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(check, parse, out),
+        "Watch": grpc.unary_stream_rpc_method_handler(watch, parse, out),
+    }
+    assert set(handlers) == set(health_pb2.DESCRIPTOR.services_by_name["Health"].methods_by_name)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(HEALTH_SERVICE, handlers),))
+    server.add_registered_method_handlers(HEALTH_SERVICE, handlers)
+
+
 def server_credentials(settings: CoordinatorSettings) -> grpc.ServerCredentials | None:
     if settings.tls_cert is None:
         return None
@@ -273,8 +361,9 @@ class CoordinatorServer:
                 ("grpc.http2.bdp_probe", 0),
                 ("grpc.http2.lookahead_bytes", 64 << 10)]
         server = grpc.aio.server(interceptors=[AuthInterceptor(TokenChecker(self.store), self.metrics)], options=opts)
-        add_servicer(CoordinatorServicer(self.coord), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.servicer = CoordinatorServicer(self.coord)
+        add_servicer(self.servicer, server)
+        add_health_servicer(self.health, server)
         addr = f"{s.host}:{s.port}"
         creds = server_credentials(s)
         port = server.add_secure_port(addr, creds) if creds else server.add_insecure_port(addr)

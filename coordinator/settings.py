@@ -49,7 +49,24 @@ class CoordinatorSettings(BaseSettings):
     dashboard_token: str | None = Field(None, min_length=1, description=(
         "token the dashboard requires on the page and API (Bearer header or ?token=); never stored or shown. "
         "Prefer the environment variable FEDMLA_COORDINATOR_DASHBOARD_TOKEN to a flag"))
-    max_concurrent_uploads: int = Field(8, ge=1, description="updates read and validated at once; others wait")
+    max_concurrent_uploads: int = Field(8, ge=1, description=(
+        "updates read and validated at once; others wait. A slot is taken when an upload's first chunk "
+        "arrives, and each client has at most one upload in flight"))
+    upload_idle_timeout_s: float = Field(30.0, gt=0, description=(
+        "an upload stream that sends no chunk for this long (the first one included) is ended with "
+        "DEADLINE_EXCEEDED; the round's deadline ends any stream still open, whatever it sends"))
+    upload_memory_budget_bytes: int = Field(0, ge=0, description=(
+        "memory all uploads in flight may hold together (received bytes, the parsed message and the decoded "
+        "tensors, reserved when the header arrives at 2x the announced size plus 4 bytes per decoded "
+        "element of the round's plan); an upload that does not fit waits, bounded by the idle timeout. "
+        "0 (default): room for two fp32 updates of the whole model at once, at least 256 MiB"))
+    max_num_examples: int = Field(1_000_000, ge=1, description=(
+        "largest example count an update may report (its weight in the mean); larger counts are refused"))
+    max_weight_multiple: float = Field(10.0, ge=1, description=(
+        "a client's weight in the round's mean is at most this multiple of the median example count of "
+        "the round's replies, so one client cannot carry the mean with an inflated count"))
+    max_metrics: int = Field(32, ge=0, le=4096, description="metrics entries an update may carry")
+    max_metric_name_chars: int = Field(64, ge=1, le=1024, description="longest metric name an update may carry")
     shutdown_grace_s: float = Field(5.0, ge=0, description="time in-flight calls get on SIGTERM")
     # ---- store and model -----------------------------------------------------------
     store: Path = Field(Path("runs/coordinator"), description="store directory (SQLite + checkpoints)")

@@ -202,7 +202,9 @@ def decode_int_rows(msg: pb.Tensor, what: str = "tensor", max_elements: int | No
     if len(data) != R * row_bytes:
         raise TensorDecodeError(f"{what}: {len(data)} data bytes for {bits}-bit shape {list(shape)} "
                                 f"(expected {R * row_bytes})")
-    scales = decode_tensor(msg.quant.scales, f"{what}.scales", allowed={pb.FLOAT32, pb.FLOAT16}).float()
+    # One scale per row: the bound is checked from the shape before anything is inflated.
+    scales = decode_tensor(msg.quant.scales, f"{what}.scales", max_elements=R,
+                           allowed={pb.FLOAT32, pb.FLOAT16}).float()
     if scales.shape != (R,):
         raise TensorDecodeError(f"{what}: {tuple(scales.shape)} scales for {R} rows")
     if not torch.isfinite(scales).all():

@@ -13,12 +13,12 @@ from .config import CodecConfig
 from .heads import combine_importance, select_heads, update_importance
 from .layout import Basis, RoundPlan, SharedState
 from .quant import dequantize_rows, quantize_rows
-from .server import (DecodedUpdate, ExactAggregator, OuterOptimizer, ServerCodec, apply_downlink,
+from .server import (DecodedUpdate, DecodeLimits, ExactAggregator, OuterOptimizer, ServerCodec, apply_downlink,
                      decode_importance)
 from .wire import TensorCodec, UpdateDecodeError
 
 __all__ = [
-    "CodecConfig", "ClientCodec", "ServerCodec", "ExactAggregator", "OuterOptimizer", "DecodedUpdate",
+    "CodecConfig", "ClientCodec", "ServerCodec", "ExactAggregator", "OuterOptimizer", "DecodedUpdate", "DecodeLimits",
     "RoundPlan", "SharedState", "Basis", "TensorCodec", "UpdateDecodeError", "apply_downlink",
     "combine_importance", "update_importance", "select_heads", "quantize_rows", "dequantize_rows",
     "encode_importance", "decode_importance",

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import dataclass
 
 import torch
 
 from fedmla.mla_model import MLAConfig
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
+from ..limits import clip
 from ..weights import model_hash
 from .config import CodecConfig
 from .exact import ExactSum
@@ -41,6 +43,23 @@ class DecodedUpdate:
         self.importance = importance
         self.num_examples = num_examples
         self.metrics = metrics
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on the non-tensor fields of a client update (tensors are bounded by the plan).
+
+    ``max_examples``: the largest example count a client may report (its weight in the
+    mean); ``max_metrics`` entries, each name at most ``max_metric_name_chars`` long."""
+
+    max_examples: int = 1_000_000
+    max_metrics: int = 32
+    max_metric_name_chars: int = 64
+
+    def metrics_bytes(self) -> int:
+        """Serialized size of the largest metrics map these limits allow (map-entry framing,
+        a UTF-8 name of up to 4 bytes a character, a double)."""
+        return self.max_metrics * (16 + 4 * self.max_metric_name_chars)
 
 
 def decode_importance(msg: pb.HeadScores, num_layers: int, num_heads: int) -> torch.Tensor:
@@ -77,6 +96,7 @@ class ExactAggregator:
         self.plan = plan
         self._sum = ExactSum(self.shapes)
         self._weights: dict[str, int] = {}
+        self._adding: set[str] = set()
         self._imp: dict[str, torch.Tensor] = {}
 
     def _terms(self, update: DecodedUpdate, weight: int):
@@ -85,19 +105,36 @@ class ExactAggregator:
             yield name, part.dense(self.shapes[name]).to(torch.float64).mul_(weight)
 
     def add(self, client_id: str, update: DecodedUpdate, num_examples: int | None = None) -> None:
+        """Sum the update in now, one tensor at a time (temporaries of one tensor, not of
+        the model); on an error nothing of it stays in the sum."""
         if self.plan is None:
             raise RuntimeError("call begin_round before add")
         n = update.num_examples if num_examples is None else int(num_examples)
         if n <= 0:
             raise ValueError(f"client {client_id!r}: num_examples must be positive, got {n}")
-        terms = list(self._terms(update, n))          # outside the lock: the costly part
-        limbs = [(name, ExactSum.limbs(term)) for name, term in terms]
-        del terms
         with self._lock:
-            if client_id in self._weights:
+            if client_id in self._weights or client_id in self._adding:
                 raise ValueError(f"client {client_id!r} already contributed to round {self.plan.round}")
-            for name, (hi, lo) in limbs:
-                self._sum.add_limbs(name, hi, lo)
+            self._adding.add(client_id)
+        done: list[str] = []
+        try:
+            for name, term in self._terms(update, n):
+                hi, lo = ExactSum.limbs(term)       # outside the lock: the costly part
+                del term
+                with self._lock:
+                    self._sum.add_limbs(name, hi, lo)
+                done.append(name)
+        except BaseException:
+            for name, term in self._terms(update, n):
+                if name in done:
+                    hi, lo = ExactSum.limbs(term)
+                    with self._lock:
+                        self._sum.add_limbs(name, hi, lo, sign=-1)
+            with self._lock:
+                self._adding.discard(client_id)
+            raise
+        with self._lock:
+            self._adding.discard(client_id)
             self._weights[client_id] = n
             if update.importance is not None:
                 self._imp[client_id] = update.importance
@@ -111,6 +148,16 @@ class ExactAggregator:
             hi, lo = ExactSum.limbs(term)
             with self._lock:
                 self._sum.add_limbs(name, hi, lo, sign=-1)
+
+    def reweight(self, client_id: str, update: DecodedUpdate, weight: int) -> None:
+        """Give a client's update another weight (exactly): the same update ``add`` was given."""
+        old = self._weights[client_id]
+        if weight == old:
+            return
+        imp = self._imp.get(client_id)
+        self.remove(client_id, update)
+        update.importance = imp
+        self.add(client_id, update, weight)
 
     @property
     def num_clients(self) -> int:
@@ -214,7 +261,9 @@ class ServerCodec:
     """The coordinator's codec state: global weights, shared bases, importance moving
     average, outer momentum and the server-side error-feedback residual."""
 
-    def __init__(self, model_cfg: MLAConfig, cfg: CodecConfig, global_state: dict[str, torch.Tensor]):
+    def __init__(self, model_cfg: MLAConfig, cfg: CodecConfig, global_state: dict[str, torch.Tensor],
+                 limits: DecodeLimits | None = None):
+        self.limits = limits or DecodeLimits()
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.global_state = {n: t.detach().clone().float() for n, t in global_state.items()}
@@ -245,15 +294,43 @@ class ServerCodec:
         """Validate a client's ModelUpdate against the plan; raises UpdateDecodeError."""
         if plan.round != self.shared.round:
             raise UpdateDecodeError(f"update for round {plan.round}, the coordinator is at round {self.shared.round}")
-        if msg.num_examples <= 0:
-            raise UpdateDecodeError(f"num_examples must be positive, got {msg.num_examples}")
+        lim = self.limits
+        if not 0 < msg.num_examples <= lim.max_examples:
+            raise UpdateDecodeError(f"num_examples must be in [1, {lim.max_examples}] (max_num_examples), "
+                                    f"got {msg.num_examples}")
+        metrics = self.decode_metrics(msg)
+        # Nothing to aggregate is refused before anything is decoded; unknown or repeated
+        # names are refused by the tensor decoder (each tensor bounded by its plan shape),
+        # and a partial update (which would count as zeros at full weight) after it.
+        if not msg.factors and not msg.dense:
+            raise UpdateDecodeError("update holds no tensors: nothing to aggregate")
+        expected = self.tensors.expected(plan, uplink=True)
         tensors = self.tensors.decode(msg.factors, msg.dense, plan, uplink=True)
+        missing = sorted(set(expected) - set(tensors.parts))
+        if missing:
+            raise UpdateDecodeError(f"update lacks {len(missing)} of the plan's {len(expected)} tensors "
+                                    f"(first: {missing[0]})")
         imp = decode_importance(msg.importance, self.num_layers, self.num_heads) if msg.HasField("importance") else None
-        metrics = {k: float(v) for k, v in msg.metrics.items()}
-        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-        if bad:
-            raise UpdateDecodeError(f"non-finite metrics: {bad}")
         return DecodedUpdate(tensors, imp, int(msg.num_examples), metrics)
+
+    def decode_metrics(self, msg: pb.ModelUpdate) -> dict[str, float]:
+        """The update's metrics, bounded in count and name length, finite."""
+        lim = self.limits
+        if len(msg.metrics) > lim.max_metrics:
+            raise UpdateDecodeError(f"{len(msg.metrics)} metrics; at most {lim.max_metrics} allowed (max_metrics)")
+        metrics = {}
+        for k, v in msg.metrics.items():
+            if not k or len(k) > lim.max_metric_name_chars or not k.isprintable():
+                raise UpdateDecodeError(f"metric name {clip(k)} must be 1-{lim.max_metric_name_chars} printable "
+                                        f"characters (max_metric_name_chars)")
+            if not math.isfinite(v):
+                raise UpdateDecodeError(f"metric {clip(k)} is {v}; metrics must be finite")
+            metrics[k] = float(v)
+        return metrics
+
+    def max_update_bytes(self, plan: RoundPlan) -> int:
+        """The largest serialized update a client can send for ``plan`` under these limits."""
+        return self.tensors.max_update_bytes(plan, uplink=True, metrics_bytes=self.limits.metrics_bytes())
 
     def finish_round(self, plan: RoundPlan, aggregate: dict[str, torch.Tensor],
                      importance: torch.Tensor | None) -> pb.ModelUpdate:

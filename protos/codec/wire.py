@@ -21,6 +21,7 @@ import torch
 
 from fedmla.mla_model import MLAConfig
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
+from fedmla.protos.limits import clip
 from fedmla.protos.tensors import (TensorDecodeError, decode_int_rows, decode_tensor, encode_int_rows,
                             encode_tensor)
 
@@ -166,10 +167,65 @@ class TensorCodec:
         return t
 
     def _check_heads(self, name: str, got: pb.HeadSelection | None, sel: Selection) -> None:
+        if got is not None and len(got.heads) > self.model_cfg.n_heads:   # before copying the list
+            raise UpdateDecodeError(f"{name}: {len(got.heads)} head indices, the model has "
+                                    f"{self.model_cfg.n_heads} heads per layer")
         heads = list(got.heads) if got is not None else None
         if (heads or None) != sel.heads:
             raise UpdateDecodeError(f"{name}: covers heads {heads or 'all'}, the round's active heads are "
                                     f"{sel.heads if sel.heads is not None else 'all'}")
+
+    def expected(self, plan: RoundPlan, uplink: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """What a complete update of this plan holds: name -> (kind, element counts).
+
+        kind "lowrank": counts (r*m, r*n) of the left/right factors (0 for a factor the
+        layout does not send); kind "dense": (elements,). Dense tensors appear only in
+        rounds that send them. Every bound on a received update derives from this."""
+        rank = self.cfg.rank if uplink else self.cfg.down_rank
+        out = {}
+        for name, shape in self.shapes.items():
+            sel, kind, side, b = self._layout(name, plan, uplink)
+            sub = sel.sub_shape(shape)
+            if kind == "dense":
+                if plan.send_dense:
+                    out[name] = ("dense", (math.prod(sub),))
+                continue
+            m, n = sub
+            r = min(rank, m, n) if side is None else b.size(1)
+            out[name] = ("lowrank", (r * m if side in (None, "right") else 0, r * n if side in (None, "left") else 0))
+        return out
+
+    def _encoded_bytes(self, rows: int, cols: int, bits: int) -> int:
+        """Largest encoding of an (rows, cols) tensor at ``bits`` (0: float32): packed codes
+        plus float32 scales (DEFLATE is only used when it is smaller)."""
+        if rows * cols == 0:
+            return 0
+        if not bits:
+            return 4 * rows * cols
+        return rows * math.ceil(cols * container_bits(bits) / 8) + 4 * rows
+
+    def max_update_bytes(self, plan: RoundPlan, uplink: bool = True, metrics_bytes: int = 0) -> int:
+        """The largest serialized ModelUpdate a well-formed client can send for ``plan``:
+        every tensor at its plan shape and the run's bit widths, plus per-field framing,
+        importance and ``metrics_bytes`` of metrics. Anything larger is refused unread."""
+        total = 256 + metrics_bytes + 4 * self.model_cfg.n_layers * self.model_cfg.n_heads   # framing, importance
+        for name, (kind, counts) in self.expected(plan, uplink).items():
+            sub = selection_for(name, self.shapes[name], self.model_cfg, self.cfg,
+                                plan.mask if uplink else None).sub_shape(self.shapes[name])
+            if kind == "dense":
+                cols = counts[0] if len(sub) < 2 else sub[1]
+                total += self._encoded_bytes(counts[0] // max(cols, 1), cols, self._bits(uplink, True))
+            else:
+                m, n = sub
+                for count, width in zip(counts, (m, n)):
+                    if count:
+                        total += self._encoded_bytes(count // width, width, self._bits(uplink, False))
+            total += 96 + 2 * len(name) + 6 * self.model_cfg.n_heads    # tags, lengths, header fields, heads
+        return total
+
+    def decoded_elements(self, plan: RoundPlan, uplink: bool = True) -> int:
+        """Float32 elements a fully decoded update of ``plan`` holds (its memory is 4x this)."""
+        return sum(sum(counts) for _, counts in self.expected(plan, uplink).values())
 
     def decode(self, factors, dense, plan: RoundPlan, uplink: bool) -> DecodedTensors:
         """Validate and dequantise received factor/dense messages against the plan."""
@@ -179,7 +235,7 @@ class TensorCodec:
         for f in factors:
             name = f.name
             if name not in self.shapes:
-                raise UpdateDecodeError(f"factor for unknown parameter {name!r}")
+                raise UpdateDecodeError(f"factor for unknown parameter {clip(name)}")
             if name in out.parts:
                 raise UpdateDecodeError(f"{name}: sent twice")
             sel, kind, side, b = self._layout(name, plan, uplink)
@@ -204,7 +260,7 @@ class TensorCodec:
         for d in dense:
             name = d.name
             if name not in self.shapes:
-                raise UpdateDecodeError(f"dense update for unknown parameter {name!r}")
+                raise UpdateDecodeError(f"dense update for unknown parameter {clip(name)}")
             if name in out.parts:
                 raise UpdateDecodeError(f"{name}: sent twice")
             sel, kind, _, _ = self._layout(name, plan, uplink)
