@@ -6,7 +6,8 @@ handler methods (``join``, ``get_task``, ``download``, ``submit``, ``heartbeat``
 :mod:`fedmla.coordinator.errors` on refusal. The gRPC servicers in
 :mod:`fedmla.coordinator.server` are thin wrappers around them. Its parts:
 :mod:`.registry` (clients), :mod:`.downloads` (what a worker downloads),
-:mod:`.ingest` (upload streams), and here the round driver and the commit.
+:mod:`.ingest` (upload streams), :mod:`.commit` (closing a round: aggregate, outer step,
+commit), and here the state and the round driver.
 
 Round life cycle (driven by :meth:`Coordinator.run`)::
 
@@ -46,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedmla.protos.codec import DecodeLimits, RoundPlan, ServerCodec, SharedState
+from fedmla.protos.codec import DecodeLimits, RoundPlan, ServerCodec
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
 from fedmla.protos.seeds import derive_seed
@@ -54,14 +55,14 @@ from fedmla.protos.limits import clip_status
 from fedmla.protos.spec import ModelSpec
 from fedmla.protos.weights import canonical_bytes, load_safetensors_bytes, model_hash, sha256_hex
 
-from .bounds import bounded_weights
 from .downloads import DownloadService
 from .errors import CoordinatorError, StoreError
+from .commit import RoundCloser
 from .ingest import Reply, UploadIngest
 from .metrics import CoordinatorMetrics
 from .registry import ClientRegistry
 from .settings import CoordinatorSettings
-from .store import ClientRoundRecord, RoundRecord, Store
+from .store import Store
 
 log = logging.getLogger("fedmla.coordinator")
 
@@ -91,20 +92,6 @@ class OpenRound:
 
     def pending(self) -> list[str]:
         return [c for c in self.sampled if c not in self.replies and c not in self.left]
-
-
-@dataclass
-class RoundResult:
-    """What a successful aggregation hands to the commit."""
-
-    state: dict[str, torch.Tensor]       # the new global weights (float32)
-    checkpoint: bytes                    # their canonical safetensors bytes
-    sha256: str                          # the new model version's hash
-    importance: list | None              # the round's combined head importance (L x H), if any
-    downlink: bytes                      # the serialized downlink every worker applies
-    codec_state: bytes                   # the codec's whole state after the round (safetensors)
-    shared: SharedState                  # the codec's shared state at the new version
-    refused: dict[str, str]              # client -> why the aggregator refused its update
 
 
 class Coordinator:
@@ -147,6 +134,7 @@ class Coordinator:
         self.registry = ClientRegistry(self.store, settings, self.metrics, self.changed)
         self.downloads = DownloadService(self.store, settings.keep_downlinks)
         self.ingest = UploadIngest(self)
+        self.closer = RoundCloser(self)
         self.round: OpenRound | None = None
         self.closing_task: asyncio.Future | None = None
         self.finished = False
@@ -388,7 +376,7 @@ class Coordinator:
                 return
         now = time.time()
         rnd = OpenRound(rid, self.version, now, now + s.round_timeout_s, sampled, self.codec.plan())
-        rnd.aggregator = self._make_aggregator(rnd.plan, rnd)
+        rnd.aggregator = self.closer.make_aggregator(rnd)
         rnd.dp_rate = dp_rate
         self.round = rnd
         self.notify_tasks()
@@ -411,100 +399,8 @@ class Coordinator:
         while rnd.receiving:        # let uploads already being validated finish (they will be refused)
             await self._wait_change(0.05)
         # Shielded: a shutdown that cancels the driver still lets a started commit finish.
-        self.closing_task = asyncio.ensure_future(self._close_round(rnd, reason))
+        self.closing_task = asyncio.ensure_future(self.closer.close(rnd, reason))
         await asyncio.shield(self.closing_task)
-
-    async def _close_round(self, rnd: OpenRound, reason: str) -> None:
-        s = self.settings
-        t0 = time.perf_counter()
-        ok = len(rnd.replies) >= s.min_replies
-        result: RoundResult | None = None
-        if ok:
-            try:
-                result = await asyncio.to_thread(self._aggregate, rnd)
-            except Exception as e:  # a faulty aggregator fails the round, not the coordinator
-                log.exception("aggregation of round %d failed", rnd.id)
-                ok, reason = False, f"aggregation failed: {type(e).__name__}: {e}"
-        else:
-            reason = f"{reason}: {len(rnd.replies)} replies < min_replies {s.min_replies}"
-        agg_s = time.perf_counter() - t0
-        if result is not None:      # updates the aggregator refused are rejections, not replies
-            for c, why in result.refused.items():
-                rnd.replies.pop(c, None)
-                rnd.rejected[c] = f"INVALID_ARGUMENT: refused by the defence: {why}"
-        records = []
-        for c in rnd.sampled:
-            if c in rnd.replies:
-                r = rnd.replies[c]
-                records.append(ClientRoundRecord(c, "replied", r.bytes_up, rnd.bytes_down.get(c, 0),
-                                                 r.metrics.get("loss", r.metrics.get("train_loss")), r.num_examples,
-                                                 None, r.metrics))
-            elif c in rnd.rejected:
-                records.append(ClientRoundRecord(c, "rejected", 0, rnd.bytes_down.get(c, 0),
-                                                 rejection_reason=rnd.rejected[c]))
-            else:
-                records.append(ClientRoundRecord(c, "dropped", 0, rnd.bytes_down.get(c, 0)))
-
-        def wmean(key):
-            pairs = [(r.metrics[key], r.num_examples) for r in rnd.replies.values() if key in r.metrics]
-            n = sum(w for _, w in pairs)
-            return sum(v * w for v, w in pairs) / n if n else None
-        new_version = self.version + 1 if ok else self.version
-        rec = RoundRecord(
-            id=rnd.id, status="committed" if ok else "failed", model_version=new_version, base_version=rnd.base_version,
-            started_at=rnd.started_at, ended_at=time.time(), sampled=len(rnd.sampled), replied=len(rnd.replies),
-            dropped=sum(1 for r in records if r.status == "dropped"), rejected=sum(1 for r in records if r.status == "rejected"),
-            train_loss=wmean("loss") if wmean("loss") is not None else wmean("train_loss"), val_loss=wmean("val_loss"),
-            bytes_up=sum(r.bytes_up for r in rnd.replies.values()), bytes_down=sum(rnd.bytes_down.values()),
-            fedavg_fp32_bytes=len(rnd.replies) * self.spec.num_elements() * 4, aggregation_s=agg_s, reason=reason)
-        seen = self.registry.last_seen()
-        # The file on a worker thread; the SQLite transaction here, on the loop thread
-        # that owns the connection (so no other call can interleave with it).
-        path = codec_file = None
-        if ok:
-            path = await asyncio.to_thread(self.store.write_checkpoint, new_version, result.checkpoint)
-            codec_file = (await asyncio.to_thread(self.store.write_codec_state, new_version, result.codec_state),
-                          sha256_hex(result.codec_state))
-        mask = rnd.active_heads.to(torch.int64).tolist()
-        meta = None
-        if ok and self.accountant is not None:
-            self.accountant.record_round(rnd.dp_rate)
-            meta = {"privacy": json.dumps(self.privacy_summary())}
-        self.store.record_round(rec, records, result.importance if ok else None,
-                                (path, result.sha256) if ok else None, seen, s.keep_checkpoints, mask=mask,
-                                codec=codec_file, downlink=result.downlink if ok else None,
-                                keep_downlinks=s.keep_downlinks, meta=meta)
-        if ok:
-            self.state, self.model_sha, self.version = result.state, result.sha256, new_version
-            self.shared = result.shared
-            self.downloads.committed(new_version, result.downlink)
-        self.metrics.aggregation_seconds.observe(time.perf_counter() - t0)
-        self.metrics.rounds.labels(rec.status).inc()
-        self.metrics.model_version.set(self.version)
-        shutil.rmtree(self.spool_root / f"round-{rnd.id:06d}", ignore_errors=True)
-        self.next_round_id = rnd.id + 1
-        self.round = None
-        log.info("round %d %s (%s): %d/%d replied, version %d %s", rnd.id, rec.status, reason, rec.replied,
-                 rec.sampled, self.version, self.model_sha[:12])
-        self._changed.set()
-
-    def _make_aggregator(self, plan: RoundPlan, rnd: OpenRound):
-        """The round's aggregator: the codec's exact mean (with the norm-outlier refusal of
-        the default defence), a robust defence, or DP-FedAvg; one contract for all."""
-        from .defenses import DPAggregator, RobustAggregator
-        s, c = self.settings, self.codec
-        if s.dp is not None:
-            agg = DPAggregator(c.shapes, c.num_layers, c.num_heads, s.dp, expected_clients=len(rnd.sampled),
-                               seed=s.seed)
-        else:
-            agg = RobustAggregator(c.shapes, c.num_layers, c.num_heads, s.defense,
-                                   reload=lambda client: self._reload(rnd, client))
-        agg.begin_round(c.global_state, plan)
-        return agg
-
-    def _reload(self, rnd: OpenRound, client: str):
-        """A spooled update of the open round, decoded again (an aggregator taking it out)."""
-        return self.ingest.decode(pb.ModelUpdate.FromString(rnd.replies[client].path.read_bytes()), rnd)
 
     def privacy_summary(self, exhausted: bool = False) -> dict | None:
         acc = self.accountant
@@ -514,39 +410,3 @@ class Coordinator:
         return dict(epsilon=acc.epsilon(), delta=dp.delta, target_epsilon=dp.target_epsilon, rounds=acc.rounds,
                     noise_multiplier=dp.noise_multiplier, clip_norm=dp.clip_norm, exhausted=exhausted,
                     history=acc.history)
-
-
-    def _aggregate(self, rnd: OpenRound) -> RoundResult:
-        """Decode the spooled updates in client-id order into the aggregator, take the outer
-        step and produce the downlink (on a worker thread). The codec's state changes only
-        if all of it succeeds (on an error it is put back as it was)."""
-        plan = rnd.plan
-        snapshot = self.codec.snapshot()
-        try:
-            agg = rnd.aggregator             # every accepted update is already in it
-            # A client's weight in the mean is at most max_weight_multiple x the round's median
-            # count: the few above it are re-weighted (exactly) now that the median is known.
-            weights = bounded_weights({c: r.num_examples for c, r in rnd.replies.items()},
-                                      self.settings.max_weight_multiple)
-            for client in sorted(c for c, w in weights.items() if w != rnd.replies[c].num_examples):
-                agg.reweight(client, self._reload(rnd, client), weights[client])
-            aggregate = agg.finish()
-            importance = agg.importance()
-            refused = dict(agg.rejected)
-            if len(rnd.replies) - len(refused) < self.settings.min_replies:
-                raise ValueError(f"{len(refused)} update(s) refused by the defence ({'; '.join(refused.values())}), "
-                                 f"leaving fewer than min_replies {self.settings.min_replies}")
-            down = self.codec.finish_round(plan, aggregate, importance)
-            del aggregate
-            # finish_round replaces the codec's tensors, never writes into them: the new
-            # global weights can be shared, not copied.
-            new_state = {k: self.codec.global_state[k].contiguous() for k in self.state}
-            data = canonical_bytes(new_state)
-            codec_bytes = canonical_bytes(self.codec.state_dict(copy=False))
-        except BaseException:
-            self.codec.restore(snapshot)
-            raise
-        return RoundResult(state=new_state, checkpoint=data, sha256=sha256_hex(data),
-                           importance=importance.float().tolist() if importance is not None else None,
-                           downlink=down.SerializeToString(), codec_state=codec_bytes, shared=self.codec.shared,
-                           refused=refused)

@@ -1,5 +1,8 @@
 """The coordinator's durable state: one SQLite file and safetensors checkpoints.
 
+(One file past 400 lines on purpose: the schema, its migration and every transaction
+that commits a round live together, so what is written atomically is seen in one place.)
+
 Layout of a store directory::
 
     STORE/fedmla.sqlite                      the database below

@@ -28,7 +28,7 @@ COMMAND_MODULES = [
     "fedmla.worker.apps.bench_comm",
     "fedmla.coordinator.commands",
     "fedmla.coordinator.export",
-    "fedmla.worker.runtime",
+    "fedmla.worker.cli",
     "fedmla.worker.apps.simulate",
     "fedmla.worker.apps.bench_attacks",
 ]

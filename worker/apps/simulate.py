@@ -1,7 +1,7 @@
 """``fedmla simulate``: a coordinator (in-process, or an existing one) plus N virtual clients on Ray.
 
 A pool of K Ray actors each serves many virtual clients (Flower-simulation style): every
-virtual client is a :class:`worker.runtime.Worker` with its own state directory, its own
+virtual client is a :class:`fedmla.worker.runtime.Worker` with its own state directory, its own
 token and its own gRPC channel to the coordinator over loopback, so the clients speak the
 same protocol as ``fedmla worker``. The driver watches the coordinator's committed
 versions, evaluates each new global model on the fixed validation windows and prints a
