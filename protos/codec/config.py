@@ -26,10 +26,6 @@ class CodecConfig(BaseModel):
         "factor instead of a random one, which otherwise costs several rounds of quality"))
     rank: int = Field(12, ge=1, description="uplink rank r of each compressed 2-D tensor")
     downlink_rank: int | None = Field(None, ge=1, description="rank of the downlink; None = rank")
-    rank_energy: float = Field(1.0, gt=0, le=1, description=(
-        "svd: per-tensor adaptive rank. Each tensor keeps the fewest leading components whose squared "
-        "singular values reach this fraction of its rank-r approximation's (at least 1; the rest stays in "
-        "the error-feedback residual); 1.0 = always rank r. Receivers accept any rank from 1 to r"))
     min_lowrank_dim: int = Field(16, ge=1, description="2-D tensors with a side shorter than this go dense")
     svd_oversample: int = Field(8, ge=0, description="randomised SVD: extra probe vectors")
     svd_power_iters: int = Field(2, ge=0, description="randomised SVD: subspace iterations")

@@ -67,18 +67,6 @@ def _quant_encode(x: torch.Tensor, bits: int, cfg: CodecConfig, gen: torch.Gener
     return msg, dequantize_rows(q, scales, bits)
 
 
-def _adaptive_rank(left: torch.Tensor, right: torch.Tensor, energy: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fewest leading components of a randomised-SVD pair (left (r, m), right (r, n), each
-    row scaled by sqrt(s_i), so s_i = |left_i| |right_i|) whose s_i^2 reach ``energy`` of the total."""
-    s2 = (left.double().norm(dim=1) * right.double().norm(dim=1)) ** 2
-    total = float(s2.sum())
-    if total <= 0:
-        return left[:1].contiguous(), right[:1].contiguous()
-    keep = int((torch.cumsum(s2, 0) < energy * total).sum()) + 1
-    keep = min(max(keep, 1), left.size(0))
-    return left[:keep].contiguous(), right[:keep].contiguous()
-
-
 class TensorCodec:
     """Encode/decode the tensor fields of a ModelUpdate for one model and codec config."""
 
@@ -139,8 +127,6 @@ class TensorCodec:
                 sent[name] = Part(sel=sel, value=deq.reshape(xs.shape)).dense(shape)
                 continue
             left, right = compress(xs, side, b, rank, cfg, gen)
-            if side is None and cfg.rank_energy < 1.0:
-                left, right = _adaptive_rank(left, right, cfg.rank_energy)
             bits = self._bits(uplink, False)
             f = pb.LowRankFactor(name=name, rank=(left if left is not None else right).size(0), heads=heads)
             dl = dr = None
@@ -203,8 +189,6 @@ class TensorCodec:
             m, n = sel.sub_shape(self.shapes[name])
             if side is None:
                 r = min(rank, m, n)
-                if cfg.rank_energy < 1.0 and 1 <= f.rank <= r:   # adaptive rank: any rank up to r
-                    r = f.rank
             else:
                 r = b.size(1)
             if f.rank != r:
