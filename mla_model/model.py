@@ -270,3 +270,11 @@ def parameter_shapes(cfg: MLAConfig) -> dict[str, tuple[int, ...]]:
     if not cfg.tie_word_embeddings:
         shapes["lm_head.weight"] = (cfg.vocab_size, d)
     return shapes
+
+
+def init_global_state(cfg: MLAConfig, seed: int) -> dict[str, torch.Tensor]:
+    """The round-0 global weights, reproducible from ``seed`` (every party can rebuild
+    them, so a client that holds nothing needs no download to start from version 0)."""
+    model = MLATransformer(cfg)
+    model.reset_parameters(torch.Generator().manual_seed(seed))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

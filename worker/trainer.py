@@ -22,6 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedmla.mla_model import HeadImportance, MLAConfig, MLATransformer
+from fedmla.mla_model import init_global_state  # noqa: F401  (re-export: it lives with the model now)
 from fedmla.protos.seeds import derive_seed
 
 from .data import ClientData
@@ -70,12 +71,6 @@ def lr_at(cfg: TrainerConfig, step: int) -> float:
     floor = cfg.min_lr_ratio * cfg.lr
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
-
-def init_global_state(model_cfg: MLAConfig, seed: int) -> dict[str, torch.Tensor]:
-    """The round-0 global weights, reproducible from ``seed``."""
-    model = MLATransformer(model_cfg)
-    model.reset_parameters(torch.Generator().manual_seed(seed))
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 class LocalTrainer:

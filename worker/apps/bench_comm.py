@@ -1,11 +1,22 @@
-"""`fedmla bench comm`: FedAvg in fp32 against fedmla's codec, side by side, same data,
-seeds, model and local steps; bytes counted from the serialized protobuf messages.
+"""`fedmla bench comm`: fedmla's codec against two uncompressed baselines, FedAvg and
+DiLoCo in fp32, side by side: same clients, client sampling, seeds, model, local
+trainer and local steps. All three are configurations of the one codec pipeline
+(:meth:`CodecConfig.fedavg`, :meth:`CodecConfig.diloco`, the codec under test) run by
+the same loop, :func:`run_method`.
 
-The baseline runs R rounds and sends the full fp32 model up and down per client per
-round. fedmla (and each ablation variant) runs until its validation loss is within
-``tolerance`` (2%) of the baseline's final validation loss, capped at 2R rounds.
-Every round the coordinator's global weights are hashed and compared with a separate
-worker replica that only ever saw the downlink messages.
+Every byte is counted from the serialized protobuf messages. Per round, each sampled
+client first catches up from what it holds (nothing, or the version it last trained
+from) to the current global with the cheapest exact payload
+(:func:`fedmla.protos.codec.catchup.plan_catchup`: the stored downlinks replayed from
+its version, or from the seeded initial model when it holds nothing, or the full
+state), receives the round's active-head lists, trains and sends its update. Every
+catch-up is applied by that client's own replica and hash-checked against the
+coordinator's global. The same rules hold for every method, so the baselines get the
+cheapest exact catch-up too (for them a full fp32 state is never larger than a chain).
+
+The baselines run R rounds; the codec runs until its validation loss is within
+``tolerance`` (2%) of each baseline's final loss (capped at 2R rounds) and, for the
+tight figures, within ``tight_tolerance`` (0.5%, capped at 3R rounds).
 """
 
 from __future__ import annotations
@@ -16,19 +27,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedmla.protos.weights import model_hash
-from fedmla.mla_model import MLAConfig
+from fedmla.mla_model import MLAConfig, init_global_state
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
-from fedmla.protos.tensors import encode_tensor
+from fedmla.protos.seeds import derive_seed
 
-from fedmla.protos.codec import ClientCodec, CodecConfig, ServerCodec, apply_downlink
+from fedmla.protos.codec import ClientCodec, CodecConfig, ServerCodec
+from fedmla.protos.codec.catchup import apply_catchup, catchup_payload, plan_catchup
+from fedmla.protos.codec.transfer import dense_message, encode_full_state
 from fedmla.protos.codec.wire import TensorCodec
 
 from fedmla.worker.data import (FederatedData, check_tokenizer_fits, load_folder, load_stdlib_corpus, model_tokenizer,
                                 repartition)
-from fedmla.worker.trainer import LocalTrainer, TrainerConfig, init_global_state
+from fedmla.worker.trainer import LocalTrainer, TrainerConfig
+
+BASELINES = ("fedavg", "diloco")
+
+
+class BenchError(ValueError):
+    """A bad option or an inconsistent request (printed by the CLI, exit code 2)."""
 
 
 class BenchConfig(BaseModel):
@@ -40,9 +58,13 @@ class BenchConfig(BaseModel):
         "start from this Hugging Face DeepSeek-V2/V3 checkpoint folder instead of the preset (its tokenizer.json, "
         "if any, tokenizes the data)"))
     num_clients: int = Field(4, ge=1)
-    rounds: int = Field(16, ge=1, description="R: baseline rounds; fedmla is capped at max_round_factor * R")
+    clients_per_round: int | None = Field(None, ge=1, description=(
+        "M: clients sampled per round (seeded, the same for every method of a run); None = all"))
+    rounds: int = Field(16, ge=1, description="R: baseline rounds; the codec is capped at max_round_factor * R")
     max_round_factor: float = 2.0
+    tight_round_factor: float = Field(3.0, description="round cap of the codec for the tight targets")
     tolerance: float = Field(0.02, ge=0, description="target = (1 + tolerance) * baseline final val loss")
+    tight_tolerance: float = Field(0.005, ge=0, description="the tight targets (ratio_vs_tight)")
     trainer: TrainerConfig = TrainerConfig()
     codec: CodecConfig = CodecConfig()
     partition: str | None = Field(None, description="None: natural clients; 'iid' or 'dirichlet'")
@@ -51,10 +73,26 @@ class BenchConfig(BaseModel):
     eval_windows_per_client: int = 16
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _check(self) -> "BenchConfig":
+        if self.clients_per_round is not None and self.clients_per_round > self.num_clients:
+            raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds the number of clients "
+                             f"({self.num_clients})")
+        if self.tight_round_factor < self.max_round_factor:
+            raise ValueError("tight_round_factor must be >= max_round_factor")
+        return self
 
-def _fedavg_message(state: dict[str, torch.Tensor], num_examples: int = 0) -> pb.ModelUpdate:
-    return pb.ModelUpdate(dense=[pb.DenseUpdate(name=n, value=encode_tensor(state[n].float())) for n in sorted(state)],
-                          num_examples=num_examples)
+    def baseline_codec(self, name: str) -> CodecConfig:
+        """The uncompressed baselines. DiLoCo sends the whole outer step (its momentum
+        stays on the coordinator: a DiLoCo client never needs it, so its full state is
+        the weights alone, as FedAvg's)."""
+        if name == "fedavg":
+            return CodecConfig.fedavg(seed=self.codec.seed)
+        if name == "diloco":
+            c = self.codec
+            return CodecConfig.diloco(seed=c.seed, outer_lr=c.outer_lr, outer_momentum=c.outer_momentum,
+                                      replicate_momentum=False)
+        raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")
 
 
 def load_data(cfg: BenchConfig, data_dir: str | None) -> FederatedData:
@@ -73,6 +111,17 @@ def load_data(cfg: BenchConfig, data_dir: str | None) -> FederatedData:
     return data
 
 
+def sample_clients(names: list[str], per_round: int | None, seed: int, round_idx: int) -> list[str]:
+    """The clients of round ``round_idx``: all of them, or ``per_round`` drawn without
+    replacement by a generator seeded with (seed, round): a function of the round only,
+    so every method of a run trains the same clients in the same round."""
+    if per_round is None or per_round >= len(names):
+        return list(names)
+    g = torch.Generator().manual_seed(derive_seed(seed, "sample-clients", round_idx))
+    pick = torch.randperm(len(names), generator=g)[:per_round].tolist()
+    return [names[i] for i in sorted(pick)]
+
+
 class _Run:
     def __init__(self, cfg: BenchConfig, data: FederatedData):
         self.cfg = cfg
@@ -80,7 +129,7 @@ class _Run:
         if cfg.model_dir is not None:
             from fedmla.mla_model.hf_checkpoint import read_hf_checkpoint
             if cfg.model_overrides:
-                raise ValueError("model_overrides apply to a preset, not to a model_dir checkpoint")
+                raise BenchError("model_overrides apply to a preset, not to a model_dir checkpoint")
             ckpt = read_hf_checkpoint(cfg.model_dir)
             self.model_cfg, self.init_state = ckpt.cfg, ckpt.state
         else:
@@ -88,82 +137,96 @@ class _Run:
             self.init_state = init_global_state(self.model_cfg, cfg.seed)
         check_tokenizer_fits(model_tokenizer(cfg.model_dir), self.model_cfg.vocab_size)
         self.trainer = LocalTrainer(self.model_cfg, cfg.trainer)
-        self.fp32_model_bytes = _fedavg_message(self.init_state).ByteSize()
+        self.fp32_model_bytes = dense_message(self.init_state).ByteSize()
 
     def val_loss(self, state) -> float:
         return self.trainer.evaluate(state, self.data.validation)["loss"]
 
 
-def run_baseline(run: _Run, log=print) -> dict:
-    """FedAvg, full fp32 models up and down, example-weighted mean (float64, sorted order)."""
+def _mask_bytes(plan) -> int:
+    return sum(pb.HeadSelection(heads=row.nonzero().flatten().tolist()).ByteSize() for row in plan.mask)
+
+
+def run_method(run: _Run, codec: CodecConfig, max_rounds: int, stop=None, log=print, label: str = "fedmla") -> dict:
+    """One method (any codec configuration) for up to ``max_rounds`` rounds, or until
+    ``stop(val_loss)`` is true. Per round and sampled client: the catch-up to the
+    current global (planned, sent, applied by the client's replica and hash-checked),
+    the active-head lists and the uplink. The round's downlink is stored in the chain
+    that later catch-ups replay."""
     cfg = run.cfg
-    glob = {n: t.clone() for n, t in run.init_state.items()}
-    rounds, total = [], 0
-    t0 = time.time()
-    for r in range(cfg.rounds):
-        acc = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in glob.items()}
-        n_total, up, down = 0, [], []
-        for c in run.data.clients:
-            res = run.trainer.train(glob, c, round_idx=r)
-            up.append(_fedavg_message(res.state, res.num_examples).ByteSize())
-            for n in acc:
-                acc[n] += res.state[n].double() * res.num_examples
-            n_total += res.num_examples
-        glob = {n: (a / n_total).float() for n, a in acc.items()}
-        down = [_fedavg_message(glob).ByteSize() for _ in run.data.clients]
-        total += sum(up) + sum(down)
-        loss = run.val_loss(glob)
-        rounds.append({"round": r, "val_loss": loss, "up_bytes": up, "down_bytes": down, "bytes_cum": total})
-        log(f"  baseline round {r:3d}  val {loss:.4f}  bytes {total:,}")
-    return {"bytes_total": total, "final_val_loss": rounds[-1]["val_loss"], "rounds": len(rounds),
-            "per_round": rounds, "wall_seconds": time.time() - t0, "global_hash": model_hash(glob)}
-
-
-def run_fedmla(run: _Run, codec: CodecConfig, target: float | None, max_rounds: int, log=print) -> dict:
-    """fedmla's codec until val loss <= target (or max_rounds). Checks worker/coordinator hashes."""
     shapes = {n: tuple(t.shape) for n, t in run.init_state.items()}
     server = ServerCodec(run.model_cfg, codec, run.init_state)
-    clients = {c.name: ClientCodec(run.model_cfg, codec, shapes, c.name) for c in run.data.clients}
-    # The worker replica: its own global copy and shared state, fed only with downlink bytes.
-    w_tensors = TensorCodec(run.model_cfg, codec, shapes)
-    w_global = {n: t.clone() for n, t in server.global_state.items()}
-    w_shared = server.shared
-    rounds, total, fedavg_equiv = [], 0, 0
-    reached_at = None
+    names = run.data.names
+    by_name = {c.name: c for c in run.data.clients}
+    codecs = {n: ClientCodec(run.model_cfg, codec, shapes, n) for n in names}
+    tensors = TensorCodec(run.model_cfg, codec, shapes)
+    held: dict[str, tuple[dict, Any] | None] = {n: None for n in names}   # each client's replica
+    chain: list[bytes] = []
+    rounds, total = [], 0
+    kinds = {"none": 0, "chain": 0, "full": 0}
     t0 = time.time()
     for r in range(max_rounds):
         plan = server.plan()
-        mask_bytes = sum(pb.HeadSelection(heads=row.nonzero().flatten().tolist()).ByteSize() for row in plan.mask)
+        version = server.shared.round
+        expected = server.global_hash()
+        full_cache: list[bytes] = []
+
+        def full_state() -> bytes:
+            if not full_cache:
+                full_cache.append(encode_full_state(server.global_state, server.shared))
+            return full_cache[0]
+
+        full_bytes = len(full_state())
+        mask_bytes = _mask_bytes(plan)
         agg = server.aggregator(plan)
-        up = []
-        for c in run.data.clients:
-            res = run.trainer.train(w_global, c, round_idx=r)
-            msg = clients[c.name].encode(w_global, res.state, plan, res.importance, res.num_examples,
-                                         {"train_loss": res.metrics["train_loss"]})
+        sampled = sample_clients(names, cfg.clients_per_round, cfg.seed, r)
+        down, up, catch = [], [], []
+        for name in sampled:
+            h = held[name]
+            cp = plan_catchup(None if h is None else h[1].round, version, [len(b) for b in chain], full_bytes)
+            payload = catchup_payload(cp, chain, full_state)
+            state, shared = apply_catchup(cp, payload, None if h is None else h[0], None if h is None else h[1],
+                                          run.model_cfg, codec, cfg.seed, expected, tensors,
+                                          initial_state=run.init_state)
+            kinds[cp.kind] += 1
+            catch.append({"client": name, "kind": cp.kind, "from": None if h is None else h[1].round,
+                          "downlinks": cp.downlinks, "bytes": cp.bytes})
+            down.append(cp.bytes + mask_bytes)
+            res = run.trainer.train(state, by_name[name], round_idx=r)
+            msg = codecs[name].encode(state, res.state, plan, res.importance, res.num_examples,
+                                      {"train_loss": res.metrics["train_loss"]})
             wire = msg.SerializeToString()
             up.append(len(wire))
-            agg.add(c.name, server.decode(pb.ModelUpdate.FromString(wire), plan))
+            agg.add(name, server.decode(pb.ModelUpdate.FromString(wire), plan))
+            held[name] = (state, shared)
         down_msg = server.finish_round(plan, agg.finish(), agg.importance())
-        wire = down_msg.SerializeToString()
-        w_global, w_shared = apply_downlink(w_global, w_shared, pb.ModelUpdate.FromString(wire), w_tensors)
-        hash_ok = model_hash(w_global) == server.global_hash() and w_shared.digest() == server.shared.digest()
-        if not hash_ok:
-            raise RuntimeError(f"round {r}: worker and coordinator global weights differ")
-        down = [len(wire) + mask_bytes for _ in run.data.clients]
+        chain.append(down_msg.SerializeToString())
         total += sum(up) + sum(down)
-        fedavg_equiv += 2 * run.fp32_model_bytes * len(run.data.clients)
         loss = run.val_loss(server.global_state)
-        rounds.append({"round": r, "val_loss": loss, "up_bytes": up, "down_bytes": down, "bytes_cum": total,
-                       "fedavg_fp32_bytes_cum": fedavg_equiv, "active_heads": int(plan.mask.sum()),
-                       "hash_ok": hash_ok})
-        log(f"  fedmla round {r:3d}  val {loss:.4f}  up {sum(up) // len(up):,} B/client  "
-            f"down {down[0]:,} B/client  cum {total:,}")
-        if target is not None and loss <= target:
-            reached_at = r
+        rounds.append({"round": r, "val_loss": loss, "clients": sampled, "up_bytes": up, "down_bytes": down,
+                       "catchup": catch, "head_list_bytes": mask_bytes, "downlink_message_bytes": len(chain[-1]),
+                       "full_state_bytes": full_bytes, "bytes_cum": total, "active_heads": int(plan.mask.sum()),
+                       "hash_ok": True})
+        log(f"  {label} round {r:3d}  val {loss:.4f}  up {sum(up) // len(up):,} B/client  "
+            f"down {sum(down) // len(down):,} B/client  cum {total:,}")
+        if stop is not None and stop(loss):
             break
-    return {"bytes_to_target": total, "rounds_to_target": len(rounds), "final_val_loss": rounds[-1]["val_loss"],
-            "reached_target": reached_at is not None, "per_round": rounds, "wall_seconds": time.time() - t0,
+    return {"bytes_total": total, "rounds": len(rounds), "final_val_loss": rounds[-1]["val_loss"],
+            "per_round": rounds, "catchup_kinds": kinds, "wall_seconds": time.time() - t0,
             "global_hash": server.global_hash(), "codec": codec.model_dump()}
+
+
+def first_reaching(res: dict, target: float, cap: int) -> dict:
+    """Bytes and rounds of ``res`` (a :func:`run_method` result) until its validation loss
+    is <= ``target`` within ``cap`` rounds; otherwise the bytes of the rounds it ran
+    (at most ``cap``) and ``reached: False``."""
+    rows = res["per_round"][:cap]
+    for row in rows:
+        if row["val_loss"] <= target:
+            return {"target": target, "reached": True, "rounds": row["round"] + 1, "bytes": row["bytes_cum"],
+                    "val_loss": row["val_loss"]}
+    return {"target": target, "reached": False, "rounds": len(rows), "bytes": rows[-1]["bytes_cum"],
+            "val_loss": rows[-1]["val_loss"]}
 
 
 def ablation_variants(base: CodecConfig) -> list[tuple[str, CodecConfig]]:
@@ -173,12 +236,12 @@ def ablation_variants(base: CodecConfig) -> list[tuple[str, CodecConfig]]:
     plain = {"factor_bits": 0, "dense_bits": 0, "downlink_bits": 0, "entropy_coding": False, "half_scales": False}
     return [
         ("low-rank only (fp32 factors, all heads)", u(update={**plain, "head_selection": False})),
-        ("+ quantisation (3-bit up, 4-bit down, all heads)",
+        ("+ quantisation (3-bit up, 3-bit down, all heads)",
          u(update={"head_selection": False, "entropy_coding": False, "half_scales": False})),
         ("+ entropy coding, fp16 scales (all heads)", u(update={"head_selection": False})),
         ("+ head selection = headline", base),
         ("4-bit uplink instead of 3-bit", u(update={"factor_bits": 4})),
-        ("3-bit downlink too", u(update={"downlink_bits": 3})),
+        ("4-bit downlink instead of 3-bit", u(update={"downlink_bits": 4})),
         ("int8 factors", u(update={"factor_bits": 8, "downlink_bits": 8})),
         ("momentum not replicated (the whole step is sent down)", u(update={"replicate_momentum": False})),
         ("full residuals (decay 1.0 on both sides)", u(update={"residual_decay": 1.0, "server_residual_decay": 1.0})),
@@ -214,38 +277,87 @@ def full_config() -> BenchConfig:
         update={"total_steps": rounds * q.trainer.local_steps})})
 
 
-def run_bench(cfg: BenchConfig, data_dir: str | None = None, ablation: bool = False, log=print) -> dict:
+def _comparable(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in ("codec", "max_round_factor", "tight_round_factor",
+                                                       "tolerance", "tight_tolerance")}
+
+
+def run_bench(cfg: BenchConfig, data_dir: str | None = None, ablation: bool = False, log=print,
+              reuse_baselines: dict | None = None) -> dict:
+    """Both baselines, then the codec to every target; ``reuse_baselines`` (a previous
+    output of this function for the same config, data and seed) skips the baselines."""
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     data = load_data(cfg, data_dir)
     run = _Run(cfg, data)
     log(f"data: {data.source}; clients {data.names}; model {cfg.model_dir or cfg.preset} "
-        f"({sum(t.numel() for t in run.init_state.values()):,} params, fp32 message {run.fp32_model_bytes:,} B)")
-    base = run_baseline(run, log)
-    target = base["final_val_loss"] * (1 + cfg.tolerance)
-    max_rounds = int(round(cfg.max_round_factor * cfg.rounds))
-    log(f"target val loss {target:.4f}")
-    fed = run_fedmla(run, cfg.codec, target, max_rounds, log)
+        f"({sum(t.numel() for t in run.init_state.values()):,} params, fp32 message {run.fp32_model_bytes:,} B); "
+        f"clients per round {cfg.clients_per_round or 'all'}")
+    if reuse_baselines is not None:
+        if (_comparable(reuse_baselines["config"]) != _comparable(json.loads(cfg.model_dump_json()))
+                or reuse_baselines["data"]["fingerprint"] != data.fingerprint()):
+            raise BenchError("the baselines to reuse come from another configuration or data set")
+        bases = reuse_baselines["baselines"]
+    else:
+        bases = {}
+        for name in BASELINES:
+            bases[name] = run_method(run, cfg.baseline_codec(name), cfg.rounds, log=log, label=name)
+    targets = {name: bases[name]["final_val_loss"] * (1 + cfg.tolerance) for name in BASELINES}
+    tight = {name: bases[name]["final_val_loss"] * (1 + cfg.tight_tolerance) for name in BASELINES}
+    cap = int(round(cfg.max_round_factor * cfg.rounds))
+    tight_cap = int(round(cfg.tight_round_factor * cfg.rounds))
+    log("targets: " + ", ".join(f"{n} {targets[n]:.4f} (tight {tight[n]:.4f})" for n in BASELINES))
+    # One codec run serves every target: it stops once all are reached or at the tight cap.
+    lowest = min(list(targets.values()) + list(tight.values()))
+    fed = run_method(run, cfg.codec, tight_cap, stop=lambda loss: loss <= lowest, log=log)
+    reach = {n: first_reaching(fed, targets[n], cap) for n in BASELINES}
+    reach_tight = {n: first_reaching(fed, tight[n], tight_cap) for n in BASELINES}
+    fa = reach["fedavg"]
+    fed.update({"bytes_to_target": fa["bytes"], "rounds_to_target": fa["rounds"], "reached_target": fa["reached"],
+                "val_loss_at_target": fa["val_loss"], "targets": reach, "tight_targets": reach_tight})
+    ratio_vs = {n: bases[n]["bytes_total"] / reach[n]["bytes"] for n in BASELINES}
     out = {
         "config": cfg.model_dump(), "data": {"source": data.source, "clients": data.names,
                                              "fingerprint": data.fingerprint()},
         "model_parameters": sum(t.numel() for t in run.init_state.values()),
         "fp32_model_message_bytes": run.fp32_model_bytes,
-        "baseline": base, "fedmla": fed, "target_val_loss": target,
-        "ratio": base["bytes_total"] / fed["bytes_to_target"], "reached_target": fed["reached_target"],
+        "baselines": bases, "fedmla": fed,
+        "target_val_loss": targets["fedavg"], "target_val_loss_vs": targets, "tight_target_val_loss_vs": tight,
+        "ratio_vs": ratio_vs, "reached_target_vs": {n: reach[n]["reached"] for n in BASELINES},
+        "ratio_vs_tight": {n: bases[n]["bytes_total"] / reach_tight[n]["bytes"] for n in BASELINES},
+        "reached_target_vs_tight": {n: reach_tight[n]["reached"] for n in BASELINES},
+        "ratio": ratio_vs["fedavg"], "reached_target": reach["fedavg"]["reached"],
     }
     if ablation:
         rows = []
+        target = targets["fedavg"]
         for name, codec in ablation_variants(cfg.codec):
             log(f"ablation: {name}")
-            res = fed if codec == cfg.codec else run_fedmla(run, codec, target, max_rounds, log)
-            rows.append({"variant": name, "bytes_to_target": res["bytes_to_target"],
-                         "rounds_to_target": res["rounds_to_target"], "final_val_loss": res["final_val_loss"],
-                         "reached_target": res["reached_target"],
-                         "ratio": base["bytes_total"] / res["bytes_to_target"], "codec": codec.model_dump()})
+            res = fed if codec == cfg.codec else run_method(run, codec, cap, stop=lambda loss: loss <= target,
+                                                             log=log)
+            hit = first_reaching(res, target, cap)
+            rows.append({"variant": name, "bytes_to_target": hit["bytes"], "rounds_to_target": hit["rounds"],
+                         "final_val_loss": hit["val_loss"], "reached_target": hit["reached"],
+                         "ratio": bases["fedavg"]["bytes_total"] / hit["bytes"], "codec": codec.model_dump()})
         out["ablation"] = rows
     out["wall_seconds"] = time.time() - t0
     return out
+
+
+def summary(out: dict) -> dict:
+    """The figures the CLI prints."""
+    fed = out["fedmla"]
+    return {
+        "ratio_vs": out["ratio_vs"], "reached_target_vs": out["reached_target_vs"],
+        "ratio_vs_tight": out["ratio_vs_tight"], "reached_target_vs_tight": out["reached_target_vs_tight"],
+        "baselines": {n: {"bytes_total": b["bytes_total"], "final_val_loss": b["final_val_loss"]}
+                      for n, b in out["baselines"].items()},
+        "fedmla": {n: {"rounds": t["rounds"], "bytes": t["bytes"], "val_loss": t["val_loss"]}
+                   for n, t in fed["targets"].items()},
+        "fedmla_tight": {n: {"rounds": t["rounds"], "bytes": t["bytes"], "val_loss": t["val_loss"]}
+                         for n, t in fed["tight_targets"].items()},
+        "wall_seconds": round(out["wall_seconds"], 1),
+    }
 
 
 def register(app, bench) -> None:
@@ -257,42 +369,51 @@ def register(app, bench) -> None:
         data: Path | None = typer.Option(None, "--data", help="folder with one subfolder of text files per client"),
         json_path: Path = typer.Option(..., "--json", help="where to write the results"),
         ablation: bool | None = typer.Option(None, "--ablation/--no-ablation",
-                                      help="also run the ablation variants (default: on for full runs)"),
+                                             help="also run the ablation variants (default: on for full runs)"),
         rounds: int | None = typer.Option(None, help="override R (baseline rounds)"),
-        clients: int | None = typer.Option(None, help="override the number of clients"),
+        clients: int | None = typer.Option(None, "--clients", help="override the number of clients (N)"),
+        clients_per_round: int | None = typer.Option(
+            None, "--clients-per-round", help="clients sampled per round (M <= N; default: all)"),
         seed: int | None = typer.Option(None, help="override the seed"),
         config: Path | None = typer.Option(None, "--config", help="JSON BenchConfig to start from"),
         model: Path | None = typer.Option(None, "--model", help="start from this Hugging Face DeepSeek-V2/V3 "
                                           "checkpoint folder (and tokenize with its tokenizer.json, if any)"),
+        codec_json: str | None = typer.Option(None, "--codec", help="JSON of CodecConfig fields to override"),
+        reuse: Path | None = typer.Option(None, "--reuse-baselines",
+                                          help="take the baselines from an earlier --json of the same settings"),
     ) -> None:
-        """FedAvg (fp32) vs fedmla's codec: bytes to reach the baseline's loss (within 2%)."""
-        from fedmla.worker.data import DataError
-        cfg = BenchConfig.model_validate_json(config.read_text()) if config else (
-            quick_config() if quick else full_config())
-        upd: dict[str, Any] = {}
-        if rounds is not None:
-            upd["rounds"] = rounds
-            upd["trainer"] = cfg.trainer.model_copy(update={"total_steps": rounds * cfg.trainer.local_steps})
-        if clients is not None:
-            upd["num_clients"] = clients
-        if seed is not None:
-            upd["seed"] = seed
-        if model is not None:
-            upd["model_dir"] = str(model)
-            upd["model_overrides"] = {}
-        cfg = cfg.model_copy(update=upd)
+        """fedmla's codec vs FedAvg and DiLoCo in fp32: total bytes to each baseline's loss (+2%, +0.5%)."""
         from fedmla.mla_model.hf import HFCheckpointError
+        from fedmla.worker.data import DataError
+        try:
+            cfg = BenchConfig.model_validate_json(config.read_text()) if config else (
+                quick_config() if quick else full_config())
+            upd: dict[str, Any] = {}
+            if rounds is not None:
+                upd["rounds"] = rounds
+                upd["trainer"] = cfg.trainer.model_copy(update={"total_steps": rounds * cfg.trainer.local_steps})
+            if clients is not None:
+                upd["num_clients"] = clients
+            if clients_per_round is not None:
+                upd["clients_per_round"] = clients_per_round
+            if seed is not None:
+                upd["seed"] = seed
+            if model is not None:
+                upd["model_dir"] = str(model)
+                upd["model_overrides"] = {}
+            if codec_json:
+                upd["codec"] = CodecConfig.model_validate({**cfg.codec.model_dump(), **json.loads(codec_json)})
+            cfg = BenchConfig.model_validate({**cfg.model_dump(), **{k: (v.model_dump() if hasattr(v, "model_dump")
+                                                                        else v) for k, v in upd.items()}})
+        except (ValidationError, ValueError) as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
         try:
             out = run_bench(cfg, str(data) if data else None, ablation=(not quick) if ablation is None else ablation,
-                            log=lambda s: typer.echo(s, err=True))
-        except (DataError, HFCheckpointError) as e:
+                            log=lambda s: typer.echo(s, err=True),
+                            reuse_baselines=json.loads(reuse.read_text()) if reuse else None)
+        except (DataError, BenchError, HFCheckpointError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
         json_path.write_text(json.dumps(out, indent=2))
-        typer.echo(json.dumps({k: out[k] for k in ("ratio", "reached_target", "target_val_loss")}
-                              | {"baseline_bytes": out["baseline"]["bytes_total"],
-                                 "baseline_final_val_loss": out["baseline"]["final_val_loss"],
-                                 "fedmla_bytes_to_target": out["fedmla"]["bytes_to_target"],
-                                 "fedmla_rounds_to_target": out["fedmla"]["rounds_to_target"],
-                                 "fedmla_final_val_loss": out["fedmla"]["final_val_loss"],
-                                 "wall_seconds": round(out["wall_seconds"], 1)}, indent=2))
+        typer.echo(json.dumps(summary(out), indent=2))
