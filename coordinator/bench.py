@@ -23,11 +23,15 @@ import time
 from pathlib import Path
 
 
-def _peak_rss_bytes(pid: int) -> int:
+def _status_bytes(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    return _status_bytes(pid, "VmHWM")
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -49,7 +53,7 @@ async def _clients(target: str, tokens: list[str], rounds: int, distinct: int = 
     clients = [AsyncCoordinatorClient(target, t, timeout=600) for t in tokens]
     await asyncio.gather(*(c.join(num_examples=100 + i) for i, c in enumerate(clients)))
     latencies: list[float] = []
-    per_round = []
+    per_round, to_commit = [], []
     sizes: list[int] = []
     for _ in range(rounds):
         async def ready(c):
@@ -70,15 +74,17 @@ async def _clients(target: str, tokens: list[str], rounds: int, distinct: int = 
             await c.submit(payloads[i % len(payloads)], task.round_id, task.model.version)
             latencies.append(time.perf_counter() - t0)
         await asyncio.gather(*(submit(i, c, t) for i, (c, t) in enumerate(zip(clients, tasks))))
-        per_round.append(time.perf_counter() - start_all)
+        last_submit = time.perf_counter()
+        per_round.append(last_submit - start_all)
         # wait for the commit before the next round (or the end)
         while True:
             r = await clients[0].get_task()
             if r.model.version > tasks[0].model.version:
                 break
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
+        to_commit.append(time.perf_counter() - last_submit)
     await asyncio.gather(*(c.close() for c in clients))
-    return {"latencies": latencies, "ingest_seconds": per_round, "sizes": sizes}
+    return {"latencies": latencies, "ingest_seconds": per_round, "sizes": sizes, "to_commit": to_commit}
 
 
 def run_bench(clients: int, preset: str = "small", rounds: int = 1, codec: str = "default",
@@ -97,7 +103,7 @@ def run_bench(clients: int, preset: str = "small", rounds: int = 1, codec: str =
             "--preset", preset, "--clients-per-round", str(clients), "--min-replies", str(clients),
             "--rounds", str(rounds), "--round-timeout-s", "3600", *mode_args, "--log-level", "warning"], log_path)
         try:
-            rss_idle = _peak_rss_bytes(proc.pid)
+            rss_idle = _status_bytes(proc.pid, "VmRSS")
             t0 = time.perf_counter()
             res = asyncio.run(_clients(f"127.0.0.1:{port}", tokens, rounds, distinct_updates))
             wall = time.perf_counter() - t0
@@ -123,7 +129,10 @@ def run_bench(clients: int, preset: str = "small", rounds: int = 1, codec: str =
         "coordinator_peak_rss_bytes": peak,
         "coordinator_rss_after_start_bytes": rss_idle,
         "aggregation_s": [r["aggregation_s"] for r in rounds_rows],
+        # seen by a client: from the last reply to a submit until GetTask shows the new version
+        "last_submit_to_commit_s": res["to_commit"],
         "round_status": [r["status"] for r in rounds_rows],
         "wall_s": wall,
         "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
     }
