@@ -61,6 +61,10 @@ async def next_chunk(it: AsyncIterator, idle_s: float, deadline: float | None = 
         return None
 
 
+def _queue_wait(idle_s: float, deadline: float | None) -> float:
+    return float("inf") if deadline is not None else idle_s
+
+
 def upload_cost(total_bytes: int, decoded_elements: int) -> int:
     """Bytes an upload may hold at once: the received payload and the parsed message
     (each at most ``total_bytes``) and the decoded float32 tensors of the plan."""
@@ -90,7 +94,10 @@ class UploadGate:
 
     @contextlib.asynccontextmanager
     async def slot(self, idle_s: float, deadline: float | None, round_id: int | None):
-        await bounded(self.slots.acquire(), idle_s, deadline, round_id, "no upload slot free")
+        # Waiting for a slot is the coordinator being busy, not the client idling: bounded by
+        # the round's deadline (by idle_s only when there is none), so that a burst of honest
+        # uploads queues instead of being refused.
+        await bounded(self.slots.acquire(), _queue_wait(idle_s, deadline), deadline, round_id, "no upload slot free")
         try:
             yield
         finally:
@@ -108,7 +115,7 @@ class UploadGate:
             async with self._freed:
                 await self._freed.wait_for(lambda: self.reserved + nbytes <= self.budget_bytes)
                 self.reserved += nbytes
-        await bounded(wait(), idle_s, deadline, round_id, "no upload memory free")
+        await bounded(wait(), _queue_wait(idle_s, deadline), deadline, round_id, "no upload memory free")
         try:
             yield
         finally:

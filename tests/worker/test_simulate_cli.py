@@ -27,6 +27,26 @@ def test_simulate_four_clients_three_rounds(tmp_path):
     # The codec is on: uplink far below FedAvg's fp32 deltas.
     assert res["bytes_up"] * 10 < res["fedavg_fp32_bytes_up"]
     assert res["client_rounds"] == 6 and res["train_seconds"] > 0
+    # total bytes (both ways, first downloads and catch-ups included) and uplink-only, both reported
+    total = res["bytes_up"] + res["bytes_down"]
+    assert res["total_ratio_vs_fedavg_fp32"] == res["fedavg_fp32_bytes"] / total
+    assert res["uplink_ratio_vs_fedavg_fp32"] == res["fedavg_fp32_bytes_up"] / res["bytes_up"]
+    assert "fewer bytes than FedAvg fp32, total" in r.output
+
+
+def test_simulate_is_reproducible_from_its_seed(tmp_path):
+    """Two runs of the same command end on the same model hash: which clients a round
+    samples does not depend on who joined first."""
+    hashes, sampled = [], []
+    for i in range(2):
+        out = tmp_path / f"sim{i}.json"
+        r = CliRunner().invoke(app, ["simulate", "--clients", "4", "--clients-per-round", "2", "--rounds", "2",
+                                     "--local-steps", "2", "--actors", "2", "--seed", "3", "--json", str(out)])
+        assert r.exit_code == 0, r.output
+        res = json.loads(out.read_text())
+        hashes.append(res["coordinator_hash"])
+        sampled.append(sorted((n, c["rounds"]) for n, c in res["clients"].items()))
+    assert hashes[0] == hashes[1] and sampled[0] == sampled[1]
 
 
 def test_simulate_refuses_bad_partition():

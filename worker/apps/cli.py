@@ -7,8 +7,14 @@ Each area of the project owns its commands and registers them here through a
 from __future__ import annotations
 
 import importlib
+import os
 
-import typer
+# Ray starts its workers by forking while gRPC channels are open in this process; gRPC's
+# fork handlers would only print "skipping fork() handlers" lines. No gRPC object is used
+# in a forked child here, so fork support stays off (set before grpc is imported).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import typer  # noqa: E402
 
 app = typer.Typer(
     name="fedmla",
