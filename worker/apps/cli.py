@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib
 import os
 
-# Ray starts its workers by forking while gRPC channels are open in this process; gRPC's
-# fork handlers would only print "skipping fork() handlers" lines. No gRPC object is used
-# in a forked child here, so fork support stays off (set before grpc is imported).
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# Ray starts its workers by forking while gRPC channels are open in this process, and gRPC
+# core then logs "skipping fork() handlers" at INFO level on every fork: keep gRPC's own
+# log to errors (set before grpc is imported; a user's GRPC_VERBOSITY wins).
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import typer  # noqa: E402
 
