@@ -135,6 +135,8 @@ def run_flower_simulation(config: FlowerConfig | dict | None = None, verbose: bo
                       "logging_level": "WARNING" if not verbose else "INFO", "log_to_driver": verbose},
         "client_resources": {"num_cpus": cfg.node_cpus, "num_gpus": 0.0},
     }
+    # As in `fedmla simulate`: no Ray FutureWarning about accelerator variables (no GPUs are asked for).
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(server_app=make_server_app(cfg, sink), client_app=client_app, num_supernodes=cfg.num_nodes,
                    backend_config=backend, verbose_logging=verbose)
     if "result" not in sink:
