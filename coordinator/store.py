@@ -1,7 +1,8 @@
 """The coordinator's durable state: one SQLite file and safetensors checkpoints.
 
 (One file past 400 lines on purpose: the schema, its migration and every transaction
-that commits a round live together, so what is written atomically is seen in one place.)
+that commits a round live together, so what is written atomically is seen in one place;
+the records it reads and writes are in :mod:`.records`.)
 
 Layout of a store directory::
 
@@ -59,10 +60,10 @@ import secrets
 import sqlite3
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StoreError, Unauthenticated
+from .records import ClientRoundRecord, ModelRecord, RoundRecord  # noqa: F401 (part of the store's API)
 
 APP = "fedmla-coordinator"
 SCHEMA_VERSION = "2"
@@ -103,49 +104,6 @@ CREATE TABLE IF NOT EXISTS downlinks(version INTEGER PRIMARY KEY, round_id INTEG
     sha256 TEXT NOT NULL);
 UPDATE meta SET value='2' WHERE key='schema_version';
 """
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    version: int
-    round_id: int | None
-    path: Path
-    sha256: str
-    codec_path: Path | None = None      # the codec's coordinator state at this version (codec runs)
-    codec_sha256: str | None = None
-
-
-@dataclass
-class ClientRoundRecord:
-    client: str
-    status: str                      # replied | dropped | rejected
-    bytes_up: int = 0
-    bytes_down: int = 0
-    local_loss: float | None = None
-    num_examples: int = 0
-    rejection_reason: str | None = None
-    metrics: dict | None = None
-
-
-@dataclass
-class RoundRecord:
-    id: int
-    status: str                      # committed | failed
-    model_version: int
-    base_version: int
-    started_at: float
-    ended_at: float
-    sampled: int
-    replied: int
-    dropped: int
-    rejected: int
-    train_loss: float | None = None
-    val_loss: float | None = None
-    bytes_up: int = 0
-    bytes_down: int = 0
-    fedavg_fp32_bytes: int = 0
-    aggregation_s: float = 0.0
-    reason: str = ""
 
 
 def _fsync_dir(path: Path) -> None:

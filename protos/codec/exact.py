@@ -73,6 +73,3 @@ class ExactSum:
         if name not in self._hi:
             return torch.zeros(self.shapes[name], dtype=torch.float64)
         return (self._hi[name].to(torch.float64) * _LIMB + self._lo[name].to(torch.float64)) / _SCALE
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * 8 for t in (*self._hi.values(), *self._lo.values()))

@@ -163,10 +163,6 @@ class ExactAggregator:
     def num_clients(self) -> int:
         return len(self._weights)
 
-    @property
-    def weights(self) -> dict[str, int]:
-        return dict(self._weights)
-
     def finish(self) -> dict[str, torch.Tensor]:
         """Weighted mean pseudo-gradient per parameter (float32, full shapes)."""
         if not self._weights:

@@ -227,6 +227,20 @@ class TensorCodec:
         """Float32 elements a fully decoded update of ``plan`` holds (its memory is 4x this)."""
         return sum(sum(counts) for _, counts in self.expected(plan, uplink).values())
 
+    def _entry(self, name: str, out: DecodedTensors, plan: RoundPlan, uplink: bool, kind: str):
+        """(selection, side, basis) of one received entry, refused when its name is unknown,
+        repeated, or of the other kind (``lowrank`` factor / ``dense`` value) under the plan."""
+        what = "factor" if kind == "lowrank" else "dense update"
+        if name not in self.shapes:
+            raise UpdateDecodeError(f"{what} for unknown parameter {clip(name)}")
+        if name in out.parts:
+            raise UpdateDecodeError(f"{name}: sent twice")
+        sel, sent_as, side, b = self._layout(name, plan, uplink)
+        if sent_as != kind:
+            raise UpdateDecodeError(f"{name}: {'low-rank factor' if kind == 'lowrank' else 'dense update'} for a "
+                                    f"tensor this codec sends {'dense' if kind == 'lowrank' else 'low-rank'}")
+        return sel, side, b
+
     def decode(self, factors, dense, plan: RoundPlan, uplink: bool) -> DecodedTensors:
         """Validate and dequantise received factor/dense messages against the plan."""
         cfg = self.cfg
@@ -234,13 +248,7 @@ class TensorCodec:
         out = DecodedTensors()
         for f in factors:
             name = f.name
-            if name not in self.shapes:
-                raise UpdateDecodeError(f"factor for unknown parameter {clip(name)}")
-            if name in out.parts:
-                raise UpdateDecodeError(f"{name}: sent twice")
-            sel, kind, side, b = self._layout(name, plan, uplink)
-            if kind != "lowrank":
-                raise UpdateDecodeError(f"{name}: low-rank factor for a tensor this codec sends dense")
+            sel, side, b = self._entry(name, out, plan, uplink, "lowrank")
             self._check_heads(name, f.heads if f.HasField("heads") else None, sel)
             m, n = sel.sub_shape(self.shapes[name])
             if side is None:
@@ -259,13 +267,7 @@ class TensorCodec:
             out.parts[name] = Part(sel=sel, side=side, basis=b, left=left, right=right)
         for d in dense:
             name = d.name
-            if name not in self.shapes:
-                raise UpdateDecodeError(f"dense update for unknown parameter {clip(name)}")
-            if name in out.parts:
-                raise UpdateDecodeError(f"{name}: sent twice")
-            sel, kind, _, _ = self._layout(name, plan, uplink)
-            if kind != "dense":
-                raise UpdateDecodeError(f"{name}: dense update for a tensor this codec sends low-rank")
+            sel, _, _ = self._entry(name, out, plan, uplink, "dense")
             if not plan.send_dense:
                 raise UpdateDecodeError(f"{name}: dense tensors are not sent in round {plan.round}")
             self._check_heads(name, d.heads if d.HasField("heads") else None, sel)

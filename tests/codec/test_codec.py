@@ -421,3 +421,23 @@ def test_exact_aggregate_is_the_same_bits_in_any_arrival_order_and_from_threads(
     for n, shape in shapes.items():
         expect = sum(decoded[c].tensors.parts[n].dense(tuple(shape)).double() * weights[c] for c in decoded) / total
         assert (ref[n].double() - expect).abs().max() <= 1e-6 * expect.abs().max() + 1e-9, n
+
+
+def test_exact_sum_grid_refusals_and_take_out():
+    """ExactSum by hand: values on the 2**-40 grid come back exactly, sub-grid bits are
+    truncated toward zero, a term can be taken out exactly, and NaN, inf or a value past
+    2**32 is refused (NaN once slipped through an int64 conversion)."""
+    from fedmla.protos.codec.exact import ExactSum
+    s = ExactSum({"w": (4,)})
+    grid = 2.0 ** -40
+    a = torch.tensor([1.5, -3 * grid, 2.0 ** 31, 0.0], dtype=torch.float64)
+    b = torch.tensor([0.25, grid / 2, -(2.0 ** 31), -grid * 1.75], dtype=torch.float64)
+    s.add("w", a)
+    s.add("w", b)
+    assert s.value("w").tolist() == [1.75, -3 * grid, 0.0, -grid]   # grid/2 -> 0, -1.75 grid -> -1 grid
+    s.add("w", b, sign=-1)
+    assert torch.equal(s.value("w"), a)
+    for bad in (float("nan"), float("inf"), 2.0 ** 32):
+        with pytest.raises(OverflowError):
+            s.add("w", torch.tensor([0.0, bad, 0.0, 0.0], dtype=torch.float64))
+    assert torch.equal(s.value("w"), a)      # a refused term left nothing behind
