@@ -12,6 +12,8 @@ import asyncio
 import concurrent.futures
 import threading
 
+import grpc
+
 from .server import CoordinatorServer
 from .settings import CoordinatorSettings
 
@@ -25,6 +27,12 @@ class BackgroundCoordinator:
         self.server: CoordinatorServer | None = None
 
     def start(self) -> "BackgroundCoordinator":
+        # gRPC's asyncio layer is reference-counted per process; when the server's stop drops
+        # the count to zero, its poller's socket closes while a read callback may already be
+        # queued on our loop, which then prints an EBADF traceback. Holding a reference until
+        # the loop is closed (stop) makes the shutdown happen with nothing left to run.
+        grpc.aio.init_grpc_aio()
+        self._aio_held = True
         self._thread.start()
 
         async def _start():
@@ -35,6 +43,9 @@ class BackgroundCoordinator:
         except BaseException:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join()
+            self.loop.close()
+            self._aio_held = False
+            grpc.aio.shutdown_grpc_aio()
             raise
         return self
 
@@ -78,6 +89,9 @@ class BackgroundCoordinator:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
         self.loop.close()
+        if getattr(self, "_aio_held", False):
+            self._aio_held = False
+            grpc.aio.shutdown_grpc_aio()
 
     def __enter__(self):
         return self.start()

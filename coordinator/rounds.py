@@ -118,6 +118,7 @@ class Coordinator:
             raise StoreError(str(e)) from None
         self.version, self.model_sha = rec.version, rec.sha256
         del data
+        self.seeded_init = self._seeded_init()
         self.codec = self._load_codec(rec)
         # The codec's shared state at self.version (the codec's own moves ahead during a commit).
         self.shared = self.codec.shared
@@ -231,6 +232,17 @@ class Coordinator:
             deadline_unix_ms=int(rnd.deadline * 1000), model_config_json=self.config_json,
             seed=derive_seed(s.seed, "task", rnd.id, client))
 
+    def _seeded_init(self) -> cpb.SeededInit | None:
+        """How a worker rebuilds version 0 without a download (a preset run), or None (a run
+        started from a checkpoint: version 0 must be downloaded). The worker checks its rebuild
+        against version 0's hash, so a seed that does not reproduce it costs a full download,
+        never a wrong model."""
+        from .model_source import stored_hf_config
+        first = self.store.model(0)
+        if first is None or stored_hf_config(self.store)[0] is not None:
+            return None
+        return cpb.SeededInit(seed=self.settings.init_seed, sha256=first.sha256)
+
     # ---- handlers -----------------------------------------------------------------
     def join(self, client: str, req: cpb.JoinRequest) -> cpb.JoinResponse:
         try:
@@ -239,7 +251,8 @@ class Coordinator:
             raise self.reject(e) from None
         return cpb.JoinResponse(client_id=client, run_id=self.store.run_id,
                                 heartbeat_interval_s=self.settings.heartbeat_interval_s,
-                                model_config_json=self.config_json, model=self.model_version_msg())
+                                model_config_json=self.config_json, model=self.model_version_msg(),
+                                seeded_init=self.seeded_init)
 
     def get_task(self, client: str) -> cpb.GetTaskResponse:
         self._known(client)

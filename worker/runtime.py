@@ -1,12 +1,13 @@
 """The gRPC worker: join, then loop get_task -> download -> train -> submit until the run ends.
 
-What it sends follows the task: when ``task.codec.config_json`` is set (the
-coordinator's default ``codec`` mode) the update is encoded by
-:class:`~coordinator.codec.ClientCodec` (active heads only, low-rank, quantised, with
+Every task carries the codec config: the update is encoded by
+:class:`~fedmla.protos.codec.ClientCodec` (active heads only, low-rank, quantised, with
 this worker's error-feedback residual) and the global model arrives as codec downlinks
 (``CODEC_CHAIN``) applied with the same code the coordinator runs, or as the full state
 (``CODEC_FULL``); every result is checked against the model's SHA-256, and a mismatch
-falls back to a full download. Otherwise (``dense`` mode) it sends fp32 deltas.
+falls back to a full download. In a seeded run (``JoinResponse.seeded_init``) a worker
+that holds nothing rebuilds version 0 from the seed and asks for the downlinks since
+version 0, which are far smaller than the full state while the run is young.
 
 Restart safety: the state directory holds
 
@@ -100,6 +101,7 @@ class Worker:
         self.codec_json: str | None = None
         self.model_cfg = None
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.seeded_init = None                   # cpb.SeededInit: version 0 is rebuilt here, not downloaded
 
     # ---- helpers ---------------------------------------------------------------------
     def _save_meta(self) -> None:
@@ -225,11 +227,36 @@ class Worker:
                                       f"{dl.model.version} is {dl.model.sha256[:12]}: download the full model")
         return state, shared
 
+    def _rebuild_initial(self, config_json: str | None) -> bool:
+        """A worker that holds nothing in a seeded run rebuilds version 0 from the run's seed
+        (no bytes) and then needs only the codec downlinks since version 0. False (download
+        the full state instead) when the run is not seeded or the rebuild does not hash to
+        version 0 (e.g. another torch draws other initial weights)."""
+        if self.seeded_init is None or not config_json:
+            return False
+        from fedmla.mla_model import init_global_state
+        from fedmla.protos.codec import CodecConfig, SharedState
+        from fedmla.protos.weights import model_hash
+        state = init_global_state(self.model_cfg, self.seeded_init.seed)
+        if model_hash(state) != self.seeded_init.sha256:
+            self.opts.log("the seeded initial model does not match version 0 here; downloading the full state")
+            self.seeded_init = None
+            return False
+        shapes = {n: tuple(t.shape) for n, t in state.items()}
+        self.global_state, self.version = state, 0
+        self.shared = SharedState.initial(shapes, CodecConfig.model_validate_json(config_json))
+        return True
+
     def _sync(self, model: pb.ModelVersion, config_json: str | None = None) -> None:
         if self.version == model.version and self.global_state is not None and self.shared is not None:
             return
         from fedmla.protos.transport import ModelIntegrityError
         have = self.global_state is not None and self.shared is not None
+        if not have and self._rebuild_initial(config_json):
+            have = True
+            if model.version == 0:
+                self.fedavg_down += 4 * sum(t.numel() for t in self.global_state.values())
+                return
         dl = self._download(self.version if have else None)
         try:
             state, shared = self._apply(dl, config_json)
@@ -250,6 +277,7 @@ class Worker:
         from fedmla.mla_model import MLAConfig
         self.model_cfg = MLAConfig.model_validate_json(joined.model_config_json)
         self.shapes = ModelSpec.from_config(self.model_cfg).shapes
+        self.seeded_init = joined.seeded_init if joined.HasField("seeded_init") else None
         hb = threading.Thread(target=self._heartbeat_loop, args=(max(joined.heartbeat_interval_s, 0.5),), daemon=True)
         hb.start()
         try:

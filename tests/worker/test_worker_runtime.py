@@ -82,3 +82,63 @@ def test_restarted_worker_resends_the_update_it_wrote_ahead(tmp_path, monkeypatc
         assert second.version == 1
         from fedmla.protos.weights import model_hash
         assert model_hash(second.global_state) == bg.call(lambda: bg.coord.model_sha)
+
+
+def _run_workers(bg, data, tmp_path, prefix="w"):
+    from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+    workers, kinds, results = [], {}, {}
+    for i, c in enumerate(data.clients):
+        token = bg.call(lambda n=f"{prefix}{i}": bg.store.create_token(n))
+        w = Worker(WorkerOptions(bg.target, token, tmp_path / f"{prefix}{i}", log=lambda m: None), c)
+        kinds[i] = []
+
+        def download(since, w=w, i=i, orig=w._download):
+            dl = orig(since)
+            kinds[i].append((since, cpb.DownloadModelResponse.Kind.Name(dl.kind)))
+            return dl
+        w._download = download
+        workers.append(w)
+    threads = [threading.Thread(target=lambda w=w, i=i: results.__setitem__(i, w.run())) for i, w in enumerate(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    assert results == {i: 0 for i in range(len(workers))}
+    return workers, kinds
+
+
+def test_seeded_run_workers_rebuild_version_zero_and_download_only_downlinks(tmp_path):
+    """In a preset run a worker that holds nothing rebuilds version 0 from the seed the
+    coordinator announces and downloads only codec downlinks, never the full state."""
+    from fedmla.protos.weights import model_hash
+    data = load_stdlib_corpus(num_clients=2, max_bytes_per_client=20_000)
+    settings = settings_for(tmp_path, rounds=2, clients_per_round=2, min_replies=2, local_steps=2, batch_size=2,
+                            seq_len=32, max_update_bytes=64 << 20, init_seed=7)
+    with BackgroundCoordinator(settings) as bg:
+        workers, kinds = _run_workers(bg, data, tmp_path)
+        final = bg.call(lambda: bg.coord.model_sha)
+        full = bg.call(lambda: len(bg.coord.downloads._full_state(bg.coord.version, bg.coord.state,
+                                                                   bg.coord.shared)[0]))
+    for i, w in enumerate(workers):
+        # round 1 trains from version 0 with no download; later syncs are chains from a held version
+        assert kinds[i] and all(k == "CODEC_CHAIN" for _, k in kinds[i]), kinds[i]
+        assert kinds[i][0][0] == 0
+        assert model_hash(w.global_state) == final
+        assert 0 < w.bytes_down < full / 4
+
+
+def test_worker_whose_seeded_rebuild_differs_downloads_the_full_state(tmp_path, monkeypatch):
+    """A rebuild that does not hash to version 0 (another torch, another seed) is never
+    used: the worker downloads the full state and ends on the coordinator's model."""
+    import fedmla.mla_model as mm
+    from fedmla.protos.weights import model_hash
+    real = mm.init_global_state
+    monkeypatch.setattr(mm, "init_global_state", lambda cfg, seed: real(cfg, seed + 1))
+    data = load_stdlib_corpus(num_clients=1, max_bytes_per_client=20_000)
+    settings = settings_for(tmp_path, rounds=1, clients_per_round=1, min_replies=1, local_steps=1, batch_size=2,
+                            seq_len=32, max_update_bytes=64 << 20)
+    with BackgroundCoordinator(settings) as bg:
+        workers, kinds = _run_workers(bg, data, tmp_path)
+        final = bg.call(lambda: bg.coord.model_sha)
+    assert kinds[0][0] == (None, "CODEC_FULL")
+    assert model_hash(workers[0].global_state) == final

@@ -15,18 +15,28 @@ class JoinRequest(_message.Message):
     def __init__(self, capabilities: _Optional[_Union[_types_pb2.ClientCapabilities, _Mapping]] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("client_id", "run_id", "heartbeat_interval_s", "model_config_json", "model")
+    __slots__ = ("client_id", "run_id", "heartbeat_interval_s", "model_config_json", "model", "seeded_init")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEEDED_INIT_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     run_id: str
     heartbeat_interval_s: float
     model_config_json: str
     model: _types_pb2.ModelVersion
-    def __init__(self, client_id: _Optional[str] = ..., run_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., model_config_json: _Optional[str] = ..., model: _Optional[_Union[_types_pb2.ModelVersion, _Mapping]] = ...) -> None: ...
+    seeded_init: SeededInit
+    def __init__(self, client_id: _Optional[str] = ..., run_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., model_config_json: _Optional[str] = ..., model: _Optional[_Union[_types_pb2.ModelVersion, _Mapping]] = ..., seeded_init: _Optional[_Union[SeededInit, _Mapping]] = ...) -> None: ...
+
+class SeededInit(_message.Message):
+    __slots__ = ("seed", "sha256")
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    seed: int
+    sha256: str
+    def __init__(self, seed: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ()
