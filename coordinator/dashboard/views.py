@@ -49,21 +49,37 @@ class RoundView(RoundRecord):
     fedavg_ratio: float | None = Field(None, description="fedavg_fp32_bytes / bytes_up: how many times fewer bytes the clients "
                                                           "sent up than FedAvg in fp32 would have")
     cum_fedavg_ratio: float | None = Field(None, description="cum_fedavg_fp32_bytes / cum_bytes_up: the running ratio")
+    fedavg_fp32_bytes_down: int | None = Field(None, description=(
+        "bytes FedAvg in fp32 would have sent down: the fp32 model to every sampled client (the model size is "
+        "fedavg_fp32_bytes / replied of this round or, with no replies, of the latest round before it)"))
+    cum_fedavg_fp32_bytes_total: int | None = Field(None, description="FedAvg fp32 up + down summed so far")
+    total_fedavg_ratio: float | None = Field(None, description=(
+        "(fedavg_fp32_bytes + fedavg_fp32_bytes_down) / bytes_total: fewer bytes both ways, catch-up included"))
+    cum_total_fedavg_ratio: float | None = Field(None, description=(
+        "cum_fedavg_fp32_bytes_total / cum_bytes_total: the running ratio on total bytes (the headline figure)"))
 
 
 def round_views(rounds: list[RoundRecord]) -> list[RoundView]:
     """Derive durations, perplexities, cumulative bytes and FedAvg ratios; input sorted by id.
 
-    The FedAvg reference counts what the replying clients would have sent up (the
-    coordinator records no downlink reference), so the ratios compare uplink bytes.
+    Two FedAvg references: uplink only (what the replying clients would have sent up,
+    ``fedavg_ratio``) and total (that, plus the fp32 model sent to every sampled client,
+    ``total_fedavg_ratio``), against every byte the round moved, catch-up downloads included.
     """
     out: list[RoundView] = []
     up = down = 0
     fedavg: int | None = 0
+    fedavg_total: int | None = 0
+    model_bytes: int | None = None      # fp32 bytes of the model, from the latest round with replies
     for r in rounds:
         up += r.bytes_up
         down += r.bytes_down
         fedavg = None if fedavg is None or r.fedavg_fp32_bytes is None else fedavg + r.fedavg_fp32_bytes
+        if r.fedavg_fp32_bytes and r.replied:
+            model_bytes = r.fedavg_fp32_bytes // r.replied
+        fedavg_down = None if model_bytes is None or r.fedavg_fp32_bytes is None else r.sampled * model_bytes
+        round_total_ref = None if fedavg_down is None else r.fedavg_fp32_bytes + fedavg_down
+        fedavg_total = None if fedavg_total is None or round_total_ref is None else fedavg_total + round_total_ref
         total = r.bytes_up + r.bytes_down
         duration = None
         if r.started_at is not None and r.ended_at is not None:
@@ -82,6 +98,10 @@ def round_views(rounds: list[RoundRecord]) -> list[RoundView]:
             cum_fedavg_fp32_bytes=fedavg,
             fedavg_ratio=_ratio(r.fedavg_fp32_bytes, r.bytes_up),
             cum_fedavg_ratio=_ratio(fedavg, up),
+            fedavg_fp32_bytes_down=fedavg_down,
+            cum_fedavg_fp32_bytes_total=fedavg_total,
+            total_fedavg_ratio=_ratio(round_total_ref, total),
+            cum_total_fedavg_ratio=_ratio(fedavg_total, up + down),
         ))
     return out
 
@@ -209,7 +229,9 @@ class Summary(BaseModel):
     cum_bytes_up: int = 0
     cum_bytes_down: int = 0
     cum_fedavg_fp32_bytes: int | None = None
-    cum_fedavg_ratio: float | None = None
+    cum_fedavg_ratio: float | None = Field(None, description="FedAvg fp32 up / bytes up, so far")
+    cum_fedavg_fp32_bytes_total: int | None = Field(None, description="FedAvg fp32 up + down, so far")
+    cum_total_fedavg_ratio: float | None = Field(None, description="FedAvg fp32 up + down / bytes up + down, so far")
     clients_total: int = 0
     clients_by_status: dict[str, int] = Field(default_factory=dict)
 
@@ -232,6 +254,8 @@ def summary(version: int, run: RunRecord, rounds: list[RoundView], clients: list
         cum_bytes_up=last.cum_bytes_up if last else 0, cum_bytes_down=last.cum_bytes_down if last else 0,
         cum_fedavg_fp32_bytes=last.cum_fedavg_fp32_bytes if last else None,
         cum_fedavg_ratio=last.cum_fedavg_ratio if last else None,
+        cum_fedavg_fp32_bytes_total=last.cum_fedavg_fp32_bytes_total if last else None,
+        cum_total_fedavg_ratio=last.cum_total_fedavg_ratio if last else None,
         clients_total=len(clients), clients_by_status=by_status,
     )
 

@@ -117,10 +117,12 @@
       { x, y: col("cum_bytes_up"), name: "fedmla up", mode: "lines+markers", type: "scatter", line: { color: "#1f77b4" } },
       { x, y: col("cum_bytes_total"), name: "fedmla up + down", mode: "lines", type: "scatter", line: { color: "#1f77b4", dash: "dot" } },
       { x, y: col("cum_fedavg_fp32_bytes"), name: "FedAvg fp32 up", mode: "lines+markers", type: "scatter", line: { dash: "dash", color: "#667085" } },
-      { x, y: col("cum_fedavg_ratio"), name: "running ratio, up (×)", mode: "lines+markers", type: "scatter", yaxis: "y2", line: { color: "#12805c" } },
+      { x, y: col("cum_fedavg_fp32_bytes_total"), name: "FedAvg fp32 up + down", mode: "lines", type: "scatter", line: { dash: "dot", color: "#667085" } },
+      { x, y: col("cum_total_fedavg_ratio"), name: "running ratio, up + down (×)", mode: "lines+markers", type: "scatter", yaxis: "y2", line: { color: "#12805c" } },
+      { x, y: col("cum_fedavg_ratio"), name: "running ratio, up only (×)", mode: "lines", type: "scatter", yaxis: "y2", line: { color: "#12805c", dash: "dot" } },
     ], layout({
       yaxis: Object.assign({ title: { text: "bytes" } }, logBytes),
-      yaxis2: { title: { text: "FedAvg fp32 up / fedmla up" }, overlaying: "y", side: "right", rangemode: "tozero",
+      yaxis2: { title: { text: "FedAvg fp32 bytes / fedmla bytes" }, overlaying: "y", side: "right", rangemode: "tozero",
                 tickmode: "auto", showgrid: false },
     }), plotConfig);
   }
@@ -245,8 +247,9 @@
     setText("card-bytes", `${fmtBytes(s.cum_bytes_up)} / ${fmtBytes(s.cum_bytes_down)}`,
       `${fmtInt(s.cum_bytes_up)} bytes up, ${fmtInt(s.cum_bytes_down)} bytes down`);
     setText("card-bytes-sub", `total ${fmtBytes(s.cum_bytes_up + s.cum_bytes_down)}`);
-    setText("card-ratio", fmtRatio(s.cum_fedavg_ratio));
-    setText("card-fedavg", s.cum_fedavg_fp32_bytes === null ? "" : `FedAvg fp32: ${fmtBytes(s.cum_fedavg_fp32_bytes)}`);
+    setText("card-ratio", fmtRatio(s.cum_total_fedavg_ratio));
+    setText("card-ratio-up", s.cum_fedavg_ratio === null ? "" : `up only: ${fmtRatio(s.cum_fedavg_ratio)}`);
+    setText("card-fedavg", s.cum_fedavg_fp32_bytes_total === null ? "" : `FedAvg fp32: ${fmtBytes(s.cum_fedavg_fp32_bytes_total)}`);
     setText("card-clients", String(s.clients_total));
     setText("card-clients-sub", Object.entries(s.clients_by_status).map(([k, v]) => `${v} ${k}`).join(", "));
   }

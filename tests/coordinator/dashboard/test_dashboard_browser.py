@@ -241,7 +241,9 @@ def _watch_and_check(page, run: LiveRun, kind: str) -> None:
     assert page.text_content("#card-val-loss") == _fmt(summary["last_val_loss"], 4)
     assert page.text_content("#card-val-ppl") == _fmt(summary["last_val_perplexity"], 2)
     assert page.text_content("#card-train-loss") == _fmt(summary["last_train_loss"], 4)
-    assert page.text_content("#card-ratio") == f"{summary['cum_fedavg_ratio']:.1f}×"
+    assert summary["cum_total_fedavg_ratio"] is not None
+    assert page.text_content("#card-ratio") == f"{summary['cum_total_fedavg_ratio']:.1f}×"
+    assert page.text_content("#card-ratio-up") == f"up only: {summary['cum_fedavg_ratio']:.1f}×"
     assert page.text_content("#card-bytes") == \
         f"{_fmt_bytes(summary['cum_bytes_up'])} / {_fmt_bytes(summary['cum_bytes_down'])}"
 
@@ -256,6 +258,7 @@ def _watch_and_check(page, run: LiveRun, kind: str) -> None:
         "chart-duration": [col("duration_seconds"), col("aggregation_seconds")],
         "chart-bytes": [col("bytes_up"), col("bytes_down"), col("fedavg_fp32_bytes")],
         "chart-cumulative": [col("cum_bytes_up"), col("cum_bytes_total"), col("cum_fedavg_fp32_bytes"),
+                             col("cum_fedavg_fp32_bytes_total"), col("cum_total_fedavg_ratio"),
                              col("cum_fedavg_ratio")],
     }
     for chart, series in expected.items():

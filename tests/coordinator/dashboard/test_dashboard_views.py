@@ -32,6 +32,24 @@ def test_round_views_cumulative_bytes_ratios_durations_perplexity():
     assert v[1].val_perplexity is None and v[1].train_perplexity is None
 
 
+def test_total_ratio_counts_the_fp32_model_down_to_every_sampled_client():
+    # model of 1000 fp32 bytes; round 2 has no replies (the model size carries over)
+    rounds = [
+        RoundRecord(id=1, status="committed", sampled=3, replied=2, bytes_up=20, bytes_down=80, fedavg_fp32_bytes=2000),
+        RoundRecord(id=2, status="failed", sampled=2, replied=0, bytes_up=0, bytes_down=100, fedavg_fp32_bytes=0),
+        RoundRecord(id=3, status="committed", sampled=2, replied=2, bytes_up=30, bytes_down=70, fedavg_fp32_bytes=2000),
+    ]
+    v = round_views(rounds)
+    assert [r.fedavg_fp32_bytes_down for r in v] == [3000, 2000, 2000]
+    assert [r.total_fedavg_ratio for r in v] == [50.0, 20.0, 40.0]
+    assert [r.cum_fedavg_fp32_bytes_total for r in v] == [5000, 7000, 11000]
+    assert v[-1].cum_total_fedavg_ratio == pytest.approx(11000 / 300)
+    assert v[-1].cum_fedavg_ratio == pytest.approx(4000 / 50)        # uplink only, unchanged
+    # no round with replies yet: the model size, hence the total reference, is unknown
+    first = round_views([RoundRecord(id=1, status="failed", sampled=2, replied=0, bytes_down=10, fedavg_fp32_bytes=0)])
+    assert first[0].fedavg_fp32_bytes_down is None and first[0].cum_total_fedavg_ratio is None
+
+
 def test_diverged_losses_become_null_not_nan():
     v = round_views([RoundRecord(id=0, status="completed", train_loss=float("nan"), val_loss=float("inf"))])[0]
     assert v.train_loss is None and v.val_loss is None and v.train_perplexity is None and v.val_perplexity is None
