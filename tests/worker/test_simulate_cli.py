@@ -52,3 +52,29 @@ def test_simulate_is_reproducible_from_its_seed(tmp_path):
 def test_simulate_refuses_bad_partition():
     r = CliRunner().invoke(app, ["simulate", "--partition", "zipf"])
     assert r.exit_code == 2 and "zipf" in r.output
+
+
+def test_simulate_with_a_measured_baseline(tmp_path):
+    """--baseline runs the same clients through the uncompressed pipeline and reports both
+    runs' measured bytes side by side."""
+    out = tmp_path / "sim.json"
+    r = CliRunner().invoke(app, ["simulate", "--clients", "2", "--clients-per-round", "2", "--rounds", "1",
+                                 "--local-steps", "2", "--actors", "2", "--baseline", "diloco", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    base = res["baseline"]
+    assert base["name"] == "diloco" and base["rounds"] == 1
+    assert base["initial_val_loss"] == res["initial_val_loss"]        # the same seeded model and validation set
+    # fp32 dense updates: at least FedAvg fp32's uplink (plus framing), far above the codec's
+    assert base["bytes_up"] >= res["fedavg_fp32_bytes_up"] > 10 * res["bytes_up"]
+    assert base["bytes_total"] == base["bytes_up"] + base["bytes_down"]
+    assert res["ratio_vs_baseline"]["total"] == base["bytes_total"] / res["bytes_total"]
+    assert base["coordinator_hash"] != res["coordinator_hash"]
+    assert "DiLoCo fp32 (measured)" in r.output
+
+
+def test_simulate_refuses_unknown_baseline_and_baseline_with_external_coordinator():
+    r = CliRunner().invoke(app, ["simulate", "--baseline", "fedprox"])
+    assert r.exit_code == 2 and "fedprox" in r.output
+    r = CliRunner().invoke(app, ["simulate", "--baseline", "fedavg", "--coordinator", "127.0.0.1:1"])
+    assert r.exit_code == 2 and "--coordinator" in r.output

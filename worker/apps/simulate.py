@@ -131,7 +131,7 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                    address: str | None = None, store: Path | None = None, coordinator: str | None = None,
                    token_dir: Path | None = None, ca: Path | None = None, dashboard_port: int | None = None,
                    dashboard_token: str | None = None, dashboard_linger: float = 0.0,
-                   log=print, progress=None, on_result=None) -> dict:
+                   codec=None, log=print, progress=None, on_result=None) -> dict:
     """Run the simulation; returns the results table as a dict (see ``--json``).
 
     ``progress``, if given, is called about twice a second with a dict: ``round`` (open
@@ -142,7 +142,11 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
 
     ``model``: a Hugging Face DeepSeek-V2/V3 checkpoint folder to start from instead of
     ``preset``; the coordinator imports it and serves it to the clients like any model,
-    and the clients' text is tokenized with its ``tokenizer.json`` (bytes without one)."""
+    and the clients' text is tokenized with its ``tokenizer.json`` (bytes without one).
+
+    ``codec``: the coordinator's :class:`~fedmla.protos.codec.CodecConfig` (default: the
+    product's default); ``CodecConfig.fedavg()`` / ``.diloco()`` run the uncompressed
+    baselines through the same pipeline (``--baseline``)."""
     import os
 
     import ray
@@ -176,7 +180,8 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                                            min_replies=clients_per_round, local_steps=local_steps, learning_rate=lr,
                                            batch_size=batch_size, seq_len=seq_len, seed=seed, round_timeout_s=300,
                                            client_timeout_s=300, heartbeat_interval_s=5,
-                                           dashboard_port=dashboard_port, dashboard_token=dashboard_token)
+                                           dashboard_port=dashboard_port, dashboard_token=dashboard_token,
+                                           **({} if codec is None else {"codec": codec}))
             bg = BackgroundCoordinator(settings).start()
             target = bg.target
             names = [c.name for c in fed.clients[:clients]]
@@ -254,6 +259,7 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
         out = dict(rounds=(bg.coord.version - first_v) if bg else max(r["rounds"] for r in results),
                    initial_val_loss=initial, final_val_loss=final,
                    bytes_up=sum(r["bytes_up"] for r in results), bytes_down=sum(r["bytes_down"] for r in results),
+                   bytes_total=sum(r["bytes_up"] + r["bytes_down"] for r in results),
                    fedavg_fp32_bytes=sum(r["fedavg_up"] + r["fedavg_down"] for r in results),
                    fedavg_fp32_bytes_up=sum(r["fedavg_up"] for r in results),
                    fedavg_fp32_bytes_down=sum(r["fedavg_down"] for r in results),
@@ -281,6 +287,26 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
         if bg is not None:
             bg.stop()
         tmp.cleanup()
+
+
+BASELINES = {"fedavg": "FedAvg fp32", "diloco": "DiLoCo fp32"}
+
+
+def baseline_codec(name: str):
+    """The codec configuration of a baseline pipeline (see :data:`BASELINES`)."""
+    from fedmla.protos.codec import CodecConfig
+    return {"fedavg": CodecConfig.fedavg, "diloco": CodecConfig.diloco}[name]()
+
+
+def with_baseline(ours: dict, theirs: dict, name: str) -> dict:
+    """Our results with a baseline run's beside them: ``baseline`` (its figures) and
+    ``ratio_vs_baseline`` (its measured bytes over ours: total, up, down)."""
+    keys = ("rounds", "initial_val_loss", "final_val_loss", "bytes_up", "bytes_down", "bytes_total", "seconds",
+            "per_round", "coordinator_hash")
+    return {**ours, "baseline": {"name": name, **{k: theirs[k] for k in keys}},
+            "ratio_vs_baseline": {"total": _ratio(theirs["bytes_total"], ours["bytes_total"]),
+                                  "up": _ratio(theirs["bytes_up"], ours["bytes_up"]),
+                                  "down": _ratio(theirs["bytes_down"], ours["bytes_down"])}}
 
 
 def register(app, bench) -> None:
@@ -312,13 +338,18 @@ def register(app, bench) -> None:
         dashboard_linger: float = typer.Option(0.0, "--dashboard-linger", min=0,
                                                help="keep the dashboard up this many seconds after the run "
                                                     "(Ctrl-C ends it sooner)"),
+        baseline: str = typer.Option(None, "--baseline", help=(
+            "then run the same clients, seed and rounds with an uncompressed pipeline and print both side by "
+            "side: 'fedavg' (FedAvg, fp32 both ways) or 'diloco' (DiLoCo: fp32 both ways, outer Nesterov)")),
     ) -> None:
         """Federated training of N virtual clients on Ray against a real gRPC coordinator.
 
         Starts a coordinator on 127.0.0.1 (or uses --coordinator), a pool of Ray actors that
         each serve many virtual clients (every one a real `fedmla worker` with its own gRPC
         channel), shows progress bars and a line per committed round, and ends with a table
-        of validation loss, bytes up/down against FedAvg in fp32, and time per round."""
+        of validation loss, bytes up/down against FedAvg in fp32, and time per round.
+        With --baseline the same clients then train with an uncompressed pipeline and the
+        table shows both runs' measured bytes and losses side by side."""
         from rich.console import Console
         from rich.table import Table
 
@@ -331,6 +362,13 @@ def register(app, bench) -> None:
             typer.echo("error: give --preset or --model, not both (a checkpoint brings its own model config)", err=True)
             raise typer.Exit(2)
         preset = preset or "tiny"
+        if baseline is not None and baseline not in BASELINES:
+            typer.echo(f"error: --baseline must be one of {', '.join(BASELINES)}, not {baseline!r}", err=True)
+            raise typer.Exit(2)
+        if baseline is not None and coordinator is not None:
+            typer.echo("error: --baseline needs the simulation's own coordinator (it runs a second one with the "
+                       "baseline's codec); leave out --coordinator", err=True)
+            raise typer.Exit(2)
         if clients_per_round > clients:
             typer.echo(f"error: --clients-per-round {clients_per_round} exceeds --clients {clients}", err=True)
             raise typer.Exit(2)
@@ -355,36 +393,61 @@ def register(app, bench) -> None:
             else:
                 bars.update(replies_bar, visible=False)
         def show(res):
+            base = res.get("baseline")
             t = Table(title="fedmla simulate")
             t.add_column("metric")
-            t.add_column("value", justify="right")
+            t.add_column("fedmla", justify="right")
+            if base is not None:
+                t.add_column(BASELINES[base["name"]] + " (measured)", justify="right")
 
             def f(x, fmt):
                 return "-" if x is None else format(x, fmt)
-            t.add_row("rounds", str(res["rounds"]))
-            t.add_row("val loss initial", f(res["initial_val_loss"], ".4f"))
-            t.add_row("val loss final", f(res["final_val_loss"], ".4f"))
-            t.add_row("bytes up", f"{res['bytes_up']:,}")
-            t.add_row("bytes down", f"{res['bytes_down']:,}")
-            t.add_row("FedAvg fp32 up / down", f"{res['fedavg_fp32_bytes_up']:,} / {res['fedavg_fp32_bytes_down']:,}")
-            t.add_row("fewer bytes than FedAvg fp32, total (up + down)", f(res["total_ratio_vs_fedavg_fp32"], ".1f") + "x")
-            t.add_row("fewer bytes than FedAvg fp32, uplink only", f(res["uplink_ratio_vs_fedavg_fp32"], ".1f") + "x")
+
+            def row(label, key, fmt, ours_only=False, unit=""):
+                cells = [f(res.get(key), fmt) + unit]
+                if base is not None:
+                    cells.append("" if ours_only else f(base.get(key), fmt) + unit)
+                t.add_row(label, *cells)
+            row("rounds", "rounds", "d")
+            row("val loss initial", "initial_val_loss", ".4f")
+            row("val loss final", "final_val_loss", ".4f")
+            row("bytes up", "bytes_up", ",")
+            row("bytes down", "bytes_down", ",")
+            row("bytes total", "bytes_total", ",")
+            t.add_row("FedAvg fp32 up / down", f"{res['fedavg_fp32_bytes_up']:,} / {res['fedavg_fp32_bytes_down']:,}",
+                      *([""] if base is not None else []))
+            row("fewer bytes than FedAvg fp32, total (up + down)", "total_ratio_vs_fedavg_fp32", ".1f", True, "x")
+            row("fewer bytes than FedAvg fp32, uplink only", "uplink_ratio_vs_fedavg_fp32", ".1f", True, "x")
+            if base is not None:
+                vs = res["ratio_vs_baseline"]
+                t.add_row(f"fewer bytes than the {base['name']} run, total / up / down",
+                          f"{f(vs['total'], '.1f')}x / {f(vs['up'], '.1f')}x / {f(vs['down'], '.1f')}x", "")
             secs = [r["seconds"] for r in res["per_round"]]
-            t.add_row("time per round (s)", f(sum(secs) / len(secs), ".1f") if secs else "-")
-            t.add_row("total time (s)", f"{res['seconds']:.1f}")
+            bsecs = [r["seconds"] for r in base["per_round"]] if base is not None else []
+            t.add_row("time per round (s)", f(sum(secs) / len(secs), ".1f") if secs else "-",
+                      *([f(sum(bsecs) / len(bsecs), ".1f") if bsecs else "-"] if base is not None else []))
+            row("total time (s)", "seconds", ".1f")
             Console().print(t)
             if json_path is not None:
                 json_path.write_text(json.dumps(res, indent=2))
 
+        common = dict(clients=clients, clients_per_round=clients_per_round, rounds=rounds, preset=preset, model=model,
+                      local_steps=local_steps, data=data, partition=partition, seed=seed, actors=actors,
+                      address=address, coordinator=coordinator, token_dir=token_dir, ca=ca,
+                      log=bars.console.print, progress=on_progress)
         try:
-            with bars:   # the table and --json are written by show() as soon as the run is over
-                run_simulation(clients=clients, clients_per_round=clients_per_round, rounds=rounds,
-                                     preset=preset, model=model, local_steps=local_steps, data=data,
-                                     partition=partition, seed=seed,
-                                     actors=actors, address=address, store=store, coordinator=coordinator,
-                                     token_dir=token_dir, ca=ca, dashboard_port=dashboard_port,
-                                     dashboard_token=dashboard_token, dashboard_linger=dashboard_linger,
-                                     log=bars.console.print, progress=on_progress, on_result=show)
+            with bars:
+                if baseline is None:   # the table and --json are written as soon as the run is over
+                    run_simulation(**common, store=store, dashboard_port=dashboard_port,
+                                   dashboard_token=dashboard_token, dashboard_linger=dashboard_linger, on_result=show)
+                else:
+                    ours = run_simulation(**common, store=store, dashboard_port=dashboard_port,
+                                          dashboard_token=dashboard_token, dashboard_linger=dashboard_linger)
+                    bars.console.print(f"baseline: the same clients with {BASELINES[baseline]}")
+                    bars.reset(rounds_bar)
+                    theirs = run_simulation(**common, codec=baseline_codec(baseline))
+            if baseline is not None:
+                show(with_baseline(ours, theirs, baseline))
         except DataError as e:
             typer.echo(f"error: bad data: {e}", err=True)
             raise typer.Exit(2)
