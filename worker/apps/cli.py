@@ -21,6 +21,7 @@ app = typer.Typer(
     help="Federated training of MLA transformers with low-rank, quantized updates.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode="markdown",     # docstrings reflow as paragraphs in --help (no ragged lines)
     add_completion=False,
 )
 bench = typer.Typer(help="Benchmarks. Each writes its figures as JSON (--json PATH).", no_args_is_help=True)

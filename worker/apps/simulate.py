@@ -235,14 +235,16 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                 # Checked once more after the clients finish: the last commit can land in
                 # the same wait as the clients' exit.
                 if bg is not None and bg.coord.version != last_v:
-                    last_v = bg.coord.version
+                    prev_v, last_v = last_v, bg.coord.version
                     now = time.monotonic()
                     loss = last_loss = val_loss(bg.coord.state)
                     # The global model's held-out loss goes into the round's row (dashboard, store).
                     bg.call(lambda v=last_v, x=loss: bg.store.set_val_loss(v, x))
                     per_round.append(dict(version=last_v, val_loss=loss, seconds=now - t_round))
                     t_round = now
-                    log(f"round {last_v - first_v}/{rounds}: model v{last_v} val loss {loss:.4f} "
+                    # two commits can land between two polls: name both rounds, evaluate the latest
+                    done = f"{prev_v - first_v + 1}-{last_v - first_v}" if last_v - prev_v > 1 else f"{last_v - first_v}"
+                    log(f"round {done}/{rounds}: model v{last_v} val loss {loss:.4f} "
                         f"({per_round[-1]['seconds']:.1f}s)")
                 elif not pending:
                     break
