@@ -422,7 +422,7 @@ def register(app, bench) -> None:
             row("fewer bytes than FedAvg fp32, uplink only", "uplink_ratio_vs_fedavg_fp32", ".1f", True, "x")
             if base is not None:
                 vs = res["ratio_vs_baseline"]
-                t.add_row(f"fewer bytes than the {base['name']} run, total / up / down",
+                t.add_row(f"fewer bytes than the {base['name']} run (all/up/down)",
                           f"{f(vs['total'], '.1f')}x / {f(vs['up'], '.1f')}x / {f(vs['down'], '.1f')}x", "")
             secs = [r["seconds"] for r in res["per_round"]]
             bsecs = [r["seconds"] for r in base["per_round"]] if base is not None else []
