@@ -148,6 +148,7 @@ class RobustAggregator(_Holding):
         self.norms: dict[str, float] = {}
         self.selected: list[str] = []
         self._lock = threading.Lock()
+        self.block_bytes = 64 << 20      # median / trimmed mean: sort work per column block
 
     @property
     def streaming(self) -> bool:
@@ -224,7 +225,6 @@ class RobustAggregator(_Holding):
             self.selected = [ids[i] for i in keep]
             return self._exact.finish()
         ids = [ids[i] for i in keep]
-        views = self._views(ids)
         norms = [norms[i] for i in keep]
         weights = [float(self._weights[c]) for c in ids]
         self.selected = list(ids)
@@ -236,23 +236,42 @@ class RobustAggregator(_Holding):
             f = cfg.byzantine
             if len(ids) - f - 2 < 1:
                 raise ValueError(f"krum with byzantine={f} needs at least {f + 3} updates, got {len(ids)}")
-            chosen = robust.multi_krum_select(views, f, cfg.krum_selected)
+            chosen = robust.multi_krum_select(self._views(ids), f, cfg.krum_selected)
             self.selected = [ids[i] for i in chosen]
             return self._weighted_dense(self.selected, [weights[i] for i in chosen])
         if cfg.kind == "trimmed_mean" and 2 * cfg.trim >= len(ids):
             raise ValueError(f"trimmed_mean with trim={cfg.trim} needs more than {2 * cfg.trim} updates, "
                              f"got {len(ids)}")
+        return self._coordinatewise(ids)
+
+    def _coordinatewise(self, ids: list[str]) -> dict[str, torch.Tensor]:
+        """Coordinate-wise median / trimmed mean, one parameter at a time: the clients' values
+        of a parameter are stacked once in float32 (what the codec decodes to) and sorted in
+        column blocks of at most ``block_bytes`` of sort work, so memory is 4 bytes x clients x
+        the parameter plus a bounded block, not several float64 copies. Each column's result
+        is computed from the same float64 values as a sort of the whole stack would give."""
+        cfg, n = self.cfg, len(ids)
         out = {}
         for name, shape in self.shapes.items():
-            stack = torch.stack([self._updates[c].tensors.parts[name].dense(shape).double()
-                                 if name in self._updates[c].tensors.parts else torch.zeros(shape, dtype=torch.float64)
-                                 for c in ids])
-            s = stack.sort(dim=0).values
-            n = s.size(0)
-            if cfg.kind == "median":
-                out[name] = ((s[(n - 1) // 2] + s[n // 2]) * 0.5).float()
-            else:
-                out[name] = s[cfg.trim: n - cfg.trim].mean(dim=0).float()
+            numel = 1
+            for d in shape:
+                numel *= d
+            stack = torch.zeros((n, numel), dtype=torch.float32)
+            for i, c in enumerate(ids):
+                part = self._update_of(c).tensors.parts.get(name)
+                if part is not None:
+                    stack[i] = part.dense(shape).reshape(-1)
+            result = torch.empty(numel, dtype=torch.float32)
+            # a sorted block costs values (4 B) + indices (8 B) + a float64 copy of the rows kept
+            cols = max(1, self.block_bytes // (20 * n))
+            for j in range(0, numel, cols):
+                s = stack[:, j:j + cols].sort(dim=0).values
+                if cfg.kind == "median":
+                    result[j:j + cols] = ((s[(n - 1) // 2].double() + s[n // 2].double()) * 0.5).float()
+                else:
+                    result[j:j + cols] = s[cfg.trim: n - cfg.trim].double().mean(dim=0).float()
+            out[name] = result.reshape(shape)
+            del stack
         return out
 
     def importance(self) -> torch.Tensor | None:

@@ -56,6 +56,31 @@ def test_median_and_trimmed_mean_ignore_outliers_exactly():
         assert torch.allclose(t[k], 2.0 * d[k], rtol=1e-5, atol=1e-6), k
 
 
+@pytest.mark.parametrize("kind", ["median", "trimmed_mean"])
+def test_coordinatewise_in_small_blocks_equals_the_whole_stack_reference(kind):
+    """Column blocks of a few hundred values (many per parameter) give the bits of the
+    reference that sorts every client's dense float64 parameter at once."""
+    from fedmla.coordinator import robust
+    server, state, plan = setup(CodecConfig())           # the default codec: low-rank, 3-bit, head selection
+    ups = {}
+    for i, c in enumerate("abcdef"):
+        g = torch.Generator().manual_seed(100 + i)
+        ups[c] = decoded(server, state, plan, 0.01 * (i + 1), c, seed=100 + i,
+                         direction={k: torch.randn(v.shape, generator=g) for k, v in state.items()})[0]
+    a = agg(DefenseConfig(kind=kind, trim=2), server, plan)
+    a.block_bytes = 20 * len(ups) * 300                   # 300 columns per block
+    for c, u in ups.items():
+        a.add(c, u)
+    got = a.finish()
+    dense = [{k: p.dense(server.shapes[k]).double() for k, p in ups[c].tensors.parts.items()} for c in sorted(ups)]
+    want = robust.coordinate_median(dense) if kind == "median" else robust.trimmed_mean(dense, 2)
+    assert set(want) <= set(got)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    for k in set(got) - set(want):                       # no client sent it: zero
+        assert not got[k].any(), k
+
+
 def test_clip_bounds_each_update_by_a_multiple_of_the_median_norm():
     server, state, plan = setup()
     a = agg(DefenseConfig(kind="clip", clip_multiple=2.0), server, plan)
