@@ -31,9 +31,9 @@ class BackgroundCoordinator:
         # the count to zero, its poller's socket closes while a read callback may already be
         # queued on our loop, which then prints an EBADF traceback. Holding a reference until
         # the loop is closed (stop) makes the shutdown happen with nothing left to run.
-        grpc.aio.init_grpc_aio()
-        self._aio_held = True
         self._thread.start()
+        self.call(grpc.aio.init_grpc_aio)       # on the loop's thread: it needs a running loop there
+        self._aio_held = True
 
         async def _start():
             self.server = CoordinatorServer(self.settings, **self._kwargs)
