@@ -387,7 +387,7 @@ class WorkerProtocol:
             raise RuntimeError(f"round {task.round_id}: the task carries no codec config (a coordinator older than "
                                f"this worker?); update the coordinator")
         yield from self._sync(task.model, config_json)
-        trainer = self._trainer(task.model_config_json, task.hyper, task.seed)
+        trainer = yield Compute(self._trainer, (task.model_config_json, task.hyper, task.seed))
         self.opts.log(f"round {task.round_id}: training {task.hyper.local_steps} steps from v{self.version}")
         res = yield Compute(self._train, (trainer, task))
         payload, old_residual = yield Compute(self._encode, (task, res, config_json))
@@ -418,7 +418,7 @@ class WorkerProtocol:
                 raise
             self.opts.log(f"round {task.round_id}: already accepted earlier")
         self.meta.update(last_round=task.round_id, trained_from_version=task.model.version)
-        self._save_meta()
+        yield Compute(self._save_meta)      # an fsync: off the event loop of the async driver
         self._rounds.add(task.round_id)
         self.rounds_done = len(self._rounds)
         self._round = 0

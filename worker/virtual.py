@@ -4,15 +4,18 @@ Every virtual client is an :class:`AsyncWorker`: the same protocol as ``fedmla w
 (:class:`~fedmla.worker.runtime.WorkerProtocol`: syncing, the write-ahead pending file,
 encoding, the resend and refusal rules, byte counters), driven by coroutines instead of
 blocking calls. Its RPCs go over its own grpc.aio channel, its heartbeat is a task of the
-loop, and its CPU-heavy steps (training, decoding and hashing downloads, encoding) run on
-a small thread pool shared by all clients of the loop, so a thousand idle clients cost a
-thousand parked coroutines rather than two thousand threads.
+loop (sent only when the client has been silent for a heartbeat interval: its other
+calls already tell the coordinator it is alive), and its CPU-heavy steps (training,
+decoding and hashing downloads, encoding, the fsync of its state) run on a small thread
+pool shared by all clients of the loop, so a thousand idle clients cost a thousand parked
+coroutines rather than two thousand threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 import grpc
@@ -31,6 +34,7 @@ class AsyncWorker(WorkerProtocol):
         self.executor = executor
         self.client: AsyncCoordinatorClient | None = None     # made on the loop, in run()
         self._hb: asyncio.Task | None = None
+        self._last_contact = time.monotonic()                  # start of this client's latest call
 
     async def _drive(self, steps):
         """Run a protocol generator to its end, awaiting what it yields."""
@@ -47,6 +51,8 @@ class AsyncWorker(WorkerProtocol):
             return stop.value
 
     async def _perform(self, request):
+        if isinstance(request, (Rpc, Download)):
+            self._last_contact = time.monotonic()    # the coordinator hears from this client
         if isinstance(request, Rpc):
             return await getattr(self.client, request.name)(*request.args, **(request.kwargs or {}))
         if isinstance(request, Compute):
@@ -64,8 +70,16 @@ class AsyncWorker(WorkerProtocol):
         raise TypeError(f"unknown request {request!r}")
 
     async def _heartbeat_loop(self, interval: float) -> None:
+        """A heartbeat whenever the coordinator has not heard from this client for
+        ``interval`` (every call it serves refreshes the client's last-seen time): the
+        coordinator never waits longer between signs of life than with a beat every
+        interval, and a client busy polling or up/downloading sends none."""
         while True:
-            await asyncio.sleep(interval)
+            wait = self._last_contact + interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
+            self._last_contact = time.monotonic()
             try:
                 await self.client.heartbeat(**self._heartbeat_request())
             except grpc.RpcError:

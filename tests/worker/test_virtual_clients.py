@@ -80,3 +80,45 @@ def test_a_failing_client_is_reported_and_the_others_finish(tmp_path):
     (_, _, good_code, good_err), (_, _, bad_code, bad_err) = out
     assert (good_code, good_err) == (0, "")
     assert bad_code == 1 and "UNAUTHENTICATED" in bad_err
+
+
+def test_heartbeats_only_when_the_client_was_otherwise_silent(tmp_path):
+    """The async driver's heartbeat fills silences: none while other calls keep reaching
+    the coordinator, one per interval once they stop."""
+    import asyncio
+
+    from fedmla.worker.virtual import AsyncWorker
+
+    data = load_stdlib_corpus(num_clients=1, max_bytes_per_client=20_000)
+    w = AsyncWorker(WorkerOptions("127.0.0.1:1", "t", tmp_path / "w"), data.clients[0])
+    beats = []
+
+    class FakeClient:
+        async def heartbeat(self, **kw):
+            beats.append(kw)
+
+    async def scenario():
+        import time
+        w.client = FakeClient()
+        hb = asyncio.get_running_loop().create_task(w._heartbeat_loop(1.0))
+        for _ in range(50):             # busy: a call every 50 ms
+            w._last_contact = time.monotonic()
+            await asyncio.sleep(0.05)
+        busy = len(beats)
+        await asyncio.sleep(3.5)        # silent
+        hb.cancel()
+        return busy
+    busy = _in_thread(scenario)
+    assert busy == 0
+    assert 1 <= len(beats) <= 4 and beats[0] == dict(round_id=0, state="idle")
+
+
+def _in_thread(coro_fn):
+    """asyncio.run in a thread of its own (the main thread keeps its event loop state)."""
+    import asyncio
+    import threading
+    out = {}
+    t = threading.Thread(target=lambda: out.__setitem__("v", asyncio.run(coro_fn())))
+    t.start()
+    t.join()
+    return out["v"]

@@ -161,7 +161,10 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                                            min_clients=clients,
                                            min_replies=clients_per_round, local_steps=local_steps, learning_rate=lr,
                                            batch_size=batch_size, seq_len=seq_len, seed=seed, round_timeout_s=300,
-                                           client_timeout_s=300, heartbeat_interval_s=5,
+                                           # a virtual client beats only when silent this long (its
+                                           # GetTask long polls, every task_long_poll_s, already
+                                           # count): still 10x inside client_timeout_s
+                                           client_timeout_s=300, heartbeat_interval_s=30,
                                            dashboard_port=dashboard_port, dashboard_token=dashboard_token)
             bg = BackgroundCoordinator(settings).start()
             target = bg.target
