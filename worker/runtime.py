@@ -23,6 +23,12 @@ sees the same update and the residual stays consistent with what was sent. A ref
 update restores the residual from before it. A replay the coordinator refuses with
 ALREADY_EXISTS counts as done. When the coordinator is away the worker retries with
 exponential backoff and jitter; FINISHED ends the loop with exit code 0.
+
+The protocol is written once, in :class:`WorkerProtocol`, as generators that yield the
+I/O they need (an RPC, a sleep, a download) and the CPU-heavy steps (training, applying
+a download, encoding). :class:`Worker` performs them with blocking calls and a heartbeat
+thread; :class:`fedmla.worker.virtual.AsyncWorker` with grpc.aio on an event loop shared by
+many virtual clients, heavy steps on a thread pool.
 """
 
 from __future__ import annotations
@@ -78,20 +84,59 @@ class WorkerOptions:
     log: callable = print
 
 
-class Worker:
+# ---- the protocol, written once ------------------------------------------------------
+# WorkerProtocol holds everything a worker decides and computes; its steps are generators
+# that *yield* what they need done (an RPC, a sleep, a CPU-heavy computation) and get the
+# result (or the RPC's error) sent back. Two thin drivers perform those requests: Worker
+# (blocking calls, a heartbeat thread: the `fedmla worker` CLI) and AsyncWorker (grpc.aio
+# on one event loop shared by many virtual clients, heavy work on an executor: simulate).
+
+
+@dataclass(frozen=True)
+class Rpc:
+    """Call ``name`` of the coordinator client (CoordinatorClient / AsyncCoordinatorClient)."""
+    name: str
+    args: tuple = ()
+    kwargs: dict | None = None
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Compute:
+    """CPU-heavy work (training, decoding, hashing, encoding): the async driver runs it off its loop."""
+    fn: callable
+    args: tuple = ()
+
+
+@dataclass(frozen=True)
+class Download:
+    """A model download with retries (the drivers' ``_download``: a hook tests wrap)."""
+    since: int | None
+
+
+@dataclass(frozen=True)
+class StartHeartbeat:
+    interval: float
+
+
+class WorkerProtocol:
+    """The worker's state and protocol logic, with no I/O of its own (see the drivers)."""
+
     def __init__(self, opts: WorkerOptions, data: ClientData):
         self.opts, self.data = opts, data
         self.state_dir = Path(opts.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.meta_path = self.state_dir / "worker.json"
         self.meta = json.loads(self.meta_path.read_text()) if self.meta_path.exists() else {}
-        self.client = CoordinatorClient(opts.target, opts.token, tls=opts.tls, timeout=60)
         self.global_state: dict | None = None
         self.version: int | None = None
         self.trainers: dict = {}
-        self._hb_stop = threading.Event()
         self._round = 0
-        self.train_seconds = 0.0                  # CPU time inside the local trainer (this thread)
+        self.train_seconds = 0.0                  # CPU time inside the local trainer (its thread)
         self.rounds_done = 0                      # rounds whose update the coordinator took (this process)
         self._rounds: set[int] = set()
         self.bytes_up = self.bytes_down = 0
@@ -107,25 +152,21 @@ class Worker:
     def _save_meta(self) -> None:
         atomic_write_json(self.meta_path, self.meta)
 
-    def _call(self, fn, *a, **kw):
+    def _call(self, name: str, *a, **kw):
         """Call with exponential backoff + jitter while the coordinator is unavailable."""
         delay, start = 0.5, time.monotonic()
         while True:
             try:
-                return fn(*a, **kw)
+                return (yield Rpc(name, a, kw or None))
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE or time.monotonic() - start > self.opts.give_up_after_s:
                     raise
                 self.opts.log(f"coordinator unavailable ({e.code().name}); retrying in {delay:.1f}s")
-                time.sleep(delay * (0.5 + random.random()))
+                yield Sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self.opts.max_backoff_s)
 
-    def _heartbeat_loop(self, interval: float) -> None:
-        while not self._hb_stop.wait(interval):
-            try:
-                self.client.heartbeat(round_id=self._round, state="training" if self._round else "idle")
-            except grpc.RpcError:
-                pass
+    def _heartbeat_request(self) -> dict:
+        return dict(round_id=self._round, state="training" if self._round else "idle")
 
     def _trainer(self, model_cfg_json: str, hyper: pb.HyperParameters, seed: int):
         from fedmla.mla_model import MLAConfig
@@ -182,11 +223,6 @@ class Worker:
                            save(tensors, metadata=dict(round_id=str(round_id), version=str(version), config=config)))
 
     # ---- model sync --------------------------------------------------------------------
-    def _download(self, since: int | None):
-        dl = self._call(self.client.download, since)
-        self.bytes_down += len(dl.data)
-        return dl
-
     def _apply(self, dl, config_json: str | None):
         """(state, shared) after a download; raises ModelIntegrityError on a hash mismatch."""
         from fedmla.protos.codec import UpdateDecodeError
@@ -247,92 +283,89 @@ class Worker:
         self.shared = SharedState.initial(shapes, CodecConfig.model_validate_json(config_json))
         return True
 
-    def _sync(self, model: pb.ModelVersion, config_json: str | None = None) -> None:
+    def _fetch(self, since: int | None):
+        dl = yield Download(since)
+        self.bytes_down += len(dl.data)
+        return dl
+
+    def _sync(self, model: pb.ModelVersion, config_json: str | None = None):
         if self.version == model.version and self.global_state is not None and self.shared is not None:
             return
         from fedmla.protos.transport import ModelIntegrityError
         have = self.global_state is not None and self.shared is not None
-        if not have and self._rebuild_initial(config_json):
+        if not have and (yield Compute(self._rebuild_initial, (config_json,))):
             have = True
             if model.version == 0:
                 self.fedavg_down += 4 * sum(t.numel() for t in self.global_state.values())
                 return
-        dl = self._download(self.version if have else None)
+        dl = yield from self._fetch(self.version if have else None)
         try:
-            state, shared = self._apply(dl, config_json)
+            state, shared = yield Compute(self._apply, (dl, config_json))
         except ModelIntegrityError as e:
             if dl.kind in (cpb.DownloadModelResponse.FULL, cpb.DownloadModelResponse.CODEC_FULL):
                 raise
             self.opts.log(f"resyncing from the full model ({e})")
-            dl = self._download(None)      # resync from the full model
-            state, shared = self._apply(dl, config_json)
+            dl = yield from self._fetch(None)      # resync from the full model
+            state, shared = yield Compute(self._apply, (dl, config_json))
         self.global_state, self.shared, self.version = state, shared, dl.model.version
         self.fedavg_down += 4 * sum(t.numel() for t in state.values())
 
     # ---- main loop -------------------------------------------------------------------
-    def run(self) -> int:
-        joined = self._call(self.client.join, num_examples=self.data.num_train_tokens, device="cpu")
+    def _session(self):
+        """join, then get_task -> sync -> train -> submit until FINISHED; the exit code."""
+        joined = yield from self._call("join", num_examples=self.data.num_train_tokens, device="cpu")
         self.opts.log(f"joined {self.opts.target} as {joined.client_id} (run {joined.run_id})")
         from fedmla.protos.spec import ModelSpec
         from fedmla.mla_model import MLAConfig
         self.model_cfg = MLAConfig.model_validate_json(joined.model_config_json)
         self.shapes = ModelSpec.from_config(self.model_cfg).shapes
         self.seeded_init = joined.seeded_init if joined.HasField("seeded_init") else None
-        hb = threading.Thread(target=self._heartbeat_loop, args=(max(joined.heartbeat_interval_s, 0.5),), daemon=True)
-        hb.start()
+        yield StartHeartbeat(max(joined.heartbeat_interval_s, 0.5))
         try:
             while True:
-                reply = self._call(self.client.get_task)
+                reply = yield from self._call("get_task")
                 if reply.status == cpb.GetTaskResponse.FINISHED:
-                    # A worker that took part ends holding the final global model (verified
+                    # Hold the final model (a worker that trained has its state, verified
                     # against its hash; a codec chain is cheap). One that never did has nothing to sync.
                     if self.global_state is not None or self._rounds:
                         try:
-                            self._sync(reply.model, self.codec_json)
+                            yield from self._sync(reply.model, self.codec_json)
                         except grpc.RpcError as e:
                             self.opts.log(f"could not download the final model: {e.code().name}")
                     self.opts.log(f"run finished after round {reply.current_round}; {self.rounds_done} round(s) here")
                     try:
-                        self.client.leave("run finished")
+                        yield Rpc("leave", ("run finished",))
                     except grpc.RpcError:
                         pass
                     return 0
                 if reply.status != cpb.GetTaskResponse.READY:
-                    time.sleep(max(min(reply.retry_after_s, 5.0), 0.2))
+                    yield Sleep(max(min(reply.retry_after_s, 5.0), 0.2))
                     continue
                 task = reply.task
                 pending = self._read_pending()
                 if (pending is not None and pending["payload"] and pending["round_id"] == task.round_id
                         and pending["version"] == task.model.version):
-                    self._send(task, pending["payload"], None, resent=True)   # encoded before; send the same bytes
+                    yield from self._send(task, pending["payload"], None, resent=True)   # encoded before; same bytes
                     continue
                 if self.meta.get("last_round", -1) >= task.round_id:
-                    time.sleep(max(min(reply.retry_after_s, 2.0), 0.2))   # already submitted this round
+                    yield Sleep(max(min(reply.retry_after_s, 2.0), 0.2))   # already submitted this round
                     continue
-                self._do_round(task)
+                yield from self._do_round(task)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAUTHENTICATED or e.code() == grpc.StatusCode.PERMISSION_DENIED:
                 self.opts.log(f"error: the coordinator refused this worker's token: {e.details()}")
                 return 2
             raise
-        finally:
-            self._hb_stop.set()
-            hb.join(timeout=70)      # never close the channel under a heartbeat in flight
-            self.client.close()
 
-    def _do_round(self, task: pb.Task) -> None:
-        from fedmla.protos.codec.transfer import task_plan
-        self._round = task.round_id
-        config_json = task.codec.config_json
-        if not config_json:
-            raise RuntimeError(f"round {task.round_id}: the task carries no codec config (a coordinator older than "
-                               f"this worker?); update the coordinator")
-        self._sync(task.model, config_json)
-        trainer = self._trainer(task.model_config_json, task.hyper, task.seed)
-        self.opts.log(f"round {task.round_id}: training {task.hyper.local_steps} steps from v{self.version}")
-        t0 = time.thread_time()     # CPU time of this thread: many virtual clients share a process
+    def _train(self, trainer, task: pb.Task):
+        t0 = time.thread_time()     # CPU time of the thread that trains: many virtual clients share a process
         res = trainer.train(self.global_state, self.data, round_idx=task.round_id, client_key=self.data.name)
         self.train_seconds += time.thread_time() - t0
+        return res
+
+    def _encode(self, task: pb.Task, res, config_json: str):
+        """The update's bytes, written ahead to the pending file; (payload, residual before it)."""
+        from fedmla.protos.codec.transfer import task_plan
         metrics = {k: float(v) for k, v in res.metrics.items()}
         codec = self._codec_for(config_json)
         if self.shared.round != self.version:
@@ -345,14 +378,27 @@ class Worker:
         # Write-ahead: once this is on disk, this round's update is these bytes, whatever happens next.
         self._write_pending(task.round_id, task.model.version, payload, self.codec_json or "",
                             self.codec.state_dict())
-        self._send(task, payload, old_residual, train_loss=res.metrics.get("train_loss"))
+        return payload, old_residual
+
+    def _do_round(self, task: pb.Task):
+        self._round = task.round_id
+        config_json = task.codec.config_json
+        if not config_json:
+            raise RuntimeError(f"round {task.round_id}: the task carries no codec config (a coordinator older than "
+                               f"this worker?); update the coordinator")
+        yield from self._sync(task.model, config_json)
+        trainer = yield Compute(self._trainer, (task.model_config_json, task.hyper, task.seed))
+        self.opts.log(f"round {task.round_id}: training {task.hyper.local_steps} steps from v{self.version}")
+        res = yield Compute(self._train, (trainer, task))
+        payload, old_residual = yield Compute(self._encode, (task, res, config_json))
+        yield from self._send(task, payload, old_residual, train_loss=res.metrics.get("train_loss"))
 
     def _send(self, task: pb.Task, payload: bytes, old_residual: dict | None, resent: bool = False,
-              train_loss: float | None = None) -> None:
+              train_loss: float | None = None):
         self._round = task.round_id
         what = "re-sent the saved update" if resent else "submitted"
         try:
-            self._call(self.client.submit, payload, task.round_id, task.model.version)
+            yield from self._call("submit", payload, task.round_id, task.model.version)
             self.bytes_up += len(payload)
             self.fedavg_up += 4 * sum(math.prod(s) for s in self.shapes.values())
             loss = f", train loss {train_loss:.4f}" if train_loss is not None else ""
@@ -372,7 +418,66 @@ class Worker:
                 raise
             self.opts.log(f"round {task.round_id}: already accepted earlier")
         self.meta.update(last_round=task.round_id, trained_from_version=task.model.version)
-        self._save_meta()
+        yield Compute(self._save_meta)      # an fsync: off the event loop of the async driver
         self._rounds.add(task.round_id)
         self.rounds_done = len(self._rounds)
         self._round = 0
+
+
+class Worker(WorkerProtocol):
+    """The blocking driver (``fedmla worker``): one gRPC channel, a heartbeat thread."""
+
+    def __init__(self, opts: WorkerOptions, data: ClientData):
+        super().__init__(opts, data)
+        self.client = CoordinatorClient(opts.target, opts.token, tls=opts.tls, timeout=60)
+        self._hb_stop = threading.Event()
+        self._hb: threading.Thread | None = None
+
+    def _drive(self, steps):
+        """Run a protocol generator to its end, performing what it yields."""
+        try:
+            request = next(steps)
+            while True:
+                try:
+                    result = self._perform(request)
+                except Exception as e:
+                    request = steps.throw(e)
+                else:
+                    request = steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+
+    def _perform(self, request):
+        if isinstance(request, Rpc):
+            return getattr(self.client, request.name)(*request.args, **(request.kwargs or {}))
+        if isinstance(request, Compute):
+            return request.fn(*request.args)
+        if isinstance(request, Sleep):
+            time.sleep(request.seconds)
+            return None
+        if isinstance(request, Download):
+            return self._download(request.since)
+        if isinstance(request, StartHeartbeat):
+            self._hb = threading.Thread(target=self._heartbeat_loop, args=(request.interval,), daemon=True)
+            self._hb.start()
+            return None
+        raise TypeError(f"unknown request {request!r}")
+
+    def _download(self, since: int | None):
+        return self._drive(self._call("download", since))
+
+    def _heartbeat_loop(self, interval: float) -> None:
+        while not self._hb_stop.wait(interval):
+            try:
+                self.client.heartbeat(**self._heartbeat_request())
+            except grpc.RpcError:
+                pass
+
+    def run(self) -> int:
+        try:
+            return self._drive(self._session())
+        finally:
+            self._hb_stop.set()
+            if self._hb is not None:
+                self._hb.join(timeout=70)      # never close the channel under a heartbeat in flight
+            self.client.close()

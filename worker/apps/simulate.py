@@ -1,9 +1,10 @@
 """``fedmla simulate``: a coordinator (in-process, or an existing one) plus N virtual clients on Ray.
 
 A pool of K Ray actors each serves many virtual clients (Flower-simulation style): every
-virtual client is a :class:`fedmla.worker.runtime.Worker` with its own state directory, its own
-token and its own gRPC channel to the coordinator over loopback, so the clients speak the
-same protocol as ``fedmla worker``. The driver watches the coordinator's committed
+virtual client is a :class:`fedmla.worker.virtual.AsyncWorker` (the protocol of ``fedmla
+worker``, driven by coroutines) with its own state directory, its own token and its own
+gRPC channel to the coordinator over loopback; an actor runs all its clients on one event
+loop, their training on one compute thread. The driver watches the coordinator's committed
 versions, evaluates each new global model on the fixed validation windows and prints a
 line per round; at the end a table (and ``--json``) with validation loss, bytes and time.
 
@@ -88,38 +89,23 @@ def _client_actor_class():
 
     @ray.remote(num_cpus=1)
     class ClientPool:
-        """Runs many virtual clients, each a Worker in its own thread."""
+        """Runs many virtual clients on one asyncio event loop (fedmla.worker.virtual):
+        every client an AsyncWorker with its own grpc.aio channel, training and the other
+        heavy steps on one compute thread (the actor's CPU)."""
 
         def __init__(self):
             torch.set_num_threads(1)
 
         def run(self, target: str, clients: list[tuple[str, str, object]], state_root: str, ca: bytes | None) -> list[dict]:
-            import threading
-
-            from fedmla.protos.weights import model_hash
-            from fedmla.worker.runtime import Worker, WorkerOptions
             from fedmla.protos.transport import TLSConfig
+            from fedmla.protos.weights import model_hash
+            from fedmla.worker.virtual import run_clients
             tls = TLSConfig(root_ca=ca) if ca else None
-            out: dict[str, dict] = {}
-
-            def one(name, token, data):
-                w = Worker(WorkerOptions(target, token, Path(state_root) / name, tls=tls, log=lambda m: None), data)
-                try:
-                    code = w.run()
-                    err = ""
-                except Exception as e:     # reported to the driver, which fails the run
-                    code, err = 1, f"{type(e).__name__}: {e}"
-                out[name] = dict(name=name, code=code, error=err, rounds=w.rounds_done, bytes_up=w.bytes_up,
-                                 bytes_down=w.bytes_down, fedavg_up=w.fedavg_up, fedavg_down=w.fedavg_down,
-                                 train_seconds=w.train_seconds,
-                                 version=w.version,
-                                 hash=None if w.global_state is None else model_hash(w.global_state))
-            threads = [threading.Thread(target=one, args=c, daemon=True) for c in clients]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            return [out[c[0]] for c in clients]
+            return [dict(name=name, code=code, error=err, rounds=w.rounds_done, bytes_up=w.bytes_up,
+                         bytes_down=w.bytes_down, fedavg_up=w.fedavg_up, fedavg_down=w.fedavg_down,
+                         train_seconds=w.train_seconds, version=w.version,
+                         hash=None if w.global_state is None else model_hash(w.global_state))
+                    for name, w, code, err in run_clients(target, clients, state_root, tls=tls)]
 
     return ClientPool
 
@@ -179,7 +165,10 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                                            min_clients=clients,
                                            min_replies=clients_per_round, local_steps=local_steps, learning_rate=lr,
                                            batch_size=batch_size, seq_len=seq_len, seed=seed, round_timeout_s=300,
-                                           client_timeout_s=300, heartbeat_interval_s=5,
+                                           # a virtual client beats only when silent this long (its
+                                           # GetTask long polls, every task_long_poll_s, already
+                                           # count): still 10x inside client_timeout_s
+                                           client_timeout_s=300, heartbeat_interval_s=30,
                                            dashboard_port=dashboard_port, dashboard_token=dashboard_token,
                                            **({} if codec is None else {"codec": codec}))
             bg = BackgroundCoordinator(settings).start()
