@@ -29,7 +29,10 @@ MAX_TERM_BITS = 32             # |w * x| < 2**32: high limb < 2**32, sums of 2**
 _SCALE = 2.0 ** GRID_BITS
 _LIMB = 2.0 ** LIMB_BITS
 _MAX = 2.0 ** (MAX_TERM_BITS + GRID_BITS)
-_CHUNK = 1 << 16               # elements per pass of add_scaled (its float64/int64 temporaries stay in cache)
+# Elements per pass of add_scaled: its float64/int64 temporaries stay in cache, and below
+# ATen's grain size (32768) every op runs on the calling thread: no OpenMP fork/join per
+# op (on a busy machine those waits cost ~10x the work); uploads add in parallel instead.
+_CHUNK = 32_000
 MAX_WEIGHT = 1 << 29           # float32 (24-bit significand) x weight < 2**53: exact in float64
 
 
