@@ -65,7 +65,14 @@ async def _clients(target: str, tokens: list[str], rounds: int, distinct: int = 
                     raise RuntimeError("run finished early")
                 await asyncio.sleep(0.05)
         tasks = await asyncio.gather(*(ready(c) for c in clients))
-        payloads = await asyncio.to_thread(_codec_payloads, tasks[0], distinct)   # for this round's plan
+        # Encoding the payloads for this round's plan can outlast client_timeout_s on a
+        # loaded machine: the clients heartbeat meanwhile so that they are not dropped.
+        making = asyncio.ensure_future(asyncio.to_thread(_codec_payloads, tasks[0], distinct))
+        while not making.done():
+            await asyncio.wait([making], timeout=5.0)
+            if not making.done():
+                await asyncio.gather(*(c.heartbeat(t.round_id) for c, t in zip(clients, tasks)))
+        payloads = making.result()
         sizes.extend(len(p) for p in payloads)
         start_all = time.perf_counter()
 

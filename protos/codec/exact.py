@@ -11,6 +11,12 @@ grid is dropped (the same for every party and every order).
 
 Bounds: |w * x| < 2**MAX_TERM_BITS per element (the caller bounds weights and values),
 and at most 2**22 terms per sum; :meth:`ExactSum.add` refuses a term past the bound.
+
+:meth:`ExactSum.add_scaled` is the coordinator's path: a float32 tensor times an integer
+weight, split and summed in cache-sized chunks in one pass (the bound checked on the
+float32 tensor first), giving the same limbs as :meth:`add` of ``x.double() * w``. When
+every ``|w * x| < 1`` the high limbs are all zero and only the low limbs are touched (the
+high limbs of a parameter exist only once a term needed them).
 """
 
 from __future__ import annotations
@@ -23,6 +29,16 @@ MAX_TERM_BITS = 32             # |w * x| < 2**32: high limb < 2**32, sums of 2**
 _SCALE = 2.0 ** GRID_BITS
 _LIMB = 2.0 ** LIMB_BITS
 _MAX = 2.0 ** (MAX_TERM_BITS + GRID_BITS)
+# Elements per pass of add_scaled: its float64/int64 temporaries stay in cache, and below
+# ATen's grain size (32768) every op runs on the calling thread: no OpenMP fork/join per
+# op (on a busy machine those waits cost ~10x the work); uploads add in parallel instead.
+_CHUNK = 32_000
+MAX_WEIGHT = 1 << 29           # float32 (24-bit significand) x weight < 2**53: exact in float64
+
+
+def _refuse() -> OverflowError:
+    return OverflowError(f"a weighted value reaches 2**{MAX_TERM_BITS} in magnitude (or is not "
+                         f"finite): too large to sum exactly")
 
 
 class ExactSum:
@@ -41,8 +57,7 @@ class ExactSum:
         if a.numel():
             low, high = torch.aminmax(a)
             if not (-_MAX < float(low) and float(high) < _MAX):      # NaN fails both
-                raise OverflowError(f"a weighted value reaches 2**{MAX_TERM_BITS} in magnitude (or is not "
-                                    f"finite): too large to sum exactly")
+                raise _refuse()
         hi = (a * (1.0 / _LIMB)).to(torch.int64)         # exact quotient, truncated toward zero
         a.sub_(hi.to(torch.float64).mul_(_LIMB))         # |a - hi*2^40| < 2^40: exact
         lo = a.to(torch.int64)                           # drops the sub-grid bits
@@ -55,21 +70,75 @@ class ExactSum:
         hi, lo = self.limbs(term)
         self.add_limbs(name, hi, lo, sign)
 
+    def _acc(self, store: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        acc = store.get(name)
+        if acc is None:
+            acc = store[name] = torch.zeros(self.shapes[name], dtype=torch.int64)
+        return acc
+
     def add_limbs(self, name: str, hi: torch.Tensor, lo: torch.Tensor, sign: int = 1) -> None:
         """Add limbs made by :meth:`limbs` (so that the costly split can run outside a lock)."""
-        if name not in self._hi:
-            self._hi[name] = torch.zeros(self.shapes[name], dtype=torch.int64)
-            self._lo[name] = torch.zeros(self.shapes[name], dtype=torch.int64)
+        lo_acc = self._acc(self._lo, name)
+        hi_acc = self._acc(self._hi, name)
         if sign > 0:
-            self._hi[name].add_(hi)
-            self._lo[name].add_(lo)
+            hi_acc.add_(hi)
+            lo_acc.add_(lo)
         else:
-            self._hi[name].sub_(hi)
-            self._lo[name].sub_(lo)
+            hi_acc.sub_(hi)
+            lo_acc.sub_(lo)
+
+    def add_scaled(self, name: str, x: torch.Tensor, weight: int, sign: int = 1) -> None:
+        """Add (``sign`` = 1) or take out (-1) the term ``weight * x`` of parameter ``name``:
+        ``x`` float32, ``weight`` an integer in [1, MAX_WEIGHT). The same limbs as
+        ``add(name, x.double() * weight, sign)`` (the product is exact in float64), split
+        and summed chunk by chunk in one pass. A term past the bound (or not finite) is
+        refused before anything is summed. Not thread-safe for one ``name``: callers
+        serialise the calls of a parameter (not of different parameters)."""
+        if tuple(x.shape) != self.shapes[name]:
+            raise ValueError(f"{name}: term of shape {tuple(x.shape)}, expected {self.shapes[name]}")
+        weight = int(weight)
+        if x.dtype != torch.float32 or not 0 < weight < MAX_WEIGHT:
+            self.add(name, x.to(torch.float64) * weight, sign)
+            return
+        x = x.contiguous().view(-1)
+        if not x.numel():
+            self._acc(self._lo, name)
+            return
+        low, high = (float(v) for v in torch.aminmax(x))
+        # float32 times an integer below 2**29 is exact in a Python float: the same test as
+        # limbs() makes on the float64 term, |w * x| < 2**MAX_TERM_BITS (NaN fails both).
+        bound = 2.0 ** MAX_TERM_BITS
+        if not (-bound < low * weight and high * weight < bound):
+            raise _refuse()
+        small = max(-low, high) * weight < 1.0     # every |w * x| < 1: all high limbs are 0
+        lo_acc = self._acc(self._lo, name).view(-1)
+        hi_acc = None if small else self._acc(self._hi, name).view(-1)
+        n = x.numel()
+        c = min(n, _CHUNK)
+        y = torch.empty(c, dtype=torch.float64)
+        k = torch.empty(c, dtype=torch.int64)
+        # a 1-element (not 0-dim) float64 factor makes torch.mul compute in float64
+        factor = torch.tensor([weight * _SCALE if small else float(weight)], dtype=torch.float64)
+        add = torch.Tensor.add_ if sign > 0 else torch.Tensor.sub_
+        for s in range(0, n, c):
+            e = min(n, s + c)
+            yc, kc = y[:e - s], k[:e - s]
+            torch.mul(x[s:e], factor, out=yc)         # exact: w * x (* 2**40), float64
+            if not small:
+                kc.copy_(yc)                          # hi = trunc(w * x)
+                add(hi_acc[s:e], kc)
+                torch.frac(yc, out=yc)                # w * x - hi: exact
+                yc.mul_(_SCALE)                       # a power of two: exact
+            kc.copy_(yc)                              # lo: truncated toward zero to the grid
+            add(lo_acc[s:e], kc)
 
     def value(self, name: str) -> torch.Tensor:
         """The sum of parameter ``name`` as float64 (zeros if nothing was added): a
         function of the integer limbs only, so of the set of terms, not their order."""
-        if name not in self._hi:
+        lo = self._lo.get(name)
+        if lo is None:
             return torch.zeros(self.shapes[name], dtype=torch.float64)
-        return (self._hi[name].to(torch.float64) * _LIMB + self._lo[name].to(torch.float64)) / _SCALE
+        hi = self._hi.get(name)
+        if hi is None:          # high limbs all zero: 0.0 * 2**40 + lo is lo, bit for bit
+            return lo.to(torch.float64) / _SCALE
+        return (hi.to(torch.float64) * _LIMB + lo.to(torch.float64)) / _SCALE

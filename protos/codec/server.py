@@ -77,10 +77,11 @@ def decode_importance(msg: pb.HeadScores, num_layers: int, num_heads: int) -> to
 class ExactAggregator:
     """Example-weighted mean of the clients' reconstructed updates, exact for what was sent.
 
-    Each client's factors are multiplied out (left^T @ right, or basis @ factor) and added
-    at once, weighted by its example count, to an :class:`~.exact.ExactSum`: integer
-    limbs on a fixed grid, so the sum is the same bits whatever order the updates arrive
-    in (and from whichever thread: ``add`` takes a lock), and an update can be taken out
+    Each client's factors are multiplied out (left^T @ right, or basis @ factor, float32)
+    and added at once, weighted by its example count, to an :class:`~.exact.ExactSum`
+    (:meth:`~.exact.ExactSum.add_scaled`): integer limbs on a fixed grid, so the sum is
+    the same bits whatever order the updates arrive in (and from whichever thread: each
+    parameter has its own lock, so two threads add at once), and an update can be taken out
     again exactly (:meth:`remove`). Memory is O(model) whatever the number of clients:
     nothing of an update is kept after ``add`` but its weight and importance. Never
     mean(B) @ mean(A).
@@ -98,11 +99,18 @@ class ExactAggregator:
         self._weights: dict[str, int] = {}
         self._adding: set[str] = set()
         self._imp: dict[str, torch.Tensor] = {}
+        self._locks = {name: threading.Lock() for name in self.shapes}
 
-    def _terms(self, update: DecodedUpdate, weight: int):
+    def _products(self, update: DecodedUpdate):
+        # The float32 full-shape tensor each part stands for (the low-rank product is
+        # formed here, outside any lock); times an integer weight < 2**29 it is exact in
+        # float64, which ExactSum.add_scaled relies on.
         for name, part in update.tensors.parts.items():
-            # float32 value times an integer weight < 2**21: exact in float64
-            yield name, part.dense(self.shapes[name]).to(torch.float64).mul_(weight)
+            yield name, part.dense(self.shapes[name])
+
+    def _sum_in(self, name: str, x: torch.Tensor, weight: int, sign: int = 1) -> None:
+        with self._locks[name]:          # one lock per parameter: threads contend only on the same one
+            self._sum.add_scaled(name, x, weight, sign)
 
     def add(self, client_id: str, update: DecodedUpdate, num_examples: int | None = None) -> None:
         """Sum the update in now, one tensor at a time (temporaries of one tensor, not of
@@ -118,18 +126,14 @@ class ExactAggregator:
             self._adding.add(client_id)
         done: list[str] = []
         try:
-            for name, term in self._terms(update, n):
-                hi, lo = ExactSum.limbs(term)       # outside the lock: the costly part
-                del term
-                with self._lock:
-                    self._sum.add_limbs(name, hi, lo)
+            for name, x in self._products(update):
+                self._sum_in(name, x, n)        # refuses a term past the bound before summing any of it
+                del x
                 done.append(name)
         except BaseException:
-            for name, term in self._terms(update, n):
+            for name, x in self._products(update):
                 if name in done:
-                    hi, lo = ExactSum.limbs(term)
-                    with self._lock:
-                        self._sum.add_limbs(name, hi, lo, sign=-1)
+                    self._sum_in(name, x, n, sign=-1)
             with self._lock:
                 self._adding.discard(client_id)
             raise
@@ -144,10 +148,8 @@ class ExactAggregator:
         with self._lock:
             n = self._weights.pop(client_id)
             self._imp.pop(client_id, None)
-        for name, term in self._terms(update, n):
-            hi, lo = ExactSum.limbs(term)
-            with self._lock:
-                self._sum.add_limbs(name, hi, lo, sign=-1)
+        for name, x in self._products(update):
+            self._sum_in(name, x, n, sign=-1)
 
     def reweight(self, client_id: str, update: DecodedUpdate, weight: int) -> None:
         """Give a client's update another weight (exactly): the same update ``add`` was given."""
