@@ -25,6 +25,7 @@ from fedmla.protos.limits import clip
 from fedmla.protos.tensors import (TensorDecodeError, decode_int_rows, decode_tensor, encode_int_rows,
                             encode_tensor)
 
+from . import sparse
 from .config import CodecConfig
 from .layout import RoundPlan, Selection, compress, effective_basis, is_lowrank, reconstruct, selection_for
 from .quant import code_range, container_bits, dequantize_rows, quantize_rows, scales_are_half
@@ -83,7 +84,9 @@ class TensorCodec:
         sel = selection_for(name, shape, self.model_cfg, self.cfg, plan.mask if uplink else None)
         if not is_lowrank(shape, self.cfg):
             return sel, "dense", None, None
-        if self.cfg.method == "svd" or plan.round < self.cfg.powersgd_warmup_rounds:
+        if self.cfg.sparse(uplink):
+            return sel, "sparse", None, None
+        if self.cfg.method in ("svd", "topk") or plan.round < self.cfg.powersgd_warmup_rounds:
             return sel, "lowrank", None, None
         basis = plan.shared.bases[name]
         key = (name, basis.side, tuple(sel.heads) if sel.heads is not None else None)
@@ -118,6 +121,11 @@ class TensorCodec:
             sel, kind, side, b = self._layout(name, plan, uplink)
             heads = pb.HeadSelection(heads=sel.heads) if sel.heads is not None else None
             xs = sel.take(x)
+            if kind == "sparse":
+                msg, deq = self._encode_sparse(xs, uplink, gen)
+                dense.append(pb.DenseUpdate(name=name, sparse=msg, heads=heads))
+                sent[name] = Part(sel=sel, value=deq).dense(shape)
+                continue
             if kind == "dense":
                 if not plan.send_dense:
                     continue
@@ -140,6 +148,20 @@ class TensorCodec:
             factors.append(f)
             sent[name] = Part(sel=sel, side=side, basis=b, left=dl, right=dr).dense(shape)
         return factors, dense, sent
+
+    # ---- chunked top-k (see sparse.py) ---------------------------------------------------------
+    def _encode_sparse(self, xs: torch.Tensor, uplink: bool, gen: torch.Generator):
+        bits = self.cfg.topk_bits
+        return sparse.encode(xs, self.cfg.topk_chunk, self.cfg.topk_k_for(uplink),
+                             lambda v: _quant_encode(v, bits, self.cfg, gen))
+
+    def _decode_sparse(self, msg: pb.SparseChunks, name: str, sub: tuple[int, ...], uplink: bool) -> torch.Tensor:
+        bits = self.cfg.topk_bits
+        try:
+            return sparse.decode(msg, name, sub, self.cfg.topk_chunk, self.cfg.topk_k_for(uplink),
+                                 lambda m, what, shape: self._tensor(m, what, shape, bits))
+        except sparse.SparseDecodeError as e:
+            raise UpdateDecodeError(str(e)) from None
 
     # ---- decode ------------------------------------------------------------------------------
     def _tensor(self, msg: pb.Tensor, what: str, shape: tuple[int, int], bits: int) -> torch.Tensor:
@@ -186,6 +208,9 @@ class TensorCodec:
         for name, shape in self.shapes.items():
             sel, kind, side, b = self._layout(name, plan, uplink)
             sub = sel.sub_shape(shape)
+            if kind == "sparse":
+                out[name] = ("sparse", (math.prod(sub),))
+                continue
             if kind == "dense":
                 if plan.send_dense:
                     out[name] = ("dense", (math.prod(sub),))
@@ -212,7 +237,10 @@ class TensorCodec:
         for name, (kind, counts) in self.expected(plan, uplink).items():
             sub = selection_for(name, self.shapes[name], self.model_cfg, self.cfg,
                                 plan.mask if uplink else None).sub_shape(self.shapes[name])
-            if kind == "dense":
+            if kind == "sparse":
+                total += sparse.max_bytes(counts[0], self.cfg.topk_chunk, self.cfg.topk_k_for(uplink),
+                                          lambda r, c: self._encoded_bytes(r, c, self.cfg.topk_bits))
+            elif kind == "dense":
                 cols = counts[0] if len(sub) < 2 else sub[1]
                 total += self._encoded_bytes(counts[0] // max(cols, 1), cols, self._bits(uplink, True))
             else:
@@ -230,15 +258,15 @@ class TensorCodec:
     def _entry(self, name: str, out: DecodedTensors, plan: RoundPlan, uplink: bool, kind: str):
         """(selection, side, basis) of one received entry, refused when its name is unknown,
         repeated, or of the other kind (``lowrank`` factor / ``dense`` value) under the plan."""
-        what = "factor" if kind == "lowrank" else "dense update"
+        what = {"lowrank": "factor", "dense": "dense update", "sparse": "sparse update"}[kind]
         if name not in self.shapes:
             raise UpdateDecodeError(f"{what} for unknown parameter {clip(name)}")
         if name in out.parts:
             raise UpdateDecodeError(f"{name}: sent twice")
         sel, sent_as, side, b = self._layout(name, plan, uplink)
         if sent_as != kind:
-            raise UpdateDecodeError(f"{name}: {'low-rank factor' if kind == 'lowrank' else 'dense update'} for a "
-                                    f"tensor this codec sends {'dense' if kind == 'lowrank' else 'low-rank'}")
+            label = {"lowrank": "low-rank", "dense": "dense", "sparse": "top-k sparse"}
+            raise UpdateDecodeError(f"{name}: {label[kind]} update for a tensor this codec sends {label[sent_as]}")
         return sel, side, b
 
     def decode(self, factors, dense, plan: RoundPlan, uplink: bool) -> DecodedTensors:
@@ -267,6 +295,14 @@ class TensorCodec:
             out.parts[name] = Part(sel=sel, side=side, basis=b, left=left, right=right)
         for d in dense:
             name = d.name
+            if d.HasField("sparse"):
+                sel, _, _ = self._entry(name, out, plan, uplink, "sparse")
+                if d.HasField("value"):
+                    raise UpdateDecodeError(f"{name}: both a dense value and sparse entries")
+                self._check_heads(name, d.heads if d.HasField("heads") else None, sel)
+                sub = sel.sub_shape(self.shapes[name])
+                out.parts[name] = Part(sel=sel, value=self._decode_sparse(d.sparse, name, sub, uplink))
+                continue
             sel, _, _ = self._entry(name, out, plan, uplink, "dense")
             if not plan.send_dense:
                 raise UpdateDecodeError(f"{name}: dense tensors are not sent in round {plan.round}")

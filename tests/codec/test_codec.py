@@ -28,7 +28,7 @@ def perturbed(state, seed, scale=1e-2):
     return {n: t + scale * torch.randn(t.shape, generator=g) for n, t in state.items()}
 
 
-@pytest.mark.parametrize("method", ["svd", "powersgd"])
+@pytest.mark.parametrize("method", ["svd", "powersgd", "topk"])
 def test_aggregate_equals_weighted_sum_of_reconstructions(global_state, method):
     cfg = CodecConfig(method=method, rank=3, head_selection=True, keep_ratio=0.5, powersgd_warmup_rounds=0)
     server = ServerCodec(MODEL, cfg, global_state)
@@ -100,7 +100,7 @@ def test_aggregation_is_bit_identical_in_any_arrival_order(global_state):
     assert results[0] == results[1]
 
 
-@pytest.mark.parametrize("method", ["svd", "powersgd", "dense"])
+@pytest.mark.parametrize("method", ["svd", "powersgd", "dense", "topk"])
 def test_error_feedback_preserves_the_sum(global_state, method):
     cfg = CodecConfig(method=method, rank=1, factor_bits=4, keep_ratio=0.25, explore_heads=0, powersgd_warmup_rounds=0)
     server = ServerCodec(MODEL, cfg, global_state)

@@ -15,6 +15,9 @@ CONFIGS = {
     "8-bit, float32 scales": CodecConfig(factor_bits=8, half_scales=False, entropy_coding=False),
     "2-bit, dense every 2": CodecConfig(factor_bits=2, dense_every=2, keep_ratio=0.25),
     "4-bit, fp32 dense": CodecConfig(factor_bits=4, dense_bits=0),
+    "topk": CodecConfig(method="topk", topk_chunk=256, topk_k=8),
+    "topk, fp32 values, top-k downlink": CodecConfig(method="topk", topk_chunk=300, topk_k=300, topk_bits=0,
+                                                     entropy_coding=False, topk_downlink="topk"),
 }
 
 

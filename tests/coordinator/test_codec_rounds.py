@@ -286,3 +286,27 @@ def test_defence_refuses_a_huge_update_and_the_round_commits_without_it(tmp_path
         assert {c for c, r in rows.items() if r["status"] == "replied"} == {"a", "b", "c"}
         rnd = bg.call(lambda: bg.store.rounds())[0]
         assert rnd["status"] == "committed" and rnd["replied"] == 3 and rnd["rejected"] == 1
+
+
+@pytest.mark.parametrize("downlink", ["svd", "topk"])
+def test_topk_codec_rounds_over_grpc(tmp_path, downlink):
+    """method 'topk' through the coordinator: uploads bounded and decoded by the plan,
+    aggregated, sent down (low-rank or top-k); every client ends on the coordinator's bits."""
+    codec = CodecConfig(method="topk", topk_chunk=512, topk_k=16, keep_ratio=0.5, topk_downlink=downlink)
+    with BackgroundCoordinator(codec_settings(tmp_path, rounds=2, codec=codec)) as bg:
+        clients = make_clients(bg, NAMES)
+        synth = {n: SyntheticCodecClient(c, n) for n, c in zip(NAMES, clients)}
+        task = ready_task(clients[0])
+        assert CodecConfig.model_validate_json(task.codec.config_json) == codec
+        last = run_rounds(bg, synth, 2)
+        finished = wait_for(lambda: (r := clients[0].get_task()).status == cpb.GetTaskResponse.FINISHED and r,
+                            what="FINISHED")
+        for s in synth.values():
+            s.sync(last, finished.model)
+            assert model_hash(s.state) == bg.coord.model_sha
+        rounds = bg.call(lambda: bg.coord.store.rounds())
+        assert [r["status"] for r in rounds] == ["committed", "committed"] and all(r["replied"] == 2 for r in rounds)
+        assert all(r["bytes_up"] < r["fedavg_fp32_bytes"] / 10 for r in rounds)
+        chain = cpb.CodecDownlinks.FromString(clients[0].download(0).data)
+        down = pb.ModelUpdate.FromString(chain.downlinks[0])
+        assert any(d.HasField("sparse") for d in down.dense) == (downlink == "topk")

@@ -113,8 +113,20 @@ def test_cli_with_folder_data_and_bad_options(tmp_path):
         assert key in out
     # --reuse-baselines: the same baselines, only the codec runs again
     res = CliRunner().invoke(app, base + ["--data", str(tmp_path / "data"), "--reuse-baselines",
-                                          str(tmp_path / "out.json"), "--codec", '{"rank": 2}'])
+                                          str(tmp_path / "out.json"), "--codec", '{"rank": 2}',
+                                          "--compare", '{"method": "topk", "topk_k": 8}'])
     assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "out.json").read_text())
+    (topk,) = out["compare"]
+    assert topk["changes"] == {"rank": 2, "method": "topk", "topk_k": 8}
+    for name in ("fedavg", "diloco"):       # against the same baselines as the main codec run
+        t = topk["targets"][name]
+        assert t["target"] == out["fedmla"]["targets"][name]["target"]
+        assert topk["ratio_vs"][name] == out["baselines"][name]["bytes_total"] / t["bytes"]
+        assert isinstance(topk["reached_target_vs"][name], bool)
+    assert topk["per_round"][0]["up_bytes"][0] != out["fedmla"]["per_round"][0]["up_bytes"][0]
+    res = CliRunner().invoke(app, base + ["--compare", '{"method": "nope"}'])
+    assert res.exit_code == 2 and "method" in res.output
     # bad options: a clear message and exit code 2, no traceback
     res = CliRunner().invoke(app, base + ["--clients", "2", "--clients-per-round", "3"])
     assert res.exit_code == 2 and "clients_per_round (3) exceeds the number of clients (2)" in res.output

@@ -283,9 +283,11 @@ def _comparable(cfg: dict) -> dict:
 
 
 def run_bench(cfg: BenchConfig, data_dir: str | None = None, ablation: bool = False, log=print,
-              reuse_baselines: dict | None = None) -> dict:
+              reuse_baselines: dict | None = None, compare: list[CodecConfig] | None = None) -> dict:
     """Both baselines, then the codec to every target; ``reuse_baselines`` (a previous
-    output of this function for the same config, data and seed) skips the baselines."""
+    output of this function for the same config, data and seed) skips the baselines.
+    ``compare``: further codec configurations run against the same baselines and targets
+    (``out["compare"]``: one row each, with its ratios against both baselines)."""
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     data = load_data(cfg, data_dir)
@@ -328,6 +330,19 @@ def run_bench(cfg: BenchConfig, data_dir: str | None = None, ablation: bool = Fa
         "reached_target_vs_tight": {n: reach_tight[n]["reached"] for n in BASELINES},
         "ratio": ratio_vs["fedavg"], "reached_target": reach["fedavg"]["reached"],
     }
+    if compare:
+        out["compare"] = []
+        for i, codec in enumerate(compare):
+            log(f"compare {i}: {codec.model_dump_json(exclude_defaults=True)}")
+            res = run_method(run, codec, cap, stop=lambda loss: loss <= min(targets.values()), log=log,
+                             label=f"compare{i}")
+            hits = {n: first_reaching(res, targets[n], cap) for n in BASELINES}
+            out["compare"].append({
+                "codec": codec.model_dump(), "changes": json.loads(codec.model_dump_json(exclude_defaults=True)),
+                "ratio_vs": {n: bases[n]["bytes_total"] / hits[n]["bytes"] for n in BASELINES},
+                "reached_target_vs": {n: hits[n]["reached"] for n in BASELINES}, "targets": hits,
+                "rounds": res["rounds"], "final_val_loss": res["final_val_loss"], "bytes_total": res["bytes_total"],
+                "per_round": res["per_round"]})
     if ablation:
         rows = []
         target = targets["fedavg"]
@@ -357,6 +372,9 @@ def summary(out: dict) -> dict:
         "fedmla_tight": {n: {"rounds": t["rounds"], "bytes": t["bytes"], "val_loss": t["val_loss"]}
                          for n, t in fed["tight_targets"].items()},
         "wall_seconds": round(out["wall_seconds"], 1),
+        **({"compare": [{"changes": c["changes"], "ratio_vs": c["ratio_vs"], "reached_target_vs": c["reached_target_vs"],
+                         "rounds_vs": {n: t["rounds"] for n, t in c["targets"].items()},
+                         "final_val_loss": c["final_val_loss"]} for c in out["compare"]]} if "compare" in out else {}),
     }
 
 
@@ -381,6 +399,9 @@ def register(app, bench) -> None:
         codec_json: str | None = typer.Option(None, "--codec", help="JSON of CodecConfig fields to override"),
         reuse: Path | None = typer.Option(None, "--reuse-baselines",
                                           help="take the baselines from an earlier --json of the same settings"),
+        compare_json: list[str] = typer.Option([], "--compare", help=(
+            "JSON of CodecConfig fields to override for a further codec run against the same baselines "
+            "(repeatable; each is applied to the run's codec)")),
     ) -> None:
         """fedmla's codec vs FedAvg and DiLoCo in fp32: total bytes to each baseline's loss (+2%, +0.5%)."""
         from fedmla.mla_model.hf import HFCheckpointError
@@ -405,13 +426,14 @@ def register(app, bench) -> None:
                 upd["codec"] = CodecConfig.model_validate({**cfg.codec.model_dump(), **json.loads(codec_json)})
             cfg = BenchConfig.model_validate({**cfg.model_dump(), **{k: (v.model_dump() if hasattr(v, "model_dump")
                                                                         else v) for k, v in upd.items()}})
+            compare = [CodecConfig.model_validate({**cfg.codec.model_dump(), **json.loads(c)}) for c in compare_json]
         except (ValidationError, ValueError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
         try:
             out = run_bench(cfg, str(data) if data else None, ablation=(not quick) if ablation is None else ablation,
                             log=lambda s: typer.echo(s, err=True),
-                            reuse_baselines=json.loads(reuse.read_text()) if reuse else None)
+                            reuse_baselines=json.loads(reuse.read_text()) if reuse else None, compare=compare)
         except (DataError, BenchError, HFCheckpointError) as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)

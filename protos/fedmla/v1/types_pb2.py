@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66\x65\x64mla/v1/types.proto\x12\tfedmla.v1\"\xba\x01\n\x0cQuantization\x12.\n\x06scheme\x18\x01 \x01(\x0e\x32\x1e.fedmla.v1.Quantization.Scheme\x12!\n\x06scales\x18\x02 \x01(\x0b\x32\x11.fedmla.v1.Tensor\x12\x12\n\nstochastic\x18\x03 \x01(\x08\"C\n\x06Scheme\x12\x0f\n\x0bSCHEME_NONE\x10\x00\x12\x0c\n\x08INT8_ROW\x10\x01\x12\x0c\n\x08INT4_ROW\x10\x02\x12\x0c\n\x08INT2_ROW\x10\x03\"\x9b\x01\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.fedmla.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12&\n\x05quant\x18\x04 \x01(\x0b\x32\x17.fedmla.v1.Quantization\x12+\n\x0b\x63ompression\x18\x05 \x01(\x0e\x32\x16.fedmla.v1.Compression\"\x1e\n\rHeadSelection\x12\r\n\x05heads\x18\x01 \x03(\x05\"\x97\x01\n\rLowRankFactor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x04left\x18\x02 \x01(\x0b\x32\x11.fedmla.v1.Tensor\x12 \n\x05right\x18\x03 \x01(\x0b\x32\x11.fedmla.v1.Tensor\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\'\n\x05heads\x18\x05 \x01(\x0b\x32\x18.fedmla.v1.HeadSelection\"f\n\x0b\x44\x65nseUpdate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.fedmla.v1.Tensor\x12\'\n\x05heads\x18\x03 \x01(\x0b\x32\x18.fedmla.v1.HeadSelection\"C\n\nHeadScores\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x11\n\tnum_heads\x18\x02 \x01(\x05\x12\x0e\n\x06scores\x18\x03 \x03(\x02\"\x86\x02\n\x0bModelUpdate\x12)\n\x07\x66\x61\x63tors\x18\x01 \x03(\x0b\x32\x18.fedmla.v1.LowRankFactor\x12%\n\x05\x64\x65nse\x18\x02 \x03(\x0b\x32\x16.fedmla.v1.DenseUpdate\x12)\n\nimportance\x18\x03 \x01(\x0b\x32\x15.fedmla.v1.HeadScores\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x34\n\x07metrics\x18\x05 \x03(\x0b\x32#.fedmla.v1.ModelUpdate.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xd6\x01\n\x12\x43lientCapabilities\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x19\n\x11\x66ree_memory_bytes\x18\x02 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x18\n\x10software_version\x18\x04 \x01(\t\x12\x37\n\x05\x65xtra\x18\x05 \x03(\x0b\x32(.fedmla.v1.ClientCapabilities.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc6\x01\n\x0fHyperParameters\x12\x13\n\x0blocal_steps\x18\x01 \x01(\x05\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x0f\n\x07seq_len\x18\x04 \x01(\x05\x12\x34\n\x05\x65xtra\x18\x05 \x03(\x0b\x32%.fedmla.v1.HyperParameters.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe8\x01\n\rCodecSettings\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x10\n\x08max_rank\x18\x02 \x01(\x05\x12\x12\n\nquant_bits\x18\x03 \x01(\x05\x12\x12\n\nkeep_ratio\x18\x04 \x01(\x01\x12\x18\n\x10max_update_bytes\x18\x05 \x01(\x03\x12\x32\n\x05\x65xtra\x18\x06 \x03(\x0b\x32#.fedmla.v1.CodecSettings.ExtraEntry\x12\x13\n\x0b\x63onfig_json\x18\x07 \x01(\t\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x08HeadMask\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x11\n\tnum_heads\x18\x02 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x03 \x03(\x08\"/\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\x82\x02\n\x04Task\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.fedmla.v1.ModelVersion\x12)\n\x05hyper\x18\x03 \x01(\x0b\x32\x1a.fedmla.v1.HyperParameters\x12)\n\x0c\x61\x63tive_heads\x18\x04 \x01(\x0b\x32\x13.fedmla.v1.HeadMask\x12\'\n\x05\x63odec\x18\x05 \x01(\x0b\x32\x18.fedmla.v1.CodecSettings\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x12\x19\n\x11model_config_json\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x03*\x9c\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\x08\n\x04INT8\x10\x05\x12\x08\n\x04INT4\x10\x06\x12\t\n\x05UINT8\x10\x07\x12\t\n\x05INT32\x10\x08\x12\t\n\x05INT64\x10\t\x12\x08\n\x04\x42OOL\x10\n\x12\x08\n\x04INT2\x10\x0b*0\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x0b\n\x07\x44\x45\x46LATE\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66\x65\x64mla/v1/types.proto\x12\tfedmla.v1\"\xba\x01\n\x0cQuantization\x12.\n\x06scheme\x18\x01 \x01(\x0e\x32\x1e.fedmla.v1.Quantization.Scheme\x12!\n\x06scales\x18\x02 \x01(\x0b\x32\x11.fedmla.v1.Tensor\x12\x12\n\nstochastic\x18\x03 \x01(\x08\"C\n\x06Scheme\x12\x0f\n\x0bSCHEME_NONE\x10\x00\x12\x0c\n\x08INT8_ROW\x10\x01\x12\x0c\n\x08INT4_ROW\x10\x02\x12\x0c\n\x08INT2_ROW\x10\x03\"\x9b\x01\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.fedmla.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12&\n\x05quant\x18\x04 \x01(\x0b\x32\x17.fedmla.v1.Quantization\x12+\n\x0b\x63ompression\x18\x05 \x01(\x0e\x32\x16.fedmla.v1.Compression\"\x1e\n\rHeadSelection\x12\r\n\x05heads\x18\x01 \x03(\x05\"\x97\x01\n\rLowRankFactor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x04left\x18\x02 \x01(\x0b\x32\x11.fedmla.v1.Tensor\x12 \n\x05right\x18\x03 \x01(\x0b\x32\x11.fedmla.v1.Tensor\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\'\n\x05heads\x18\x05 \x01(\x0b\x32\x18.fedmla.v1.HeadSelection\"\x8f\x01\n\x0b\x44\x65nseUpdate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.fedmla.v1.Tensor\x12\'\n\x05heads\x18\x03 \x01(\x0b\x32\x18.fedmla.v1.HeadSelection\x12\'\n\x06sparse\x18\x04 \x01(\x0b\x32\x17.fedmla.v1.SparseChunks\"\x95\x01\n\x0cSparseChunks\x12\r\n\x05\x63hunk\x18\x01 \x01(\x05\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x11\n\tpositions\x18\x03 \x01(\x0c\x12\x35\n\x15positions_compression\x18\x04 \x01(\x0e\x32\x16.fedmla.v1.Compression\x12!\n\x06values\x18\x05 \x01(\x0b\x32\x11.fedmla.v1.Tensor\"C\n\nHeadScores\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x11\n\tnum_heads\x18\x02 \x01(\x05\x12\x0e\n\x06scores\x18\x03 \x03(\x02\"\x86\x02\n\x0bModelUpdate\x12)\n\x07\x66\x61\x63tors\x18\x01 \x03(\x0b\x32\x18.fedmla.v1.LowRankFactor\x12%\n\x05\x64\x65nse\x18\x02 \x03(\x0b\x32\x16.fedmla.v1.DenseUpdate\x12)\n\nimportance\x18\x03 \x01(\x0b\x32\x15.fedmla.v1.HeadScores\x12\x14\n\x0cnum_examples\x18\x04 \x01(\x03\x12\x34\n\x07metrics\x18\x05 \x03(\x0b\x32#.fedmla.v1.ModelUpdate.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xd6\x01\n\x12\x43lientCapabilities\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x19\n\x11\x66ree_memory_bytes\x18\x02 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x18\n\x10software_version\x18\x04 \x01(\t\x12\x37\n\x05\x65xtra\x18\x05 \x03(\x0b\x32(.fedmla.v1.ClientCapabilities.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc6\x01\n\x0fHyperParameters\x12\x13\n\x0blocal_steps\x18\x01 \x01(\x05\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x0f\n\x07seq_len\x18\x04 \x01(\x05\x12\x34\n\x05\x65xtra\x18\x05 \x03(\x0b\x32%.fedmla.v1.HyperParameters.ExtraEntry\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe8\x01\n\rCodecSettings\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x10\n\x08max_rank\x18\x02 \x01(\x05\x12\x12\n\nquant_bits\x18\x03 \x01(\x05\x12\x12\n\nkeep_ratio\x18\x04 \x01(\x01\x12\x18\n\x10max_update_bytes\x18\x05 \x01(\x03\x12\x32\n\x05\x65xtra\x18\x06 \x03(\x0b\x32#.fedmla.v1.CodecSettings.ExtraEntry\x12\x13\n\x0b\x63onfig_json\x18\x07 \x01(\t\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"A\n\x08HeadMask\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x11\n\tnum_heads\x18\x02 \x01(\x05\x12\x0e\n\x06\x61\x63tive\x18\x03 \x03(\x08\"/\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\x82\x02\n\x04Task\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12&\n\x05model\x18\x02 \x01(\x0b\x32\x17.fedmla.v1.ModelVersion\x12)\n\x05hyper\x18\x03 \x01(\x0b\x32\x1a.fedmla.v1.HyperParameters\x12)\n\x0c\x61\x63tive_heads\x18\x04 \x01(\x0b\x32\x13.fedmla.v1.HeadMask\x12\'\n\x05\x63odec\x18\x05 \x01(\x0b\x32\x18.fedmla.v1.CodecSettings\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\x12\x19\n\x11model_config_json\x18\x07 \x01(\t\x12\x0c\n\x04seed\x18\x08 \x01(\x03*\x9c\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0b\n\x07\x46LOAT64\x10\x04\x12\x08\n\x04INT8\x10\x05\x12\x08\n\x04INT4\x10\x06\x12\t\n\x05UINT8\x10\x07\x12\t\n\x05INT32\x10\x08\x12\t\n\x05INT64\x10\t\x12\x08\n\x04\x42OOL\x10\n\x12\x08\n\x04INT2\x10\x0b*0\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x0b\n\x07\x44\x45\x46LATE\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,10 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HYPERPARAMETERS_EXTRAENTRY']._serialized_options = b'8\001'
   _globals['_CODECSETTINGS_EXTRAENTRY']._loaded_options = None
   _globals['_CODECSETTINGS_EXTRAENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2038
-  _globals['_DTYPE']._serialized_end=2194
-  _globals['_COMPRESSION']._serialized_start=2196
-  _globals['_COMPRESSION']._serialized_end=2244
+  _globals['_DTYPE']._serialized_start=2232
+  _globals['_DTYPE']._serialized_end=2388
+  _globals['_COMPRESSION']._serialized_start=2390
+  _globals['_COMPRESSION']._serialized_end=2438
   _globals['_QUANTIZATION']._serialized_start=37
   _globals['_QUANTIZATION']._serialized_end=223
   _globals['_QUANTIZATION_SCHEME']._serialized_start=156
@@ -53,30 +53,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEADSELECTION']._serialized_end=413
   _globals['_LOWRANKFACTOR']._serialized_start=416
   _globals['_LOWRANKFACTOR']._serialized_end=567
-  _globals['_DENSEUPDATE']._serialized_start=569
-  _globals['_DENSEUPDATE']._serialized_end=671
-  _globals['_HEADSCORES']._serialized_start=673
-  _globals['_HEADSCORES']._serialized_end=740
-  _globals['_MODELUPDATE']._serialized_start=743
-  _globals['_MODELUPDATE']._serialized_end=1005
-  _globals['_MODELUPDATE_METRICSENTRY']._serialized_start=959
-  _globals['_MODELUPDATE_METRICSENTRY']._serialized_end=1005
-  _globals['_CLIENTCAPABILITIES']._serialized_start=1008
-  _globals['_CLIENTCAPABILITIES']._serialized_end=1222
-  _globals['_CLIENTCAPABILITIES_EXTRAENTRY']._serialized_start=1178
-  _globals['_CLIENTCAPABILITIES_EXTRAENTRY']._serialized_end=1222
-  _globals['_HYPERPARAMETERS']._serialized_start=1225
-  _globals['_HYPERPARAMETERS']._serialized_end=1423
-  _globals['_HYPERPARAMETERS_EXTRAENTRY']._serialized_start=1178
-  _globals['_HYPERPARAMETERS_EXTRAENTRY']._serialized_end=1222
-  _globals['_CODECSETTINGS']._serialized_start=1426
-  _globals['_CODECSETTINGS']._serialized_end=1658
-  _globals['_CODECSETTINGS_EXTRAENTRY']._serialized_start=1178
-  _globals['_CODECSETTINGS_EXTRAENTRY']._serialized_end=1222
-  _globals['_HEADMASK']._serialized_start=1660
-  _globals['_HEADMASK']._serialized_end=1725
-  _globals['_MODELVERSION']._serialized_start=1727
-  _globals['_MODELVERSION']._serialized_end=1774
-  _globals['_TASK']._serialized_start=1777
-  _globals['_TASK']._serialized_end=2035
+  _globals['_DENSEUPDATE']._serialized_start=570
+  _globals['_DENSEUPDATE']._serialized_end=713
+  _globals['_SPARSECHUNKS']._serialized_start=716
+  _globals['_SPARSECHUNKS']._serialized_end=865
+  _globals['_HEADSCORES']._serialized_start=867
+  _globals['_HEADSCORES']._serialized_end=934
+  _globals['_MODELUPDATE']._serialized_start=937
+  _globals['_MODELUPDATE']._serialized_end=1199
+  _globals['_MODELUPDATE_METRICSENTRY']._serialized_start=1153
+  _globals['_MODELUPDATE_METRICSENTRY']._serialized_end=1199
+  _globals['_CLIENTCAPABILITIES']._serialized_start=1202
+  _globals['_CLIENTCAPABILITIES']._serialized_end=1416
+  _globals['_CLIENTCAPABILITIES_EXTRAENTRY']._serialized_start=1372
+  _globals['_CLIENTCAPABILITIES_EXTRAENTRY']._serialized_end=1416
+  _globals['_HYPERPARAMETERS']._serialized_start=1419
+  _globals['_HYPERPARAMETERS']._serialized_end=1617
+  _globals['_HYPERPARAMETERS_EXTRAENTRY']._serialized_start=1372
+  _globals['_HYPERPARAMETERS_EXTRAENTRY']._serialized_end=1416
+  _globals['_CODECSETTINGS']._serialized_start=1620
+  _globals['_CODECSETTINGS']._serialized_end=1852
+  _globals['_CODECSETTINGS_EXTRAENTRY']._serialized_start=1372
+  _globals['_CODECSETTINGS_EXTRAENTRY']._serialized_end=1416
+  _globals['_HEADMASK']._serialized_start=1854
+  _globals['_HEADMASK']._serialized_end=1919
+  _globals['_MODELVERSION']._serialized_start=1921
+  _globals['_MODELVERSION']._serialized_end=1968
+  _globals['_TASK']._serialized_start=1971
+  _globals['_TASK']._serialized_end=2229
 # @@protoc_insertion_point(module_scope)

@@ -96,14 +96,30 @@ class LowRankFactor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., left: _Optional[_Union[Tensor, _Mapping]] = ..., right: _Optional[_Union[Tensor, _Mapping]] = ..., rank: _Optional[int] = ..., heads: _Optional[_Union[HeadSelection, _Mapping]] = ...) -> None: ...
 
 class DenseUpdate(_message.Message):
-    __slots__ = ("name", "value", "heads")
+    __slots__ = ("name", "value", "heads", "sparse")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     HEADS_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
     name: str
     value: Tensor
     heads: HeadSelection
-    def __init__(self, name: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ..., heads: _Optional[_Union[HeadSelection, _Mapping]] = ...) -> None: ...
+    sparse: SparseChunks
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ..., heads: _Optional[_Union[HeadSelection, _Mapping]] = ..., sparse: _Optional[_Union[SparseChunks, _Mapping]] = ...) -> None: ...
+
+class SparseChunks(_message.Message):
+    __slots__ = ("chunk", "k", "positions", "positions_compression", "values")
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    chunk: int
+    k: int
+    positions: bytes
+    positions_compression: Compression
+    values: Tensor
+    def __init__(self, chunk: _Optional[int] = ..., k: _Optional[int] = ..., positions: _Optional[bytes] = ..., positions_compression: _Optional[_Union[Compression, str]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class HeadScores(_message.Message):
     __slots__ = ("num_layers", "num_heads", "scores")
