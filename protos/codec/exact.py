@@ -13,7 +13,7 @@ Bounds: |w * x| < 2**MAX_TERM_BITS per element (the caller bounds weights and va
 and at most 2**22 terms per sum; :meth:`ExactSum.add` refuses a term past the bound.
 
 :meth:`ExactSum.add_scaled` is the coordinator's path: a float32 tensor times an integer
-weight, split and summed in cache-sized chunks in one pass (the bound checked on the
+weight, split and summed in chunks in one pass (the bound checked on the
 float32 tensor first), giving the same limbs as :meth:`add` of ``x.double() * w``. When
 every ``|w * x| < 1`` the high limbs are all zero and only the low limbs are touched (the
 high limbs of a parameter exist only once a term needed them).
@@ -29,10 +29,12 @@ MAX_TERM_BITS = 32             # |w * x| < 2**32: high limb < 2**32, sums of 2**
 _SCALE = 2.0 ** GRID_BITS
 _LIMB = 2.0 ** LIMB_BITS
 _MAX = 2.0 ** (MAX_TERM_BITS + GRID_BITS)
-# Elements per pass of add_scaled: its float64/int64 temporaries stay in cache, and below
-# ATen's grain size (32768) every op runs on the calling thread: no OpenMP fork/join per
-# op (on a busy machine those waits cost ~10x the work); uploads add in parallel instead.
-_CHUNK = 32_000
+# Chunk of the split: at 32,000 (below ATen's 32,768 grain, one thread per op) the sum
+# costs the least CPU in isolation (~30 ms per small-preset update), but its ~5,000 small
+# torch calls per update hold the GIL against the gRPC loop and `bench coordinator`
+# ingested 4.3-4.5 updates/s on a quiet machine; at 2**20 (one chunk per parameter of
+# these models, ops on ATen's threads) 5.1/s, level with the unfused split (5.0-5.6/s).
+_CHUNK = 1 << 20
 MAX_WEIGHT = 1 << 29           # float32 (24-bit significand) x weight < 2**53: exact in float64
 
 

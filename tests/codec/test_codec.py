@@ -444,7 +444,7 @@ def test_exact_sum_grid_refusals_and_take_out():
 
 
 @pytest.mark.parametrize("scale", [1e-6, 1e-2, 3.0, 1e6])
-def test_exact_sum_add_scaled_gives_the_reference_limbs(scale):
+def test_exact_sum_add_scaled_gives_the_reference_limbs(scale, monkeypatch):
     """ExactSum.add_scaled (float32 x integer weight, fused chunked split, high limbs only
     when needed) leaves the same integer limbs and value as add() of the float64 term, for
     terms below 1 (low limbs only), of many grid sizes, signs, subnormals and zeros, over
@@ -452,6 +452,7 @@ def test_exact_sum_add_scaled_gives_the_reference_limbs(scale):
     from fedmla.protos.codec import exact
     from fedmla.protos.codec.exact import ExactSum
     g = torch.Generator().manual_seed(int(scale * 1e6) % 1000)
+    monkeypatch.setattr(exact, "_CHUNK", 4096)     # small chunks: the same code over several of them
     n = 3 * exact._CHUNK + 17                     # several chunks and a short last one
     shapes = {"w": (n,)}
     ref, fast = ExactSum(shapes), ExactSum(shapes)
