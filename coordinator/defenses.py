@@ -31,6 +31,7 @@ sub-matrix for everyone, and norms and pairwise distances come from the factors
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 from collections.abc import Callable
@@ -253,9 +254,7 @@ class RobustAggregator(_Holding):
         cfg, n = self.cfg, len(ids)
         out = {}
         for name, shape in self.shapes.items():
-            numel = 1
-            for d in shape:
-                numel *= d
+            numel = math.prod(shape)
             stack = torch.zeros((n, numel), dtype=torch.float32)
             for i, c in enumerate(ids):
                 part = self._update_of(c).tensors.parts.get(name)

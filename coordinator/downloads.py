@@ -2,7 +2,7 @@
 
 A worker tells the coordinator which version it holds (``since_version``). It gets
 nothing when it is current, the chain of the codec's downlinks since its version when
-it is at most ``keep_downlinks`` behind and the chain is smaller than the full state,
+it is at most ``keep_downlinks`` behind and the chain is no larger than the full state,
 and otherwise the full state (fp32 weights and the codec's shared state). Every payload
 comes with its SHA-256, and the worker checks its reconstruction against the model hash.
 """
@@ -10,6 +10,7 @@ comes with its SHA-256, and the worker checks its reconstruction against the mod
 from __future__ import annotations
 
 from fedmla.protos.codec import SharedState
+from fedmla.protos.codec.catchup import plan_catchup
 from fedmla.protos.codec.transfer import encode_full_state
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 from fedmla.protos.weights import canonical_bytes, sha256_hex
@@ -39,22 +40,32 @@ class DownloadService:
             self._full = (version, full, sha256_hex(full))
         return self._full[1], self._full[2]
 
+    def _chain(self, since: int, version: int) -> list[bytes] | None:
+        """The downlinks from ``since`` to ``version`` (cache, else store), or None when any
+        is no longer kept (more than ``keep_downlinks`` behind)."""
+        if version - since > self.keep_downlinks:
+            return None
+        chain = [self._downlinks.get(v) for v in range(since + 1, version + 1)]
+        if any(c is None for c in chain):
+            chain = self.store.downlinks(since, version)
+        return chain
+
     def payload(self, since: int | None, version: int, state, shared: SharedState) -> Download:
-        """The cheapest exact download from ``since`` (None: holds nothing) to ``version``."""
+        """The cheapest exact download from ``since`` (None: holds nothing) to ``version``,
+        chosen by the codec's own :func:`~fedmla.protos.codec.catchup.plan_catchup`."""
         full, full_sha = self._full_state(version, state, shared)
-        if since is not None:
-            if since == version:
-                empty = canonical_bytes({})
-                return cpb.DownloadModelResponse.DELTA, since, empty, sha256_hex(empty)
+        if since is not None and 0 <= since <= version:
             if since in self._chains:
                 data, sha = self._chains[since]
                 return cpb.DownloadModelResponse.CODEC_CHAIN, since, data, sha
-            if 0 <= since < version and version - since <= self.keep_downlinks:
-                chain = [self._downlinks.get(v) for v in range(since + 1, version + 1)]
-                if any(c is None for c in chain):
-                    chain = self.store.downlinks(since, version)
-                if chain is not None and sum(map(len, chain)) < len(full):
-                    data = cpb.CodecDownlinks(base_version=since, downlinks=chain).SerializeToString()
-                    self._chains[since] = (data, sha256_hex(data))
-                    return cpb.DownloadModelResponse.CODEC_CHAIN, since, data, self._chains[since][1]
+            chain = self._chain(since, version) if since < version else []
+            sizes = [None] * since + ([len(c) for c in chain] if chain is not None else [None] * (version - since))
+            plan = plan_catchup(since, version, sizes, len(full), seeded=False)
+            if plan.kind == "none":
+                empty = canonical_bytes({})
+                return cpb.DownloadModelResponse.DELTA, since, empty, sha256_hex(empty)
+            if plan.kind == "chain":
+                data = cpb.CodecDownlinks(base_version=since, downlinks=chain).SerializeToString()
+                self._chains[since] = (data, sha256_hex(data))
+                return cpb.DownloadModelResponse.CODEC_CHAIN, since, data, self._chains[since][1]
         return cpb.DownloadModelResponse.CODEC_FULL, 0, full, full_sha

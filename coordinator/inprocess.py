@@ -25,6 +25,7 @@ class BackgroundCoordinator:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="fedmla-coordinator", daemon=True)
         self.server: CoordinatorServer | None = None
+        self._aio_held = False
 
     def start(self) -> "BackgroundCoordinator":
         # gRPC's asyncio layer is reference-counted per process; when the server's stop drops
@@ -89,7 +90,7 @@ class BackgroundCoordinator:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
         self.loop.close()
-        if getattr(self, "_aio_held", False):
+        if self._aio_held:
             self._aio_held = False
             grpc.aio.shutdown_grpc_aio()
 

@@ -118,9 +118,11 @@ class CodecConfig(BaseModel):
 
     @classmethod
     def diloco(cls, **overrides) -> "CodecConfig":
-        """DiLoCo: FedAvg's uncompressed pseudo-gradients with the outer Nesterov step
-        (momentum replicated on every party, so the downlink is the fp32 mean delta)."""
-        return cls(**{**_UNCOMPRESSED, "outer": "nesterov", **overrides})
+        """DiLoCo: FedAvg's uncompressed pseudo-gradients with the outer Nesterov step. The
+        momentum stays on the coordinator, which sends the whole fp32 step down (as many
+        bytes as the mean delta): a DiLoCo client never needs the momentum, so its full
+        state, what a new or far-behind client downloads, is the weights alone, as FedAvg's."""
+        return cls(**{**_UNCOMPRESSED, "outer": "nesterov", "replicate_momentum": False, **overrides})
 
     @property
     def uncompressed(self) -> bool:

@@ -17,17 +17,7 @@ def test_workers_run_rounds_until_finished(tmp_path):
     settings = settings_for(tmp_path, rounds=2, clients_per_round=2, min_replies=2, local_steps=2, batch_size=2,
                             seq_len=32, max_update_bytes=64 << 20)
     with BackgroundCoordinator(settings) as bg:
-        results, workers = {}, []
-        for i, c in enumerate(data.clients):
-            token = bg.call(lambda n=f"w{i}": bg.store.create_token(n))
-            w = Worker(WorkerOptions(bg.target, token, tmp_path / f"w{i}", log=lambda m: None), c)
-            workers.append(w)
-        threads = [threading.Thread(target=lambda w=w, i=i: results.__setitem__(i, w.run())) for i, w in enumerate(workers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(240)
-        assert results == {0: 0, 1: 0}
+        workers, _ = _run_workers(bg, data, tmp_path)    # asserts every worker exits 0
         assert all(w.rounds_done == 2 for w in workers)
         meta = json.loads((tmp_path / "w0" / "worker.json").read_text())
         assert meta["last_round"] >= 2

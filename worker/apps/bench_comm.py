@@ -83,15 +83,13 @@ class BenchConfig(BaseModel):
         return self
 
     def baseline_codec(self, name: str) -> CodecConfig:
-        """The uncompressed baselines. DiLoCo sends the whole outer step (its momentum
-        stays on the coordinator: a DiLoCo client never needs it, so its full state is
-        the weights alone, as FedAvg's)."""
+        """The uncompressed baselines (the codec's presets) with this run's seed and, for
+        DiLoCo, the outer step of the codec under test."""
         if name == "fedavg":
             return CodecConfig.fedavg(seed=self.codec.seed)
         if name == "diloco":
             c = self.codec
-            return CodecConfig.diloco(seed=c.seed, outer_lr=c.outer_lr, outer_momentum=c.outer_momentum,
-                                      replicate_momentum=False)
+            return CodecConfig.diloco(seed=c.seed, outer_lr=c.outer_lr, outer_momentum=c.outer_momentum)
         raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")
 
 

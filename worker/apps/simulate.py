@@ -280,13 +280,7 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
         tmp.cleanup()
 
 
-BASELINES = {"fedavg": "FedAvg fp32", "diloco": "DiLoCo fp32"}
-
-
-def baseline_codec(name: str):
-    """The codec configuration of a baseline pipeline (see :data:`BASELINES`)."""
-    from fedmla.protos.codec import CodecConfig
-    return {"fedavg": CodecConfig.fedavg, "diloco": CodecConfig.diloco}[name]()
+BASELINES = {"fedavg": "FedAvg fp32", "diloco": "DiLoCo fp32"}    # the coordinator's codec presets of that name
 
 
 def with_baseline(ours: dict, theirs: dict, name: str) -> dict:
@@ -345,6 +339,7 @@ def register(app, bench) -> None:
         from rich.table import Table
 
         from fedmla.coordinator.errors import StoreError
+        from fedmla.coordinator.settings import CODEC_PRESETS
         from fedmla.mla_model.hf import HFCheckpointError
         if partition not in ("natural", "iid", "dirichlet"):
             typer.echo(f"error: --partition must be natural, iid or dirichlet, not {partition!r}", err=True)
@@ -436,7 +431,7 @@ def register(app, bench) -> None:
                                           dashboard_token=dashboard_token, dashboard_linger=dashboard_linger)
                     bars.console.print(f"baseline: the same clients with {BASELINES[baseline]}")
                     bars.reset(rounds_bar)
-                    theirs = run_simulation(**common, codec=baseline_codec(baseline))
+                    theirs = run_simulation(**common, codec=CODEC_PRESETS[baseline]())
             if baseline is not None:
                 show(with_baseline(ours, theirs, baseline))
         except DataError as e:
