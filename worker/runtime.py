@@ -33,12 +33,14 @@ many virtual clients, heavy steps on a thread pool.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,18 +125,76 @@ class StartHeartbeat:
     interval: float
 
 
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _hashed(state: dict[str, torch.Tensor], shared) -> tuple:
+    """(state, shared, the model hash of state)."""
+    from fedmla.protos.weights import model_hash
+    return state, shared, model_hash(state)
+
+
+class ComputeCache:
+    """Results of costly, pure steps shared by the virtual clients of one process.
+
+    A value is a function of its key alone (the key names everything the computation
+    reads: the bytes downloaded, by digest, and the version and hash of the model they
+    apply to), so a client that takes a cached value holds the same bits it would have
+    computed; the hash check against the coordinator's version is made on the result as
+    before. Cached values are shared, never written to: the protocol replaces a worker's
+    state, it does not modify it. Local trainers are reused per thread (they own one
+    model instance and build a fresh optimizer for every round). ``max_entries`` bounds
+    the memory: a run's clients mostly ask for the few latest versions.
+    """
+
+    def __init__(self, max_entries: int = 8):
+        self.max_entries = max_entries
+        self._memo: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.hits = self.misses = 0
+
+    def get(self, key, compute):
+        """The value of ``key``, computed by ``compute()`` the first time (outside the lock:
+        two threads may both compute it, with the same result). An exception caches nothing."""
+        with self._lock:
+            if key in self._memo:
+                self._memo.move_to_end(key)
+                self.hits += 1
+                return self._memo[key]
+        value = compute()
+        with self._lock:
+            self.misses += 1
+            self._memo[key] = value
+            while len(self._memo) > self.max_entries:
+                self._memo.popitem(last=False)
+        return value
+
+    def trainer(self, key, make):
+        """This thread's trainer for ``key`` (made by ``make()`` the first time)."""
+        trainers = self._local.__dict__.setdefault("trainers", {})
+        if key not in trainers:
+            trainers.clear()                 # one model per thread: a new key replaces the old
+            trainers[key] = make()
+        return trainers[key]
+
+
 class WorkerProtocol:
     """The worker's state and protocol logic, with no I/O of its own (see the drivers)."""
 
-    def __init__(self, opts: WorkerOptions, data: ClientData):
+    def __init__(self, opts: WorkerOptions, data: ClientData, cache: ComputeCache | None = None):
         self.opts, self.data = opts, data
+        self.cache = cache                        # shared with the other virtual clients of this process
         self.state_dir = Path(opts.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.meta_path = self.state_dir / "worker.json"
         self.meta = json.loads(self.meta_path.read_text()) if self.meta_path.exists() else {}
         self.global_state: dict | None = None
         self.version: int | None = None
+        self.model_sha: str | None = None         # SHA-256 of global_state (checked against the coordinator's)
         self.trainers: dict = {}
+        self._trainer_key = self._batch_seed = None
         self._round = 0
         self.train_seconds = 0.0                  # CPU time inside the local trainer (its thread)
         self.rounds_done = 0                      # rounds whose update the coordinator took (this process)
@@ -169,15 +229,28 @@ class WorkerProtocol:
         return dict(round_id=self._round, state="training" if self._round else "idle")
 
     def _trainer(self, model_cfg_json: str, hyper: pb.HyperParameters, seed: int):
+        """The local trainer for these hyper-parameters. Its batches are seeded with the
+        seed of the first task this worker trained with them (kept while they stay)."""
         from fedmla.mla_model import MLAConfig
 
         from .trainer import LocalTrainer, TrainerConfig
         key = (model_cfg_json, hyper.local_steps, hyper.learning_rate, hyper.batch_size, hyper.seq_len)
-        if key not in self.trainers:
+        if self._trainer_key != key:
+            self._trainer_key, self._batch_seed = key, seed
+
+        def make():
             cfg = TrainerConfig(local_steps=hyper.local_steps, lr=hyper.learning_rate, batch_size=hyper.batch_size,
                                 seq_len=hyper.seq_len, seed=seed)
-            self.trainers = {key: LocalTrainer(MLAConfig.model_validate_json(model_cfg_json), cfg)}
+            return LocalTrainer(MLAConfig.model_validate_json(model_cfg_json), cfg)
+        if self.cache is not None:
+            return self.cache.trainer(key, make)
+        if key not in self.trainers:
+            self.trainers = {key: make()}
         return self.trainers[key]
+
+    def _memo(self, key, compute):
+        """``compute()``, or the value the process's other clients computed for ``key``."""
+        return compute() if self.cache is None else self.cache.get(key, compute)
 
     # ---- codec state -----------------------------------------------------------------
     def _codec_for(self, config_json: str):
@@ -236,10 +309,11 @@ class WorkerProtocol:
                 if dl.base_version != dl.model.version or self.version != dl.model.version:
                     raise ModelIntegrityError(f"empty delta for version {dl.model.version}, this worker holds "
                                               f"{self.version}")
-                state, shared = self.global_state, self.shared
+                state, shared, digest = self.global_state, self.shared, model_hash(self.global_state)
             elif dl.kind == kinds.CODEC_FULL:
                 shapes = {n: tuple(s) for n, s in self.shapes.items()}
-                state, shared = decode_full_state(dl.data, shapes)
+                state, shared, digest = self._memo(("full", _digest(dl.data)),
+                                                   lambda: _hashed(*decode_full_state(dl.data, shapes)))
             elif dl.kind == kinds.CODEC_CHAIN:
                 if self.shared is None or self.global_state is None or config_json is None:
                     raise ModelIntegrityError("a codec chain needs this worker's codec state; download the full state")
@@ -248,7 +322,14 @@ class WorkerProtocol:
                     raise ModelIntegrityError(f"chain starts at version {chain.base_version}, this worker holds "
                                               f"{self.version} (codec round {self.shared.round})")
                 self._codec_for(config_json)
-                state, shared = apply_chain(self.global_state, self.shared, list(chain.downlinks), self.codec_tensors)
+
+                def apply():
+                    return _hashed(*apply_chain(self.global_state, self.shared, list(chain.downlinks),
+                                                self.codec_tensors))
+                # What the chain gives depends on the bytes and on the version it starts from
+                # (this worker's, verified by its hash), nothing else.
+                key = ("chain", self.version, self.model_sha, config_json, _digest(dl.data))
+                state, shared, digest = self._memo(key, apply) if self.model_sha else apply()
             else:
                 raise ModelIntegrityError(f"unknown download kind {dl.kind}")
         except UpdateDecodeError as e:
@@ -257,7 +338,6 @@ class WorkerProtocol:
             if isinstance(e, ModelIntegrityError):
                 raise
             raise ModelIntegrityError(f"download does not decode: {type(e).__name__}: {e}") from None
-        digest = model_hash(state)
         if digest != dl.model.sha256:
             raise ModelIntegrityError(f"reconstructed weights hash to {digest[:12]}, the coordinator's version "
                                       f"{dl.model.version} is {dl.model.sha256[:12]}: download the full model")
@@ -273,13 +353,18 @@ class WorkerProtocol:
         from fedmla.mla_model import init_global_state
         from fedmla.protos.codec import CodecConfig, SharedState
         from fedmla.protos.weights import model_hash
-        state = init_global_state(self.model_cfg, self.seeded_init.seed)
-        if model_hash(state) != self.seeded_init.sha256:
+        seed = self.seeded_init.seed
+
+        def build():
+            state = init_global_state(self.model_cfg, seed)
+            return state, model_hash(state)
+        state, digest = self._memo(("init", self.model_cfg.model_dump_json(), seed), build)
+        if digest != self.seeded_init.sha256:
             self.opts.log("the seeded initial model does not match version 0 here; downloading the full state")
             self.seeded_init = None
             return False
         shapes = {n: tuple(t.shape) for n, t in state.items()}
-        self.global_state, self.version = state, 0
+        self.global_state, self.version, self.model_sha = state, 0, digest
         self.shared = SharedState.initial(shapes, CodecConfig.model_validate_json(config_json))
         return True
 
@@ -307,7 +392,7 @@ class WorkerProtocol:
             self.opts.log(f"resyncing from the full model ({e})")
             dl = yield from self._fetch(None)      # resync from the full model
             state, shared = yield Compute(self._apply, (dl, config_json))
-        self.global_state, self.shared, self.version = state, shared, dl.model.version
+        self.global_state, self.shared, self.version, self.model_sha = state, shared, dl.model.version, dl.model.sha256
         self.fedavg_down += 4 * sum(t.numel() for t in state.values())
 
     # ---- main loop -------------------------------------------------------------------
@@ -359,7 +444,8 @@ class WorkerProtocol:
 
     def _train(self, trainer, task: pb.Task):
         t0 = time.thread_time()     # CPU time of the thread that trains: many virtual clients share a process
-        res = trainer.train(self.global_state, self.data, round_idx=task.round_id, client_key=self.data.name)
+        res = trainer.train(self.global_state, self.data, round_idx=task.round_id, client_key=self.data.name,
+                            seed=self._batch_seed)
         self.train_seconds += time.thread_time() - t0
         return res
 

@@ -96,11 +96,12 @@ class LocalTrainer:
         return self.model.loss(tokens)
 
     def train(self, global_state: dict[str, torch.Tensor], data: ClientData, round_idx: int = 0,
-              start_step: int | None = None, client_key: str | None = None) -> TrainResult:
+              start_step: int | None = None, client_key: str | None = None, seed: int | None = None) -> TrainResult:
         """Run ``local_steps`` steps from ``global_state`` on ``data``.
 
         ``start_step`` (default ``round_idx * local_steps``) places the steps on the global
-        schedule; ``client_key`` (default the client's name) enters the batch seed.
+        schedule; ``client_key`` (default the client's name) enters the batch seed, as does
+        ``seed`` (default the config's).
         """
         cfg = self.cfg
         start = round_idx * cfg.local_steps if start_step is None else start_step
@@ -113,7 +114,7 @@ class LocalTrainer:
         no_decay = [p for p in params if p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "batches", client_key or data.name, round_idx))
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed if seed is None else seed, "batches", client_key or data.name, round_idx))
         tracker = HeadImportance(model) if cfg.importance else None
         losses, norms = [], []
         try:

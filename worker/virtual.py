@@ -8,7 +8,10 @@ loop (sent only when the client has been silent for a heartbeat interval: its ot
 calls already tell the coordinator it is alive), and its CPU-heavy steps (training,
 decoding and hashing downloads, encoding, the fsync of its state) run on a small thread
 pool shared by all clients of the loop, so a thousand idle clients cost a thousand parked
-coroutines rather than two thousand threads.
+coroutines rather than two thousand threads. The clients of a loop also share a
+:class:`~fedmla.worker.runtime.ComputeCache`: the seeded version 0, the result of each
+download they apply (keyed by its bytes and the version it starts from) and one local
+trainer per thread are computed once, not once per client.
 """
 
 from __future__ import annotations
@@ -23,18 +26,20 @@ import grpc
 from fedmla.protos.transport import AsyncCoordinatorClient
 
 from .data import ClientData
-from .runtime import Compute, Download, Rpc, Sleep, StartHeartbeat, WorkerOptions, WorkerProtocol
+from .runtime import Compute, ComputeCache, Download, Rpc, Sleep, StartHeartbeat, WorkerOptions, WorkerProtocol
 
 
 class AsyncWorker(WorkerProtocol):
     """The asyncio driver: ``await worker.run()`` on a running loop."""
 
-    def __init__(self, opts: WorkerOptions, data: ClientData, executor: Executor | None = None):
-        super().__init__(opts, data)
+    def __init__(self, opts: WorkerOptions, data: ClientData, executor: Executor | None = None,
+                 cache: ComputeCache | None = None):
+        super().__init__(opts, data, cache)
         self.executor = executor
         self.client: AsyncCoordinatorClient | None = None     # made on the loop, in run()
         self._hb: asyncio.Task | None = None
         self._last_contact = time.monotonic()                  # start of this client's latest call
+        self.compute_seconds: dict[str, float] = {}            # CPU seconds of each heavy step, by name
 
     async def _drive(self, steps):
         """Run a protocol generator to its end, awaiting what it yields."""
@@ -57,8 +62,9 @@ class AsyncWorker(WorkerProtocol):
             return await getattr(self.client, request.name)(*request.args, **(request.kwargs or {}))
         if isinstance(request, Compute):
             if self.executor is None:
-                return request.fn(*request.args)
-            return await asyncio.get_running_loop().run_in_executor(self.executor, request.fn, *request.args)
+                return self._timed(request.fn, *request.args)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self._timed, request.fn,
+                                                                    *request.args)
         if isinstance(request, Sleep):
             await asyncio.sleep(request.seconds)
             return None
@@ -68,6 +74,15 @@ class AsyncWorker(WorkerProtocol):
             self._hb = asyncio.get_running_loop().create_task(self._heartbeat_loop(request.interval))
             return None
         raise TypeError(f"unknown request {request!r}")
+
+    def _timed(self, fn, *args):
+        """``fn(*args)``, its thread's CPU time added to ``compute_seconds[fn.__name__]``."""
+        t0 = time.thread_time()
+        try:
+            return fn(*args)
+        finally:
+            name = getattr(fn, "__name__", "other").lstrip("_")
+            self.compute_seconds[name] = self.compute_seconds.get(name, 0.0) + time.thread_time() - t0
 
     async def _heartbeat_loop(self, interval: float) -> None:
         """A heartbeat whenever the coordinator has not heard from this client for
@@ -106,8 +121,9 @@ def run_clients(target: str, clients: list[tuple[str, str, ClientData]], state_r
     from pathlib import Path
 
     async def main(executor):
+        cache = ComputeCache()      # the seeded start, downloads and trainers, shared by this loop's clients
         workers = [(name, AsyncWorker(WorkerOptions(target, token, Path(state_root) / name, tls=tls, log=log),
-                                      data, executor)) for name, token, data in clients]
+                                      data, executor, cache)) for name, token, data in clients]
         codes = await asyncio.gather(*(w.run() for _, w in workers), return_exceptions=True)
         return [(name, w, 1 if isinstance(c, BaseException) else c,
                  f"{type(c).__name__}: {c}" if isinstance(c, BaseException) else "")

@@ -16,6 +16,7 @@ beside what FedAvg in fp32 would have sent.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import tempfile
@@ -64,20 +65,38 @@ def _start_ray(ray, address: str | None, cpus: int, log, attempts: int = 2) -> N
             ray.shutdown()
 
 
-def _overhead(per_round: list[dict], results: list[dict]) -> dict:
+def _overhead(per_round: list[dict], results: list[dict], rounds_wall: float | None = None) -> dict:
     """Where the machine's time went during the rounds: client-rounds, CPU seconds inside
     the local trainers, and the core-time per client-round not spent training (an upper
     bound on the overhead of the coordinator, gRPC, Ray, idle waiting and the driver's
-    evaluation: with few clients per round the cores also sit idle between rounds)."""
+    evaluation: with few clients per round the cores also sit idle between rounds).
+
+    ``rounds_wall``: seconds from the first round's opening to the last commit (the
+    coordinator's clock); without it (a remote coordinator) the driver's observation,
+    which also holds the start of Ray and the clients' joins."""
     import os
     client_rounds = sum(r["rounds"] for r in results)
     train = sum(r.get("train_seconds", 0.0) for r in results)
-    wall = sum(r["seconds"] for r in per_round)
+    wall = rounds_wall if rounds_wall is not None else sum(r["seconds"] for r in per_round)
     cores = os.cpu_count() or 1
     over = 1000 * (wall * cores - train) / client_rounds if client_rounds else None
     return dict(client_rounds=client_rounds, train_seconds=train, round_seconds=wall, cores=cores,
                 overhead_ms_per_client_round=over,
                 rounds_per_minute=60 * len(per_round) / wall if wall else None)
+
+
+def _cpu_breakdown(results: list[dict], actor_cpu: list[float], driver_cpu: float | None) -> dict:
+    """CPU seconds of the run by where they were spent: the client actors' heavy steps
+    (training, syncing, encoding, ... summed over clients), the rest of the actors'
+    processes (event loop, gRPC, Ray), and this process (the in-process coordinator, its
+    gRPC server and the driver's evaluation; None with ``--coordinator``)."""
+    steps: dict[str, float] = {}
+    for r in results:
+        for name, sec in r.get("compute_seconds", {}).items():
+            steps[name] = steps.get(name, 0.0) + sec
+    actors = sum(actor_cpu)
+    return dict(client_steps=dict(sorted(steps.items(), key=lambda kv: -kv[1])), client_actors=actors,
+                client_actors_outside_steps=actors - sum(steps.values()), coordinator_and_driver=driver_cpu)
 
 
 def _ratio(baseline: int, ours: int) -> float | None:
@@ -95,17 +114,23 @@ def _client_actor_class():
 
         def __init__(self):
             torch.set_num_threads(1)
+            # torch.optim's first optimizer imports torch._dynamo (seconds of CPU): done while
+            # the pool starts, not inside the first round the actor trains in.
+            importlib.import_module("torch._dynamo")
 
-        def run(self, target: str, clients: list[tuple[str, str, object]], state_root: str, ca: bytes | None) -> list[dict]:
+        def run(self, target: str, clients: list[tuple[str, str, object]], state_root: str, ca: bytes | None) -> dict:
             from fedmla.protos.transport import TLSConfig
             from fedmla.protos.weights import model_hash
             from fedmla.worker.virtual import run_clients
             tls = TLSConfig(root_ca=ca) if ca else None
-            return [dict(name=name, code=code, error=err, rounds=w.rounds_done, bytes_up=w.bytes_up,
-                         bytes_down=w.bytes_down, fedavg_up=w.fedavg_up, fedavg_down=w.fedavg_down,
-                         train_seconds=w.train_seconds, version=w.version,
-                         hash=None if w.global_state is None else model_hash(w.global_state))
-                    for name, w, code, err in run_clients(target, clients, state_root, tls=tls)]
+            cpu0 = time.process_time()
+            done = run_clients(target, clients, state_root, tls=tls)
+            return dict(cpu_seconds=time.process_time() - cpu0, clients=[
+                dict(name=name, code=code, error=err, rounds=w.rounds_done, bytes_up=w.bytes_up,
+                     bytes_down=w.bytes_down, fedavg_up=w.fedavg_up, fedavg_down=w.fedavg_down,
+                     train_seconds=w.train_seconds, compute_seconds=w.compute_seconds, version=w.version,
+                     hash=None if w.global_state is None else model_hash(w.global_state))
+                for name, w, code, err in done])
 
     return ClientPool
 
@@ -152,7 +177,7 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
     fed = _load_data(data, clients, partition, seed, seq_len, tokenizer)
     tmp = tempfile.TemporaryDirectory(prefix="fedmla-sim-")
     bg = None
-    t0 = time.monotonic()
+    t0, t0_wall = time.monotonic(), time.time()
     try:
         if coordinator is None:
             settings = CoordinatorSettings(store=store or Path(tmp.name) / "store", host="127.0.0.1", port=0,
@@ -209,12 +234,15 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
         k = actors or max(1, min(len(names), os.cpu_count() or 1))
         _start_ray(ray, address, k, log)
         try:
+            first_round = bg.call(lambda: bg.store.db.execute(      # rounds of an earlier run in --store
+                "SELECT COALESCE(MAX(id), -1) FROM rounds").fetchone()[0]) if bg else None
             pool_cls = _client_actor_class()
             pools = [pool_cls.remote() for _ in range(k)]
             ca_bytes = Path(ca).read_bytes() if ca else None
             work = [pools[i % k].run.remote(target, [(n, tokens[n], datas[n]) for n in names[i::k]],
                                             str(Path(tmp.name) / "clients"), ca_bytes) for i in range(k)]
             per_round, last_v, t_round = [], bg.coord.version if bg else None, time.monotonic()
+            driver_cpu0 = time.process_time()
             first_v = last_v
             pending = list(work)
             while True:
@@ -237,7 +265,9 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                         f"({per_round[-1]['seconds']:.1f}s)")
                 elif not pending:
                     break
-            results = [r for rs in ray.get(work) for r in rs]
+            pool_out = ray.get(work)
+            results = [r for out in pool_out for r in out["clients"]]
+            driver_cpu = time.process_time() - driver_cpu0
         finally:
             for p in locals().get("pools", []):
                 ray.kill(p)
@@ -246,6 +276,15 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
         if failed:
             raise RuntimeError("; ".join(f"client {r['name']}: exit {r['code']} {r['error']}" for r in failed))
         final = val_loss(bg.coord.state) if bg else None
+        # The rounds' wall time on the coordinator's clock: first opening to last commit
+        # (the start of Ray and of the clients, and their joins, come before: startup).
+        rounds_wall = startup = None
+        if bg is not None:
+            span = bg.call(lambda: bg.store.db.execute(
+                "SELECT MIN(started_at), MAX(ended_at) FROM rounds WHERE status='committed' AND id > ?",
+                (first_round,)).fetchone())
+            if span[0] is not None:
+                rounds_wall, startup = span[1] - span[0], span[0] - t0_wall
         # Committed versions, not observed ones: two commits can fall between two polls.
         out = dict(rounds=(bg.coord.version - first_v) if bg else max(r["rounds"] for r in results),
                    initial_val_loss=initial, final_val_loss=final,
@@ -260,7 +299,10 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                    uplink_ratio_vs_fedavg_fp32=_ratio(sum(r["fedavg_up"] for r in results),
                                                       sum(r["bytes_up"] for r in results)),
                    seconds=time.monotonic() - t0, per_round=per_round, data_source=fed.source,
-                   **_overhead(per_round, results),
+                   startup_seconds=startup,
+                   **_overhead(per_round, results, rounds_wall),
+                   cpu_seconds=_cpu_breakdown(results, [o["cpu_seconds"] for o in pool_out],
+                                              driver_cpu if bg is not None else None),
                    coordinator_hash=bg.coord.model_sha if bg else None,
                    clients={r["name"]: {k2: r[k2] for k2 in ("rounds", "bytes_up", "bytes_down", "version", "hash")}
                             for r in results})
