@@ -142,7 +142,7 @@ class Store:
 
     def __init__(self, root: str | Path, create: bool = True):
         self.root = Path(root)
-        self.local_writes = 0
+        self.token_writes = 0     # token creations and revocations through this connection
         self.db_path = self.root / DB_NAME
         self.ckpt_dir = self.root / CKPT_DIR
         if not self.db_path.exists():
@@ -178,7 +178,6 @@ class Store:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
-        self.local_writes += 1
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -256,21 +255,26 @@ class Store:
         with self._tx():
             self.db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, NULL)",
                             (token_id, client, hashlib.sha256(secret.encode()).hexdigest(), time.time()))
+        self.token_writes += 1
         return f"{TOKEN_PREFIX}.{token_id}.{secret}"
 
     def revoke_tokens(self, client: str) -> int:
         with self._tx():
             cur = self.db.execute("UPDATE tokens SET revoked_at=? WHERE client=? AND revoked_at IS NULL",
                                   (time.time(), client))
+        self.token_writes += 1
         return cur.rowcount
 
     def list_tokens(self) -> list[dict]:
         rows = self.db.execute("SELECT token_id, client, created_at, revoked_at FROM tokens ORDER BY client, created_at")
         return [dict(token_id=r[0], client=r[1], created_at=r[2], revoked_at=r[3]) for r in rows]
 
-    def data_version(self) -> tuple[int, int]:
-        """Changes whenever any connection commits (e.g. ``fedmla token revoke`` in another process)."""
-        return self.db.execute("PRAGMA data_version").fetchone()[0], self.local_writes
+    def tokens_version(self) -> tuple[int, int]:
+        """Changes whenever the token table may have: another connection committed (e.g.
+        ``fedmla token revoke`` in another process: SQLite's ``data_version``), or a token
+        was created or revoked through this one. This connection's other writes (joins,
+        heartbeats, rounds: many per second with a thousand clients) leave it alone."""
+        return self.db.execute("PRAGMA data_version").fetchone()[0], self.token_writes
 
     def token_table(self) -> dict[str, tuple[str, str]]:
         """{token_id: (client, secret_sha256)} for tokens not revoked."""
@@ -463,7 +467,7 @@ class TokenChecker:
         self._table: dict[str, tuple[str, str]] = {}
 
     def _refresh(self) -> None:
-        v = self.store.data_version()
+        v = self.store.tokens_version()
         if v != self._version:
             self._table = self.store.token_table()
             self._version = v

@@ -85,18 +85,22 @@ def _overhead(per_round: list[dict], results: list[dict], rounds_wall: float | N
                 rounds_per_minute=60 * len(per_round) / wall if wall else None)
 
 
-def _cpu_breakdown(results: list[dict], actor_cpu: list[float], driver_cpu: float | None) -> dict:
+def _cpu_breakdown(results: list[dict], actor_cpu: list[float], driver_cpu: float | None,
+                   driver_cpu_in_rounds: float | None, evaluation_cpu: float) -> dict:
     """CPU seconds of the run by where they were spent: the client actors' heavy steps
     (training, syncing, encoding, ... summed over clients), the rest of the actors'
-    processes (event loop, gRPC, Ray), and this process (the in-process coordinator, its
-    gRPC server and the driver's evaluation; None with ``--coordinator``)."""
+    processes (event loop, gRPC, Ray, the clients' joins), and this process (the
+    in-process coordinator with its gRPC server, and the driver's evaluation of each
+    committed model; None with ``--coordinator``), over the run and between the first
+    round's opening and the last commit."""
     steps: dict[str, float] = {}
     for r in results:
         for name, sec in r.get("compute_seconds", {}).items():
             steps[name] = steps.get(name, 0.0) + sec
     actors = sum(actor_cpu)
     return dict(client_steps=dict(sorted(steps.items(), key=lambda kv: -kv[1])), client_actors=actors,
-                client_actors_outside_steps=actors - sum(steps.values()), coordinator_and_driver=driver_cpu)
+                client_actors_outside_steps=actors - sum(steps.values()), coordinator_and_driver=driver_cpu,
+                coordinator_and_driver_in_rounds=driver_cpu_in_rounds, driver_evaluation=evaluation_cpu)
 
 
 def _ratio(baseline: int, ours: int) -> float | None:
@@ -194,6 +198,10 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                                            # GetTask long polls, every task_long_poll_s, already
                                            # count): still 10x inside client_timeout_s
                                            client_timeout_s=300, heartbeat_interval_s=30,
+                                           # an idle client's GetTask is held up to 50 s (the
+                                           # most allowed; the default is 15): with a thousand
+                                           # clients, 20 calls a second instead of 67
+                                           task_long_poll_s=50,
                                            dashboard_port=dashboard_port, dashboard_token=dashboard_token,
                                            **({} if codec is None else {"codec": codec}))
             bg = BackgroundCoordinator(settings).start()
@@ -227,8 +235,14 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
         datas = {n: fed.clients[i] for i, n in enumerate(names)}
         evaluator = LocalTrainer(model_cfg, TrainerConfig(seq_len=seq_len, importance=False))
 
+        eval_cpu = [0.0]
+
         def val_loss(state):
-            return evaluator.evaluate(state, fed.validation)["loss"]
+            t = time.thread_time()
+            try:
+                return evaluator.evaluate(state, fed.validation)["loss"]
+            finally:
+                eval_cpu[0] += time.thread_time() - t
 
         initial = last_loss = val_loss(bg.coord.state) if bg else None
         k = actors or max(1, min(len(names), os.cpu_count() or 1))
@@ -243,17 +257,21 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                                             str(Path(tmp.name) / "clients"), ca_bytes) for i in range(k)]
             per_round, last_v, t_round = [], bg.coord.version if bg else None, time.monotonic()
             driver_cpu0 = time.process_time()
+            cpu_open = cpu_commit = None    # this process's CPU when the first round opened / at the last commit
             first_v = last_v
             pending = list(work)
             while True:
                 if pending:
                     _, pending = ray.wait(pending, timeout=0.5, num_returns=len(pending))
+                if cpu_open is None and bg is not None and bg.coord.round is not None:
+                    cpu_open = time.process_time()
                 report()
                 # Checked once more after the clients finish: the last commit can land in
                 # the same wait as the clients' exit.
                 if bg is not None and bg.coord.version != last_v:
                     prev_v, last_v = last_v, bg.coord.version
                     now = time.monotonic()
+                    cpu_commit = time.process_time()
                     loss = last_loss = val_loss(bg.coord.state)
                     # The global model's held-out loss goes into the round's row (dashboard, store).
                     bg.call(lambda v=last_v, x=loss: bg.store.set_val_loss(v, x))
@@ -302,7 +320,9 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                    startup_seconds=startup,
                    **_overhead(per_round, results, rounds_wall),
                    cpu_seconds=_cpu_breakdown(results, [o["cpu_seconds"] for o in pool_out],
-                                              driver_cpu if bg is not None else None),
+                                              driver_cpu if bg is not None else None,
+                                              None if cpu_open is None or cpu_commit is None else cpu_commit - cpu_open,
+                                              eval_cpu[0]),
                    coordinator_hash=bg.coord.model_sha if bg else None,
                    clients={r["name"]: {k2: r[k2] for k2 in ("rounds", "bytes_up", "bytes_down", "version", "hash")}
                             for r in results})
