@@ -46,6 +46,8 @@ def _coordinator_command(config: Path | None, log_level: str, **flags) -> None:
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         raise typer.BadParameter(str(e), param_hint="--config / flags") from None
     from .errors import StoreError
+    from .memory import tune_malloc
+    tune_malloc()
     try:
         asyncio.run(serve(settings))
     except StoreError as e:
