@@ -115,14 +115,17 @@ class AsyncWorker(WorkerProtocol):
 
 
 def run_clients(target: str, clients: list[tuple[str, str, ClientData]], state_root, tls=None,
-                compute_threads: int = 1, log=lambda m: None) -> list[tuple[str, AsyncWorker, int, str]]:
+                compute_threads: int = 1, log=lambda m: None, durable: bool = True
+                ) -> list[tuple[str, AsyncWorker, int, str]]:
     """Run every client to its end on one new event loop: (name, worker, exit code, error) each.
-    An exception of one client is its error (exit 1); the others run on."""
+    An exception of one client is its error (exit 1); the others run on. ``durable``: see
+    :class:`~fedmla.worker.runtime.WorkerOptions`."""
     from pathlib import Path
 
     async def main(executor):
         cache = ComputeCache()      # the seeded start, downloads and trainers, shared by this loop's clients
-        workers = [(name, AsyncWorker(WorkerOptions(target, token, Path(state_root) / name, tls=tls, log=log),
+        workers = [(name, AsyncWorker(WorkerOptions(target, token, Path(state_root) / name, tls=tls, log=log,
+                                                    durable=durable),
                                       data, executor, cache)) for name, token, data in clients]
         codes = await asyncio.gather(*(w.run() for _, w in workers), return_exceptions=True)
         return [(name, w, 1 if isinstance(c, BaseException) else c,

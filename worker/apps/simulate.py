@@ -128,7 +128,8 @@ def _client_actor_class():
             from fedmla.worker.virtual import run_clients
             tls = TLSConfig(root_ca=ca) if ca else None
             cpu0 = time.process_time()
-            done = run_clients(target, clients, state_root, tls=tls)
+            # the clients' state dirs are a temporary dir of this run: written, not fsynced
+            done = run_clients(target, clients, state_root, tls=tls, durable=False)
             return dict(cpu_seconds=time.process_time() - cpu0, clients=[
                 dict(name=name, code=code, error=err, rounds=w.rounds_done, bytes_up=w.bytes_up,
                      bytes_down=w.bytes_down, fedavg_up=w.fedavg_up, fedavg_down=w.fedavg_down,
