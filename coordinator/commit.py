@@ -17,7 +17,6 @@ import torch
 
 from fedmla.protos.codec import SharedState
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
-from fedmla.protos.weights import canonical_bytes, sha256_hex
 
 from .bounds import bounded_weights
 from .store import ClientRoundRecord, RoundRecord
@@ -33,11 +32,9 @@ class RoundResult:
     """What a successful aggregation hands to the commit."""
 
     state: dict[str, torch.Tensor]       # the new global weights (float32)
-    checkpoint: bytes                    # their canonical safetensors bytes
-    sha256: str                          # the new model version's hash
     importance: list | None              # the round's combined head importance (L x H), if any
     downlink: bytes                      # the serialized downlink every worker applies
-    codec_state: bytes                   # the codec's whole state after the round (safetensors)
+    codec_state: dict[str, torch.Tensor]  # the codec's whole state after the round (shared, not copied)
     shared: SharedState                  # the codec's shared state at the new version
     refused: dict[str, str]              # client -> why the aggregator refused its update
 
@@ -94,22 +91,24 @@ class RoundCloser:
         seen = co.registry.last_seen()
         # The file on a worker thread; the SQLite transaction here, on the loop thread
         # that owns the connection (so no other call can interleave with it).
-        path = codec_file = None
+        # Both files are streamed from the tensors (their hashes read back from the files):
+        # no whole-state bytes in memory at the close.
+        path = codec_file = sha = None
         if ok:
-            path = await asyncio.to_thread(co.store.write_checkpoint, new_version, result.checkpoint)
-            codec_file = (await asyncio.to_thread(co.store.write_codec_state, new_version, result.codec_state),
-                          sha256_hex(result.codec_state))
+            path, sha = await asyncio.to_thread(co.store.write_checkpoint_tensors, new_version, result.state)
+            codec_file = await asyncio.to_thread(co.store.write_codec_tensors, new_version, result.codec_state)
+            result.codec_state = None
         mask = rnd.active_heads.to(torch.int64).tolist()
         meta = None
         if ok and co.accountant is not None:
             co.accountant.record_round(rnd.dp_rate)
             meta = {"privacy": json.dumps(co.privacy_summary())}
         co.store.record_round(rec, records, result.importance if ok else None,
-                                (path, result.sha256) if ok else None, seen, s.keep_checkpoints, mask=mask,
+                                (path, sha) if ok else None, seen, s.keep_checkpoints, mask=mask,
                                 codec=codec_file, downlink=result.downlink if ok else None,
                                 keep_downlinks=s.keep_downlinks, meta=meta)
         if ok:
-            co.state, co.model_sha, co.version = result.state, result.sha256, new_version
+            co.state, co.model_sha, co.version = result.state, sha, new_version
             co.shared = result.shared
             co.downloads.committed(new_version, result.downlink)
         co.metrics.aggregation_seconds.observe(time.perf_counter() - t0)
@@ -166,12 +165,9 @@ class RoundCloser:
             # finish_round replaces the codec's tensors, never writes into them: the new
             # global weights can be shared, not copied.
             new_state = {k: co.codec.global_state[k].contiguous() for k in co.state}
-            data = canonical_bytes(new_state)
-            codec_bytes = canonical_bytes(co.codec.state_dict(copy=False))
         except BaseException:
             co.codec.restore(snapshot)
             raise
-        return RoundResult(state=new_state, checkpoint=data, sha256=sha256_hex(data),
-                           importance=importance.float().tolist() if importance is not None else None,
-                           downlink=down.SerializeToString(), codec_state=codec_bytes, shared=co.codec.shared,
-                           refused=refused)
+        return RoundResult(state=new_state, importance=importance.float().tolist() if importance is not None else None,
+                           downlink=down.SerializeToString(), codec_state=co.codec.state_dict(copy=False),
+                           shared=co.codec.shared, refused=refused)

@@ -125,6 +125,25 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def write_tensors_atomic(path: Path, tensors: dict) -> str:
+    """Write ``tensors`` as safetensors to ``path`` (crash-safe like :func:`write_atomic`)
+    and return the SHA-256 of the file: the bytes are those of
+    :func:`~fedmla.protos.weights.canonical_bytes` (the same dict, keys sorted), but go
+    straight to the file instead of being assembled in memory first (safetensors'
+    ``save`` holds two copies of a state, ``save_file`` one)."""
+    from safetensors.torch import save_file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}, str(tmp))
+    digest = hashlib.sha256()
+    with open(tmp, "rb+") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return digest.hexdigest()
+
+
 def _read_verified(path: Path, sha256: str, what: str, version: int) -> bytes:
     """A file's bytes, checked against the SHA-256 the database recorded for it."""
     try:
@@ -332,6 +351,11 @@ class Store:
         write_atomic(path, data)
         return path
 
+    def write_codec_tensors(self, version: int, tensors: dict) -> tuple[Path, str]:
+        """:meth:`write_codec_state` of ``canonical_bytes(tensors)``, streamed: (path, SHA-256)."""
+        path = self.codec_path(version)
+        return path, write_tensors_atomic(path, tensors)
+
     def downlinks(self, after: int, upto: int) -> list[bytes] | None:
         """The codec downlinks producing versions after+1 .. upto, each verified, or None
         if any of them is no longer kept."""
@@ -380,6 +404,12 @@ class Store:
         path = self.checkpoint_path(version)
         write_atomic(path, data)
         return path
+
+    def write_checkpoint_tensors(self, version: int, state: dict) -> tuple[Path, str]:
+        """:meth:`write_checkpoint` of ``canonical_bytes(state)``, streamed: (path, SHA-256,
+        which is the model hash of ``state``)."""
+        path = self.checkpoint_path(version)
+        return path, write_tensors_atomic(path, state)
 
     def record_round(self, rnd: RoundRecord, clients: list[ClientRoundRecord], importance: list[list[float]] | None,
                      model: tuple[Path, str] | None, client_seen: dict[str, float], keep_checkpoints: int = 3,

@@ -118,3 +118,21 @@ def test_tokens_create_check_revoke(tmp_path):
         check.client_for(t2)
     with pytest.raises(ValueError, match="client name"):
         s.create_token("bad name!")
+
+
+def test_streamed_tensor_files_hold_the_canonical_bytes_and_their_hash(tmp_path):
+    """The close writes the checkpoint and the codec state straight from the tensors: the
+    file must be byte-for-byte canonical_bytes (what workers hash) and the returned
+    SHA-256 the model hash."""
+    import torch
+
+    from fedmla.coordinator.store import write_tensors_atomic
+    from fedmla.protos.weights import canonical_bytes, model_hash
+    g = torch.Generator().manual_seed(0)
+    state = {"b.w": torch.randn(3, 5, generator=g), "a.w": torch.randn(7, generator=g).double(),
+             "c.t": torch.randn(4, 6, generator=g).t(), "d.i": torch.arange(5)}   # unsorted, a non-contiguous one
+    path = tmp_path / "x.safetensors"
+    digest = write_tensors_atomic(path, state)
+    assert path.read_bytes() == canonical_bytes(state)
+    assert digest == model_hash(state)
+    assert not list(tmp_path.glob(".*.tmp"))
