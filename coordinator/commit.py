@@ -157,6 +157,9 @@ class RoundCloser:
             aggregate = agg.finish()
             importance = agg.importance()
             refused = dict(agg.rejected)
+            # No update can arrive any more (the close waited for those being received):
+            # the integer sums go now, before the outer step allocates its own tensors.
+            rnd.aggregator = agg = None
             if len(rnd.replies) - len(refused) < co.settings.min_replies:
                 raise ValueError(f"{len(refused)} update(s) refused by the defence ({'; '.join(refused.values())}), "
                                  f"leaving fewer than min_replies {co.settings.min_replies}")
