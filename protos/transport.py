@@ -70,12 +70,15 @@ def capabilities(device: str = "cpu", free_memory_bytes: int = 0, num_examples: 
 
 
 def submit_requests(payload: bytes, round_id: int, model_version: int, chunk_bytes: int = CHUNK_BYTES):
-    """The SubmitUpdate request stream for a serialized ModelUpdate."""
+    """The SubmitUpdate request stream for a serialized ModelUpdate: the header alone,
+    then the payload in chunks. (A coordinator takes an upload slot once the header has
+    arrived; the data it has not read yet waits in the sender's HTTP/2 stream window
+    instead of in its memory while a thousand clients queue for the slots.)"""
     header = cpb.SubmitUpdateRequest.Header(round_id=round_id, model_version=model_version,
                                             total_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
     view = memoryview(payload)
-    yield cpb.SubmitUpdateRequest(header=header, data=bytes(view[:chunk_bytes]))
-    for off in range(chunk_bytes, len(payload), chunk_bytes):
+    yield cpb.SubmitUpdateRequest(header=header)
+    for off in range(0, len(payload), chunk_bytes):
         yield cpb.SubmitUpdateRequest(data=bytes(view[off: off + chunk_bytes]))
 
 

@@ -18,6 +18,7 @@ def test_submit_stream_chunks_stay_under_message_limit_and_reassemble():
     payload = bytes(range(256)) * (3 * CHUNK_BYTES // 256 + 7)
     reqs = list(submit_requests(payload, round_id=4, model_version=3))
     assert reqs[0].HasField("header") and not any(r.HasField("header") for r in reqs[1:])
+    assert not reqs[0].data        # the header alone: no payload is read before an upload slot is taken
     assert all(r.ByteSize() < MAX_MESSAGE_BYTES for r in reqs)
     assert b"".join(r.data for r in reqs) == payload
     h = reqs[0].header
