@@ -21,6 +21,7 @@ high limbs of a parameter exist only once a term needed them).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 GRID_BITS = 40                 # the grid: multiples of 2**-40
@@ -29,12 +30,17 @@ MAX_TERM_BITS = 32             # |w * x| < 2**32: high limb < 2**32, sums of 2**
 _SCALE = 2.0 ** GRID_BITS
 _LIMB = 2.0 ** LIMB_BITS
 _MAX = 2.0 ** (MAX_TERM_BITS + GRID_BITS)
-# Chunk of the split: at 32,000 (below ATen's 32,768 grain, one thread per op) the sum
-# costs the least CPU in isolation (~30 ms per small-preset update), but its ~5,000 small
-# torch calls per update hold the GIL against the gRPC loop and `bench coordinator`
-# ingested 4.3-4.5 updates/s on a quiet machine; at 2**20 (one chunk per parameter of
-# these models, ops on ATen's threads) 5.1/s, level with the unfused split (5.0-5.6/s).
-_CHUNK = 1 << 20
+# Chunk of the split (elements). The split runs in numpy: per chunk one ufunc call
+# multiplies in float64 and truncates into an int64 scratch (casting in its own small
+# buffers) and a second adds it in (two more, and one for the high limbs, when a chunk has
+# terms >= 1); the calls release the GIL for their whole length. The scratch (1 MiB per
+# int64 buffer) stays in L2 while the accumulator streams past: 2**16-2**17 measured
+# best, 2**19 twice as slow. The torch form it replaces needed three calls per chunk and
+# a float64 chunk that at 2**20 page-faulted on every call (~17 ms for a 2**20-element
+# parameter against ~2 ms here); chunks of 32,000 cost less CPU but, at ~5,000 calls per
+# update, held the GIL against the gRPC loop.
+_CHUNK = 1 << 17
+_FITS_INT64 = 2.0 ** (63 - GRID_BITS)   # |w x| below this: w x on the grid fits an int64
 MAX_WEIGHT = 1 << 29           # float32 (24-bit significand) x weight < 2**53: exact in float64
 
 
@@ -102,7 +108,7 @@ class ExactSum:
         if x.dtype != torch.float32 or not 0 < weight < MAX_WEIGHT:
             self.add(name, x.to(torch.float64) * weight, sign)
             return
-        x = x.contiguous().view(-1)
+        x = x.detach().contiguous().view(-1)
         if not x.numel():
             self._acc(self._lo, name)
             return
@@ -112,27 +118,57 @@ class ExactSum:
         bound = 2.0 ** MAX_TERM_BITS
         if not (-bound < low * weight and high * weight < bound):
             raise _refuse()
-        small = max(-low, high) * weight < 1.0     # every |w * x| < 1: all high limbs are 0
-        lo_acc = self._acc(self._lo, name).view(-1)
-        hi_acc = None if small else self._acc(self._hi, name).view(-1)
-        n = x.numel()
+        top = max(-low, high) * weight
+        small = top < 1.0              # every |w * x| < 1: all high limbs are 0
+        lo_acc = self._acc(self._lo, name).view(-1).numpy()
+        hi_acc = None if small else self._acc(self._hi, name).view(-1).numpy()
+        xn = x.numpy()
+        n = xn.size
         c = min(n, _CHUNK)
-        y = torch.empty(c, dtype=torch.float64)
-        k = torch.empty(c, dtype=torch.int64)
-        # a 1-element (not 0-dim) float64 factor makes torch.mul compute in float64
-        factor = torch.tensor([weight * _SCALE if small else float(weight)], dtype=torch.float64)
-        add = torch.Tensor.add_ if sign > 0 else torch.Tensor.sub_
+        k = np.empty(c, dtype=np.int64)
+        h = None if small else np.empty(c, dtype=np.int64)
+        add = np.add if sign > 0 else np.subtract
+        # float64 scalars: numpy multiplies float32 by them in float64, where w * x (* 2**40)
+        # is exact (24 + 29 significant bits, times a power of two)
+        w, w_grid = np.float64(weight), np.float64(weight * _SCALE)
         for s in range(0, n, c):
             e = min(n, s + c)
-            yc, kc = y[:e - s], k[:e - s]
-            torch.mul(x[s:e], factor, out=yc)         # exact: w * x (* 2**40), float64
-            if not small:
-                kc.copy_(yc)                          # hi = trunc(w * x)
-                add(hi_acc[s:e], kc)
-                torch.frac(yc, out=yc)                # w * x - hi: exact
-                yc.mul_(_SCALE)                       # a power of two: exact
-            kc.copy_(yc)                              # lo: truncated toward zero to the grid
-            add(lo_acc[s:e], kc)
+            xc, kc = xn[s:e], k[:e - s]
+            # the cast truncates toward zero: the grid steps of w * x while they fit int64
+            if small:
+                np.multiply(xc, w_grid, out=kc, casting="unsafe")           # = lo
+            elif top < _FITS_INT64:
+                hc = h[:e - s]
+                np.multiply(xc, w, out=hc, casting="unsafe")                # hi = trunc(w * x)
+                np.multiply(xc, w_grid, out=kc, casting="unsafe")           # hi * 2**40 + lo
+                self._split_high(hi_acc[s:e], hc, kc, add)
+            else:
+                self._split_large(xc, w, hi_acc[s:e], h[:e - s], kc, add)
+            add(lo_acc[s:e], kc, out=lo_acc[s:e])
+
+    @staticmethod
+    def _split_high(hi_acc: np.ndarray, hc: np.ndarray, kc: np.ndarray, add) -> None:
+        """Sum the high limbs ``hc`` into ``hi_acc`` and leave the low limbs in ``kc`` (which
+        holds trunc(w * x * 2**40)): lo = trunc(V) - hi * 2**40 for V = w * x * 2**40, since
+        V and V - hi * 2**40 have one sign (truncation commutes with an integer shift then),
+        the same limbs as :meth:`limbs`. A chunk without high limbs adds nothing to
+        ``hi_acc``. (Adding all of a chunk's limbs beat finding the few nonzero ones:
+        np.flatnonzero costs ~2 ns an element, a dense add 0.25.)"""
+        if not np.count_nonzero(hc):
+            return
+        add(hi_acc, hc, out=hi_acc)
+        np.multiply(hc, 1 << LIMB_BITS, out=hc)      # |hi| < 2**23: no overflow
+        np.subtract(kc, hc, out=kc)
+
+    @staticmethod
+    def _split_large(xc: np.ndarray, w: np.float64, hi_acc: np.ndarray, hc: np.ndarray, kc: np.ndarray, add) -> None:
+        """The split as :meth:`limbs` makes it, for terms past int64's grid (|w x| >= 2**23):
+        hi = trunc(w x) summed into ``hi_acc``, the low limb left in ``kc``."""
+        y = np.multiply(xc, w)                           # exact: w * x, float64
+        np.copyto(hc, y, casting="unsafe")               # hi = trunc(w * x)
+        add(hi_acc, hc, out=hi_acc)
+        np.subtract(y, hc, out=y)                        # w * x - hi: exact (|hi| < 2**32)
+        np.multiply(y, _SCALE, out=kc, casting="unsafe")     # lo: truncated toward zero to the grid
 
     def value(self, name: str) -> torch.Tensor:
         """The sum of parameter ``name`` as float64 (zeros if nothing was added): a
