@@ -96,7 +96,7 @@ def _check_shape(shape, what: str, max_elements: int | None) -> int:
     return n
 
 
-def _plain_payload(msg: pb.Tensor, what: str, max_elements: int | None, allowed: set[int] | None
+def _plain_payload(msg: pb.Tensor, what: str, max_elements: int | None, allowed: set[int] | frozenset[int] | None
                    ) -> tuple[bytes, tuple[int, ...], int]:
     """(data, shape, element count) of a plain message, every check of :func:`decode_tensor` made."""
     if msg.HasField("quant") and msg.quant.scheme != pb.Quantization.SCHEME_NONE:
@@ -135,7 +135,7 @@ _NP = {pb.FLOAT32: np.dtype("<f4"), pb.FLOAT16: np.dtype("<f2"), pb.FLOAT64: np.
 
 
 def decode_array(msg: pb.Tensor, what: str = "tensor", max_elements: int | None = None,
-                 allowed: set[int] | None = None) -> np.ndarray:
+                 allowed: set[int] | frozenset[int] | None = None) -> np.ndarray:
     """:func:`decode_tensor` as a read-only numpy array viewing the message's bytes (float
     dtypes FLOAT32/FLOAT16/FLOAT64 only; the same checks and messages)."""
     data, shape, n = _plain_payload(msg, what, max_elements, allowed)
@@ -235,6 +235,9 @@ def unpack_codes(data: bytes, rows: int, cols: int, bits: int) -> np.ndarray:
     return codes[:, :cols] if codes.shape[1] != cols else codes
 
 
+_SCALE_DTYPES = frozenset({pb.FLOAT32, pb.FLOAT16})
+
+
 class IntRows(NamedTuple):
     """A validated row-quantised message, not yet unpacked."""
 
@@ -268,7 +271,7 @@ def int_rows_payload(msg: pb.Tensor, what: str = "tensor", max_elements: int | N
                                 f"(expected {R * row_bytes})")
     # One scale per row: the bound is checked from the shape before anything is inflated.
     scales = decode_array(msg.quant.scales, f"{what}.scales", max_elements=R,
-                          allowed={pb.FLOAT32, pb.FLOAT16}).astype(np.float32)
+                          allowed=_SCALE_DTYPES).astype(np.float32)
     if scales.shape != (R,):
         raise TensorDecodeError(f"{what}: {tuple(scales.shape)} scales for {R} rows")
     # max propagates NaN (and keeps an infinity): "all finite" in one reduction

@@ -19,6 +19,7 @@ import math
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fedmla.mla_model import MLAConfig
@@ -68,10 +69,14 @@ def decode_importance(msg: pb.HeadScores, num_layers: int, num_heads: int) -> to
                                 f"{num_layers} layers x {num_heads} heads")
     if len(msg.scores) != num_layers * num_heads:
         raise UpdateDecodeError(f"importance has {len(msg.scores)} scores, expected {num_layers * num_heads}")
-    t = torch.tensor(list(msg.scores), dtype=torch.float32).view(num_layers, num_heads)
-    if not torch.isfinite(t).all() or (t < 0).any():
+    # numpy: ~10x fewer microseconds than torch.tensor(list(...)) and two torch checks.
+    # float64 -> float32 rounds to nearest as torch.tensor(..., dtype=float32) does (values
+    # past float32's range become infinite, and are refused, in both).
+    with np.errstate(over="ignore"):
+        a = np.fromiter(msg.scores, np.float64, len(msg.scores)).astype(np.float32)
+    if not np.isfinite(a).all() or (a < 0).any():
         raise UpdateDecodeError("importance scores must be finite and >= 0")
-    return t
+    return torch.from_numpy(a).view(num_layers, num_heads)
 
 
 class ExactAggregator:

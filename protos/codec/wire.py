@@ -33,6 +33,9 @@ from .quant import (FINITE_SCALE_BOUND, code_range, container_bits, dequantize_r
                     quantize_rows, scales_are_half)
 
 
+_FLOAT32_ONLY = frozenset({pb.FLOAT32})
+
+
 def _all_finite(a: np.ndarray) -> bool:
     """No NaN or infinity in ``a`` (two reductions, no temporary: min/max propagate NaN)."""
     return bool(np.isfinite(a.min()) and np.isfinite(a.max()))
@@ -222,7 +225,7 @@ class TensorCodec:
                 with np.errstate(over="ignore"):                 # refused below, not warned about
                     dequantize_rows_into(q, m.scales, bits, t.numpy().reshape(m.rows, m.cols))
             else:
-                a = decode_array(msg, what, max_elements=n, allowed={pb.FLOAT32})
+                a = decode_array(msg, what, max_elements=n, allowed=_FLOAT32_ONLY)
                 if a.size != n:
                     raise UpdateDecodeError(f"{what}: shape {list(a.shape)}, expected {list(shape)}")
                 t = torch.empty(shape, dtype=torch.float32)

@@ -353,3 +353,20 @@ def test_whole_updates_decode_and_aggregate_as_the_reference(name, monkeypatch):
     for n in server.shapes:
         assert torch.equal(fast[1][n].view(torch.int32), ref[1][n].view(torch.int32)), n
         assert torch.equal(fast[2][n].view(torch.int64), ref[2][n].view(torch.int64)), n
+
+
+def test_importance_decodes_as_before():
+    from fedmla.protos.codec.server import decode_importance
+
+    def ref(msg, L, H):
+        t = torch.tensor(list(msg.scores), dtype=torch.float32).view(L, H)
+        if not torch.isfinite(t).all() or (t < 0).any():
+            raise UpdateDecodeError("importance scores must be finite and >= 0")
+        return t
+
+    g = torch.Generator().manual_seed(0)
+    vals = (torch.rand(2 * 3, generator=g).double() * 10 ** torch.randint(-40, 40, (6,), generator=g)).tolist()
+    for scores in (vals, [0.0, -0.0, 1e-46, 3.4028235e38, 3.4028236e38, 1 / 3],
+                   [1.0, 2.0, 3.0, 4.0, 5.0, 1e39], [1.0] * 5 + [float("nan")], [1.0] * 5 + [-1e-50], [-1.0] + [1.0] * 5):
+        msg = pb.HeadScores(num_layers=2, num_heads=3, scores=scores)
+        assert outcome(lambda: decode_importance(msg, 2, 3)) == outcome(lambda: ref(msg, 2, 3)), scores
