@@ -44,6 +44,52 @@ _FITS_INT64 = 2.0 ** (63 - GRID_BITS)   # |w x| below this: w x on the grid fits
 MAX_WEIGHT = 1 << 29           # float32 (24-bit significand) x weight < 2**53: exact in float64
 
 
+def _runs(idx: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(start in the full axis, start in the selection, length) of each run of consecutive
+    indices in the sorted ``idx`` (a head owns a block of consecutive rows or columns)."""
+    i = idx.numpy()
+    breaks = (np.flatnonzero(np.diff(i) != 1) + 1).tolist()
+    starts, ends = [0, *breaks], [*breaks, len(i)]
+    return [(int(i[a]), a, b - a) for a, b in zip(starts, ends)]
+
+
+def _blocks(x: np.ndarray, lo: np.ndarray, hi: np.ndarray | None, rows: torch.Tensor | None,
+            cols: torch.Tensor | None):
+    """(x block, lo block, hi block or None) views of at most _CHUNK elements covering x
+    and the accumulator entries it adds to: flat chunks, or for a column selection 2-D
+    blocks of whole rows of one run of columns."""
+    if cols is None:
+        xf, lf, hf = x.reshape(-1), lo.reshape(-1), None if hi is None else hi.reshape(-1)
+        if rows is None:
+            spans = [(0, 0, xf.size)]
+        else:
+            n = x.shape[1]
+            spans = [(a * n, r * n, length * n) for a, r, length in _runs(rows)]
+        for full, sub, length in spans:
+            for s in range(0, length, _CHUNK):
+                e = min(length, s + _CHUNK)
+                yield (xf[sub + s:sub + e], lf[full + s:full + e],
+                       None if hf is None else hf[full + s:full + e])
+        return
+    m = x.shape[0]
+    for a, c, length in _runs(cols):
+        step = max(1, _CHUNK // length)
+        for s in range(0, m, step):
+            e = min(m, s + step)
+            yield (x[s:e, c:c + length], lo[s:e, a:a + length],
+                   None if hi is None else hi[s:e, a:a + length])
+
+
+def _scatter(x: torch.Tensor, shape: tuple[int, ...], rows: torch.Tensor | None, cols: torch.Tensor | None
+             ) -> torch.Tensor:
+    out = torch.zeros(shape, dtype=x.dtype)
+    if rows is not None:
+        out.index_copy_(0, rows, x)
+    else:
+        out.index_copy_(1, cols, x)
+    return out
+
+
 def _refuse() -> OverflowError:
     return OverflowError(f"a weighted value reaches 2**{MAX_TERM_BITS} in magnitude (or is not "
                          f"finite): too large to sum exactly")
@@ -95,23 +141,44 @@ class ExactSum:
             hi_acc.sub_(hi)
             lo_acc.sub_(lo)
 
-    def add_scaled(self, name: str, x: torch.Tensor, weight: int, sign: int = 1) -> None:
+    def add_scaled(self, name: str, x: torch.Tensor, weight: int, sign: int = 1,
+                   rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
         """Add (``sign`` = 1) or take out (-1) the term ``weight * x`` of parameter ``name``:
         ``x`` float32, ``weight`` an integer in [1, MAX_WEIGHT). The same limbs as
         ``add(name, x.double() * weight, sign)`` (the product is exact in float64), split
         and summed chunk by chunk in one pass. A term past the bound (or not finite) is
         refused before anything is summed. Not thread-safe for one ``name``: callers
-        serialise the calls of a parameter (not of different parameters)."""
-        if tuple(x.shape) != self.shapes[name]:
-            raise ValueError(f"{name}: term of shape {tuple(x.shape)}, expected {self.shapes[name]}")
+        serialise the calls of a parameter (not of different parameters).
+
+        ``rows`` (or ``cols``): sorted, distinct indices of a 2-D parameter; ``x`` is then
+        the term's sub-matrix on those rows (columns) and the term is 0 elsewhere: the same
+        limbs as adding the full-shape term, without touching the zeros (a zero adds nothing)."""
+        shape = self.shapes[name]
+        if rows is not None and cols is not None:
+            raise ValueError(f"{name}: a selection of rows or of columns, not both")
+        if rows is not None or cols is not None:
+            full = list(shape)
+            if rows is not None:
+                full[0] = rows.numel()
+            else:
+                full[1] = cols.numel()
+            if len(shape) != 2 or tuple(x.shape) != tuple(full):
+                raise ValueError(f"{name}: term of shape {tuple(x.shape)}, expected {tuple(full)} "
+                                 f"(a selection of {shape})")
+        elif tuple(x.shape) != shape:
+            raise ValueError(f"{name}: term of shape {tuple(x.shape)}, expected {shape}")
         weight = int(weight)
         if x.dtype != torch.float32 or not 0 < weight < MAX_WEIGHT:
+            if rows is not None or cols is not None:
+                x = _scatter(x, shape, rows, cols)
             self.add(name, x.to(torch.float64) * weight, sign)
             return
-        x = x.detach().contiguous().view(-1)
+        x = x.detach().contiguous()
         if not x.numel():
             self._acc(self._lo, name)
             return
+        # The bounds hold for the full term iff they hold for x: its zeros are within both
+        # and never raise the largest |w x|.
         low, high = (float(v) for v in torch.aminmax(x))
         # float32 times an integer below 2**29 is exact in a Python float: the same test as
         # limbs() makes on the float64 term, |w * x| < 2**MAX_TERM_BITS (NaN fails both).
@@ -120,31 +187,29 @@ class ExactSum:
             raise _refuse()
         top = max(-low, high) * weight
         small = top < 1.0              # every |w * x| < 1: all high limbs are 0
-        lo_acc = self._acc(self._lo, name).view(-1).numpy()
-        hi_acc = None if small else self._acc(self._hi, name).view(-1).numpy()
-        xn = x.numpy()
-        n = xn.size
-        c = min(n, _CHUNK)
+        lo_acc = self._acc(self._lo, name).numpy()
+        hi_acc = None if small else self._acc(self._hi, name).numpy()
+        # the largest block: _CHUNK elements, or one row of a run of selected columns
+        c = min(x.numel(), _CHUNK if cols is None else max(_CHUNK, x.shape[1]))
         k = np.empty(c, dtype=np.int64)
         h = None if small else np.empty(c, dtype=np.int64)
         add = np.add if sign > 0 else np.subtract
         # float64 scalars: numpy multiplies float32 by them in float64, where w * x (* 2**40)
         # is exact (24 + 29 significant bits, times a power of two)
         w, w_grid = np.float64(weight), np.float64(weight * _SCALE)
-        for s in range(0, n, c):
-            e = min(n, s + c)
-            xc, kc = xn[s:e], k[:e - s]
+        for xc, lo_c, hi_c in _blocks(x.numpy(), lo_acc, hi_acc, rows, cols):
+            kc = k[:xc.size].reshape(xc.shape)
             # the cast truncates toward zero: the grid steps of w * x while they fit int64
             if small:
                 np.multiply(xc, w_grid, out=kc, casting="unsafe")           # = lo
             elif top < _FITS_INT64:
-                hc = h[:e - s]
+                hc = h[:xc.size].reshape(xc.shape)
                 np.multiply(xc, w, out=hc, casting="unsafe")                # hi = trunc(w * x)
                 np.multiply(xc, w_grid, out=kc, casting="unsafe")           # hi * 2**40 + lo
-                self._split_high(hi_acc[s:e], hc, kc, add)
+                self._split_high(hi_c, hc, kc, add)
             else:
-                self._split_large(xc, w, hi_acc[s:e], h[:e - s], kc, add)
-            add(lo_acc[s:e], kc, out=lo_acc[s:e])
+                self._split_large(xc, w, hi_c, h[:xc.size].reshape(xc.shape), kc, add)
+            add(lo_c, kc, out=lo_c)
 
     @staticmethod
     def _split_high(hi_acc: np.ndarray, hc: np.ndarray, kc: np.ndarray, add) -> None:

@@ -56,10 +56,14 @@ class Part:
     right: torch.Tensor | None = None  # (r, n') float32
     value: torch.Tensor | None = None  # dense sub-tensor, float32
 
+    def product(self) -> torch.Tensor:
+        """The float32 sub-tensor this part stands for, on the selection's rows/columns only."""
+        sub = self.value if self.value is not None else reconstruct(self.left, self.right, self.side, self.basis)
+        return sub.float()
+
     def dense(self, shape: tuple[int, ...]) -> torch.Tensor:
         """The full-shape float32 tensor this part stands for (zeros outside the selection)."""
-        sub = self.value if self.value is not None else reconstruct(self.left, self.right, self.side, self.basis)
-        return self.sel.scatter(sub.float(), shape)
+        return self.sel.scatter(self.product(), shape)
 
 
 @dataclass
