@@ -40,7 +40,8 @@ _MAX = 2.0 ** (MAX_TERM_BITS + GRID_BITS)
 # parameter against ~2 ms here); chunks of 32,000 cost less CPU but, at ~5,000 calls per
 # update, held the GIL against the gRPC loop.
 _CHUNK = 1 << 17
-_FITS_INT64 = 2.0 ** (63 - GRID_BITS)   # |w x| below this: w x on the grid fits an int64
+_FITS_INT64 = 2.0 ** (62 - GRID_BITS)   # |w x| below this: w x on the grid fits an int64 (with room)
+_LIMB_INT = 1 << LIMB_BITS
 MAX_WEIGHT = 1 << 29           # float32 (24-bit significand) x weight < 2**53: exact in float64
 
 
@@ -203,26 +204,39 @@ class ExactSum:
             if small:
                 np.multiply(xc, w_grid, out=kc, casting="unsafe")           # = lo
             elif top < _FITS_INT64:
-                hc = h[:xc.size].reshape(xc.shape)
-                np.multiply(xc, w, out=hc, casting="unsafe")                # hi = trunc(w * x)
                 np.multiply(xc, w_grid, out=kc, casting="unsafe")           # hi * 2**40 + lo
-                self._split_high(hi_c, hc, kc, add)
+                self._split_high(hi_c, kc, h[:xc.size].reshape(xc.shape), add)
             else:
                 self._split_large(xc, w, hi_c, h[:xc.size].reshape(xc.shape), kc, add)
             add(lo_c, kc, out=lo_c)
 
     @staticmethod
-    def _split_high(hi_acc: np.ndarray, hc: np.ndarray, kc: np.ndarray, add) -> None:
-        """Sum the high limbs ``hc`` into ``hi_acc`` and leave the low limbs in ``kc`` (which
-        holds trunc(w * x * 2**40)): lo = trunc(V) - hi * 2**40 for V = w * x * 2**40, since
-        V and V - hi * 2**40 have one sign (truncation commutes with an integer shift then),
-        the same limbs as :meth:`limbs`. A chunk without high limbs adds nothing to
-        ``hi_acc``. (Adding all of a chunk's limbs beat finding the few nonzero ones:
-        np.flatnonzero costs ~2 ns an element, a dense add 0.25.)"""
-        if not np.count_nonzero(hc):
+    def _split_high(hi_acc: np.ndarray, kc: np.ndarray, hc: np.ndarray, add) -> None:
+        """Split ``kc`` = trunc(V), V = w * x * 2**40 (|V| < 2**62), in place into its low
+        limbs, summing the high limbs hi = trunc(kc / 2**40) = trunc(w * x) into ``hi_acc``;
+        lo = kc - hi * 2**40: the same limbs as :meth:`limbs`. ``hc``: int64 scratch.
+
+        Terms >= 1 are usually few, so only the entries with |kc| >= 2**40 are looked at
+        (one integer pass finds them) and ``hi_acc`` is touched there only; when they are
+        many (>= 1/8) the chunk is split with whole-array integer ops."""
+        np.add(kc, _LIMB_INT - 1, out=hc)                     # |kc| >= 2**40 <=> this, as
+        big = np.greater(hc.view(np.uint64), 2 * _LIMB_INT - 2)   # unsigned, > 2**41 - 2
+        idx = big.nonzero()
+        count = idx[0].size
+        if not count:
             return
+        if count * 8 < kc.size:
+            kv = kc[idx]
+            hv = (kv + ((kv >> 63) & (_LIMB_INT - 1))) >> LIMB_BITS     # trunc(kv / 2**40)
+            kc[idx] = kv - hv * _LIMB_INT
+            hi_acc[idx] = add(hi_acc[idx], hv)
+            return
+        np.right_shift(kc, 63, out=hc)                        # -1 where negative, else 0
+        np.bitwise_and(hc, _LIMB_INT - 1, out=hc)
+        np.add(hc, kc, out=hc)
+        np.right_shift(hc, LIMB_BITS, out=hc)                 # floor((kc + bias) / 2**40) = trunc(kc / 2**40)
         add(hi_acc, hc, out=hi_acc)
-        np.multiply(hc, 1 << LIMB_BITS, out=hc)      # |hi| < 2**23: no overflow
+        np.multiply(hc, _LIMB_INT, out=hc)
         np.subtract(kc, hc, out=kc)
 
     @staticmethod
