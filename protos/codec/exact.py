@@ -32,13 +32,13 @@ _LIMB = 2.0 ** LIMB_BITS
 _MAX = 2.0 ** (MAX_TERM_BITS + GRID_BITS)
 # Chunk of the split (elements). The split runs in numpy: per chunk one ufunc call
 # multiplies in float64 and truncates into an int64 scratch (casting in its own small
-# buffers) and a second adds it in (two more, and one for the high limbs, when a chunk has
-# terms >= 1); the calls release the GIL for their whole length. The scratch (1 MiB per
-# int64 buffer) stays in L2 while the accumulator streams past: 2**16-2**17 measured
-# best, 2**19 twice as slow. The torch form it replaces needed three calls per chunk and
-# a float64 chunk that at 2**20 page-faulted on every call (~17 ms for a 2**20-element
-# parameter against ~2 ms here); chunks of 32,000 cost less CPU but, at ~5,000 calls per
-# update, held the GIL against the gRPC loop.
+# buffers) and a second adds it in (plus three small ones to find and split the terms
+# >= 1, see _split_high); the calls release the GIL for their whole length. The scratch
+# (1 MiB per int64 buffer) stays in L2 while the accumulator streams past: 2**16-2**17
+# measured best, 2**19 twice as slow. The torch form it replaces needed three calls per
+# chunk and a float64 chunk that at 2**20 page-faulted on every call (~17 ms for a
+# 2**20-element parameter against ~2 ms here); chunks of 32,000 cost less CPU but, at
+# ~5,000 calls per update, held the GIL against the gRPC loop.
 _CHUNK = 1 << 17
 _FITS_INT64 = 2.0 ** (62 - GRID_BITS)   # |w x| below this: w x on the grid fits an int64 (with room)
 _LIMB_INT = 1 << LIMB_BITS
