@@ -21,6 +21,7 @@ high limbs of a parameter exist only once a term needed them).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 GRID_BITS = 40                 # the grid: multiples of 2**-40
@@ -29,13 +30,65 @@ MAX_TERM_BITS = 32             # |w * x| < 2**32: high limb < 2**32, sums of 2**
 _SCALE = 2.0 ** GRID_BITS
 _LIMB = 2.0 ** LIMB_BITS
 _MAX = 2.0 ** (MAX_TERM_BITS + GRID_BITS)
-# Chunk of the split: at 32,000 (below ATen's 32,768 grain, one thread per op) the sum
-# costs the least CPU in isolation (~30 ms per small-preset update), but its ~5,000 small
-# torch calls per update hold the GIL against the gRPC loop and `bench coordinator`
-# ingested 4.3-4.5 updates/s on a quiet machine; at 2**20 (one chunk per parameter of
-# these models, ops on ATen's threads) 5.1/s, level with the unfused split (5.0-5.6/s).
-_CHUNK = 1 << 20
+# Chunk of the split (elements). The split runs in numpy: per chunk one ufunc call
+# multiplies in float64 and truncates into an int64 scratch (casting in its own small
+# buffers) and a second adds it in (plus three small ones to find and split the terms
+# >= 1, see _split_high); the calls release the GIL for their whole length. The scratch
+# (1 MiB per int64 buffer) stays in L2 while the accumulator streams past: 2**16-2**17
+# measured best, 2**19 twice as slow. The torch form it replaces needed three calls per
+# chunk and a float64 chunk that at 2**20 page-faulted on every call (~17 ms for a
+# 2**20-element parameter against ~2 ms here); chunks of 32,000 cost less CPU but, at
+# ~5,000 calls per update, held the GIL against the gRPC loop.
+_CHUNK = 1 << 17
+_FITS_INT64 = 2.0 ** (62 - GRID_BITS)   # |w x| below this: w x on the grid fits an int64 (with room)
+_LIMB_INT = 1 << LIMB_BITS
 MAX_WEIGHT = 1 << 29           # float32 (24-bit significand) x weight < 2**53: exact in float64
+
+
+def _runs(idx: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(start in the full axis, start in the selection, length) of each run of consecutive
+    indices in the sorted ``idx`` (a head owns a block of consecutive rows or columns)."""
+    i = idx.numpy()
+    breaks = (np.flatnonzero(np.diff(i) != 1) + 1).tolist()
+    starts, ends = [0, *breaks], [*breaks, len(i)]
+    return [(int(i[a]), a, b - a) for a, b in zip(starts, ends)]
+
+
+def _blocks(x: np.ndarray, lo: np.ndarray, hi: np.ndarray | None, rows: torch.Tensor | None,
+            cols: torch.Tensor | None):
+    """(x block, lo block, hi block or None) views of at most _CHUNK elements covering x
+    and the accumulator entries it adds to: flat chunks, or for a column selection 2-D
+    blocks of whole rows of one run of columns."""
+    if cols is None:
+        xf, lf, hf = x.reshape(-1), lo.reshape(-1), None if hi is None else hi.reshape(-1)
+        if rows is None:
+            spans = [(0, 0, xf.size)]
+        else:
+            n = x.shape[1]
+            spans = [(a * n, r * n, length * n) for a, r, length in _runs(rows)]
+        for full, sub, length in spans:
+            for s in range(0, length, _CHUNK):
+                e = min(length, s + _CHUNK)
+                yield (xf[sub + s:sub + e], lf[full + s:full + e],
+                       None if hf is None else hf[full + s:full + e])
+        return
+    m = x.shape[0]
+    for a, c, length in _runs(cols):
+        step = max(1, _CHUNK // length)
+        for s in range(0, m, step):
+            e = min(m, s + step)
+            yield (x[s:e, c:c + length], lo[s:e, a:a + length],
+                   None if hi is None else hi[s:e, a:a + length])
+
+
+def _scatter(x: torch.Tensor, shape: tuple[int, ...], rows: torch.Tensor | None, cols: torch.Tensor | None
+             ) -> torch.Tensor:
+    out = torch.zeros(shape, dtype=x.dtype)
+    if rows is not None:
+        out.index_copy_(0, rows, x)
+    else:
+        out.index_copy_(1, cols, x)
+    return out
 
 
 def _refuse() -> OverflowError:
@@ -89,50 +142,112 @@ class ExactSum:
             hi_acc.sub_(hi)
             lo_acc.sub_(lo)
 
-    def add_scaled(self, name: str, x: torch.Tensor, weight: int, sign: int = 1) -> None:
+    def add_scaled(self, name: str, x: torch.Tensor, weight: int, sign: int = 1,
+                   rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
         """Add (``sign`` = 1) or take out (-1) the term ``weight * x`` of parameter ``name``:
         ``x`` float32, ``weight`` an integer in [1, MAX_WEIGHT). The same limbs as
         ``add(name, x.double() * weight, sign)`` (the product is exact in float64), split
         and summed chunk by chunk in one pass. A term past the bound (or not finite) is
         refused before anything is summed. Not thread-safe for one ``name``: callers
-        serialise the calls of a parameter (not of different parameters)."""
-        if tuple(x.shape) != self.shapes[name]:
-            raise ValueError(f"{name}: term of shape {tuple(x.shape)}, expected {self.shapes[name]}")
+        serialise the calls of a parameter (not of different parameters).
+
+        ``rows`` (or ``cols``): sorted, distinct indices of a 2-D parameter; ``x`` is then
+        the term's sub-matrix on those rows (columns) and the term is 0 elsewhere: the same
+        limbs as adding the full-shape term, without touching the zeros (a zero adds nothing)."""
+        shape = self.shapes[name]
+        if rows is not None and cols is not None:
+            raise ValueError(f"{name}: a selection of rows or of columns, not both")
+        if rows is not None or cols is not None:
+            full = list(shape)
+            if rows is not None:
+                full[0] = rows.numel()
+            else:
+                full[1] = cols.numel()
+            if len(shape) != 2 or tuple(x.shape) != tuple(full):
+                raise ValueError(f"{name}: term of shape {tuple(x.shape)}, expected {tuple(full)} "
+                                 f"(a selection of {shape})")
+        elif tuple(x.shape) != shape:
+            raise ValueError(f"{name}: term of shape {tuple(x.shape)}, expected {shape}")
         weight = int(weight)
         if x.dtype != torch.float32 or not 0 < weight < MAX_WEIGHT:
+            if rows is not None or cols is not None:
+                x = _scatter(x, shape, rows, cols)
             self.add(name, x.to(torch.float64) * weight, sign)
             return
-        x = x.contiguous().view(-1)
+        x = x.detach().contiguous()
         if not x.numel():
             self._acc(self._lo, name)
             return
+        # The bounds hold for the full term iff they hold for x: its zeros are within both
+        # and never raise the largest |w x|.
         low, high = (float(v) for v in torch.aminmax(x))
         # float32 times an integer below 2**29 is exact in a Python float: the same test as
         # limbs() makes on the float64 term, |w * x| < 2**MAX_TERM_BITS (NaN fails both).
         bound = 2.0 ** MAX_TERM_BITS
         if not (-bound < low * weight and high * weight < bound):
             raise _refuse()
-        small = max(-low, high) * weight < 1.0     # every |w * x| < 1: all high limbs are 0
-        lo_acc = self._acc(self._lo, name).view(-1)
-        hi_acc = None if small else self._acc(self._hi, name).view(-1)
-        n = x.numel()
-        c = min(n, _CHUNK)
-        y = torch.empty(c, dtype=torch.float64)
-        k = torch.empty(c, dtype=torch.int64)
-        # a 1-element (not 0-dim) float64 factor makes torch.mul compute in float64
-        factor = torch.tensor([weight * _SCALE if small else float(weight)], dtype=torch.float64)
-        add = torch.Tensor.add_ if sign > 0 else torch.Tensor.sub_
-        for s in range(0, n, c):
-            e = min(n, s + c)
-            yc, kc = y[:e - s], k[:e - s]
-            torch.mul(x[s:e], factor, out=yc)         # exact: w * x (* 2**40), float64
-            if not small:
-                kc.copy_(yc)                          # hi = trunc(w * x)
-                add(hi_acc[s:e], kc)
-                torch.frac(yc, out=yc)                # w * x - hi: exact
-                yc.mul_(_SCALE)                       # a power of two: exact
-            kc.copy_(yc)                              # lo: truncated toward zero to the grid
-            add(lo_acc[s:e], kc)
+        top = max(-low, high) * weight
+        small = top < 1.0              # every |w * x| < 1: all high limbs are 0
+        lo_acc = self._acc(self._lo, name).numpy()
+        hi_acc = None if small else self._acc(self._hi, name).numpy()
+        # the largest block: _CHUNK elements, or one row of a run of selected columns
+        c = min(x.numel(), _CHUNK if cols is None else max(_CHUNK, x.shape[1]))
+        k = np.empty(c, dtype=np.int64)
+        h = None if small else np.empty(c, dtype=np.int64)
+        add = np.add if sign > 0 else np.subtract
+        # float64 scalars: numpy multiplies float32 by them in float64, where w * x (* 2**40)
+        # is exact (24 + 29 significant bits, times a power of two)
+        w, w_grid = np.float64(weight), np.float64(weight * _SCALE)
+        for xc, lo_c, hi_c in _blocks(x.numpy(), lo_acc, hi_acc, rows, cols):
+            kc = k[:xc.size].reshape(xc.shape)
+            # the cast truncates toward zero: the grid steps of w * x while they fit int64
+            if small:
+                np.multiply(xc, w_grid, out=kc, casting="unsafe")           # = lo
+            elif top < _FITS_INT64:
+                np.multiply(xc, w_grid, out=kc, casting="unsafe")           # hi * 2**40 + lo
+                self._split_high(hi_c, kc, h[:xc.size].reshape(xc.shape), add)
+            else:
+                self._split_large(xc, w, hi_c, h[:xc.size].reshape(xc.shape), kc, add)
+            add(lo_c, kc, out=lo_c)
+
+    @staticmethod
+    def _split_high(hi_acc: np.ndarray, kc: np.ndarray, hc: np.ndarray, add) -> None:
+        """Split ``kc`` = trunc(V), V = w * x * 2**40 (|V| < 2**62), in place into its low
+        limbs, summing the high limbs hi = trunc(kc / 2**40) = trunc(w * x) into ``hi_acc``;
+        lo = kc - hi * 2**40: the same limbs as :meth:`limbs`. ``hc``: int64 scratch.
+
+        Terms >= 1 are usually few, so only the entries with |kc| >= 2**40 are looked at
+        (one integer pass finds them) and ``hi_acc`` is touched there only; when they are
+        many (>= 1/8) the chunk is split with whole-array integer ops."""
+        np.add(kc, _LIMB_INT - 1, out=hc)                     # |kc| >= 2**40 <=> this, as
+        big = np.greater(hc.view(np.uint64), 2 * _LIMB_INT - 2)   # unsigned, > 2**41 - 2
+        idx = big.nonzero()
+        count = idx[0].size
+        if not count:
+            return
+        if count * 8 < kc.size:
+            kv = kc[idx]
+            hv = (kv + ((kv >> 63) & (_LIMB_INT - 1))) >> LIMB_BITS     # trunc(kv / 2**40)
+            kc[idx] = kv - hv * _LIMB_INT
+            hi_acc[idx] = add(hi_acc[idx], hv)
+            return
+        np.right_shift(kc, 63, out=hc)                        # -1 where negative, else 0
+        np.bitwise_and(hc, _LIMB_INT - 1, out=hc)
+        np.add(hc, kc, out=hc)
+        np.right_shift(hc, LIMB_BITS, out=hc)                 # floor((kc + bias) / 2**40) = trunc(kc / 2**40)
+        add(hi_acc, hc, out=hi_acc)
+        np.multiply(hc, _LIMB_INT, out=hc)
+        np.subtract(kc, hc, out=kc)
+
+    @staticmethod
+    def _split_large(xc: np.ndarray, w: np.float64, hi_acc: np.ndarray, hc: np.ndarray, kc: np.ndarray, add) -> None:
+        """The split as :meth:`limbs` makes it, for terms past int64's grid (|w x| >= 2**23):
+        hi = trunc(w x) summed into ``hi_acc``, the low limb left in ``kc``."""
+        y = np.multiply(xc, w)                           # exact: w * x, float64
+        np.copyto(hc, y, casting="unsafe")               # hi = trunc(w * x)
+        add(hi_acc, hc, out=hi_acc)
+        np.subtract(y, hc, out=y)                        # w * x - hi: exact (|hi| < 2**32)
+        np.multiply(y, _SCALE, out=kc, casting="unsafe")     # lo: truncated toward zero to the grid
 
     def value(self, name: str) -> torch.Tensor:
         """The sum of parameter ``name`` as float64 (zeros if nothing was added): a

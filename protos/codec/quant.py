@@ -26,6 +26,7 @@ whose scale does not fit float16 keep float32 and the whole tensor is then sent 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 QMAX = {8: 127, 4: 7, 3: 3, 2: 2}
@@ -95,6 +96,20 @@ def quantize_rows(x: torch.Tensor, bits: int, stochastic: bool = False,
 def dequantize_rows(q: torch.Tensor, scales: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """(q (R, C) int8, scales (R,)) -> (R, C) float32."""
     return level_values(q, bits) * scales.float()[:, None]
+
+
+def dequantize_rows_into(q: np.ndarray, scales: np.ndarray, bits: int, out: np.ndarray) -> np.ndarray:
+    """:func:`dequantize_rows` in numpy, written into ``out`` ((R, C) float32): the same
+    float32 arithmetic (the code as float32, plus the shift, times the row scale), so the
+    same bits. ``scales`` float32 (R,)."""
+    np.add(q, np.float32(_shift(bits)), out=out, dtype=np.float32)    # exact: small integers (+ 1/2)
+    np.multiply(out, scales[:, None], out=out)
+    return out
+
+
+# |level| <= 127.5 < 2**7 for every width, so |level * s| < 2**127 < float32's max when
+# |s| <= 2**120: the dequantised values of finite scales that small are finite.
+FINITE_SCALE_BOUND = 2.0 ** 120
 
 
 def scales_are_half(scales: torch.Tensor) -> bool:

@@ -19,6 +19,7 @@ import math
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fedmla.mla_model import MLAConfig
@@ -29,7 +30,7 @@ from ..weights import model_hash
 from .config import CodecConfig
 from .exact import ExactSum
 from .heads import combine_importance, select_heads, update_importance
-from .layout import Basis, RoundPlan, SharedState, generator
+from .layout import Basis, RoundPlan, Selection, SharedState, generator
 from .lowrank import basis_from_factor
 from .wire import DecodedTensors, TensorCodec, UpdateDecodeError
 
@@ -68,10 +69,14 @@ def decode_importance(msg: pb.HeadScores, num_layers: int, num_heads: int) -> to
                                 f"{num_layers} layers x {num_heads} heads")
     if len(msg.scores) != num_layers * num_heads:
         raise UpdateDecodeError(f"importance has {len(msg.scores)} scores, expected {num_layers * num_heads}")
-    t = torch.tensor(list(msg.scores), dtype=torch.float32).view(num_layers, num_heads)
-    if not torch.isfinite(t).all() or (t < 0).any():
+    # numpy: ~10x fewer microseconds than torch.tensor(list(...)) and two torch checks.
+    # float64 -> float32 rounds to nearest as torch.tensor(..., dtype=float32) does (values
+    # past float32's range become infinite, and are refused, in both).
+    with np.errstate(over="ignore"):
+        a = np.fromiter(msg.scores, np.float64, len(msg.scores)).astype(np.float32)
+    if not np.isfinite(a).all() or (a < 0).any():
         raise UpdateDecodeError("importance scores must be finite and >= 0")
-    return t
+    return torch.from_numpy(a).view(num_layers, num_heads)
 
 
 class ExactAggregator:
@@ -102,15 +107,16 @@ class ExactAggregator:
         self._locks = {name: threading.Lock() for name in self.shapes}
 
     def _products(self, update: DecodedUpdate):
-        # The float32 full-shape tensor each part stands for (the low-rank product is
-        # formed here, outside any lock); times an integer weight < 2**29 it is exact in
+        # The float32 tensor each part stands for, on its selection's rows/columns only (the
+        # low-rank product is formed here, outside any lock; the zeros elsewhere are never
+        # made: they would add nothing); times an integer weight < 2**29 it is exact in
         # float64, which ExactSum.add_scaled relies on.
         for name, part in update.tensors.parts.items():
-            yield name, part.dense(self.shapes[name])
+            yield name, part.product(), part.sel
 
-    def _sum_in(self, name: str, x: torch.Tensor, weight: int, sign: int = 1) -> None:
+    def _sum_in(self, name: str, x: torch.Tensor, sel: Selection, weight: int, sign: int = 1) -> None:
         with self._locks[name]:          # one lock per parameter: threads contend only on the same one
-            self._sum.add_scaled(name, x, weight, sign)
+            self._sum.add_scaled(name, x, weight, sign, rows=sel.rows, cols=sel.cols)
 
     def add(self, client_id: str, update: DecodedUpdate, num_examples: int | None = None) -> None:
         """Sum the update in now, one tensor at a time (temporaries of one tensor, not of
@@ -126,14 +132,14 @@ class ExactAggregator:
             self._adding.add(client_id)
         done: list[str] = []
         try:
-            for name, x in self._products(update):
-                self._sum_in(name, x, n)        # refuses a term past the bound before summing any of it
+            for name, x, sel in self._products(update):
+                self._sum_in(name, x, sel, n)        # refuses a term past the bound before summing any of it
                 del x
                 done.append(name)
         except BaseException:
-            for name, x in self._products(update):
+            for name, x, sel in self._products(update):
                 if name in done:
-                    self._sum_in(name, x, n, sign=-1)
+                    self._sum_in(name, x, sel, n, sign=-1)
             with self._lock:
                 self._adding.discard(client_id)
             raise
@@ -148,8 +154,8 @@ class ExactAggregator:
         with self._lock:
             n = self._weights.pop(client_id)
             self._imp.pop(client_id, None)
-        for name, x in self._products(update):
-            self._sum_in(name, x, n, sign=-1)
+        for name, x, sel in self._products(update):
+            self._sum_in(name, x, sel, n, sign=-1)
 
     def reweight(self, client_id: str, update: DecodedUpdate, weight: int) -> None:
         """Give a client's update another weight (exactly): the same update ``add`` was given."""
