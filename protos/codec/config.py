@@ -30,6 +30,12 @@ class CodecConfig(BaseModel):
     min_lowrank_dim: int = Field(16, ge=1, description="2-D tensors with a side shorter than this go dense")
     svd_oversample: int = Field(8, ge=0, description="randomised SVD: extra probe vectors")
     svd_power_iters: int = Field(2, ge=0, description="randomised SVD: subspace iterations")
+    rotate_factors: bool = Field(True, description=(
+        "randomised SVD (uplink and downlink): mix the r singular components of both factors by one seeded "
+        "random orthogonal (r, r) matrix before quantisation; the product is unchanged, but each quantised row "
+        "is then a mix of r peaky singular vectors, closer to Gaussian, so one row scale covering its maximum "
+        "wastes fewer levels. bench comm --quick, first round: validation loss 3.20 -> 2.98 (the uplink alone: "
+        "3.08 -> 2.84, as with fp32 factors) for 1.6-2% more bytes"))
 
     # ---- chunked top-k (method "topk") ---------------------------------------------------------
     topk_chunk: int = Field(4096, ge=1, le=1 << 14, description=(
