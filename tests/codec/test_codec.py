@@ -537,3 +537,26 @@ def test_rotate_factors_is_the_default_and_changes_what_is_sent(global_state):
             recon = part.dense(global_state[name].shape)
             delta = local[name] - global_state[name]
             assert torch.allclose(recon + r1[name], delta, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [None, 0.0, 1.0])
+def test_server_residual_is_decayed_then_resent(global_state, beta):
+    """finish_round: what the downlink left out of a round's step comes back the next round
+    times server_residual_decay (0.85 by default); the downlink plus the new residual is
+    exactly that input."""
+    from fedmla.protos.codec.server import _downlink_plan
+
+    cfg = CodecConfig() if beta is None else CodecConfig(server_residual_decay=beta)
+    assert CodecConfig().server_residual_decay == 0.85
+    server = ServerCodec(MODEL, cfg, global_state)
+    agg = perturbed({n: torch.zeros_like(t) for n, t in global_state.items()}, 3)
+    server.finish_round(server.plan(), agg, None)
+    left_out = {n: t.clone() for n, t in server.residual.items()}
+    assert max(float(t.abs().max()) for t in left_out.values()) > 1e-4
+    shared = server.shared
+    plan = server.plan()
+    msg = server.finish_round(plan, {n: torch.zeros_like(t) for n, t in global_state.items()}, None)
+    sent = server.tensors.decode(msg.factors, msg.dense, _downlink_plan(shared, plan.send_dense), uplink=False)
+    for name, t in left_out.items():
+        got = sent.parts[name].dense(server.shapes[name]) if name in sent.parts else torch.zeros_like(t)
+        assert torch.allclose(got + server.residual[name], cfg.server_residual_decay * t, atol=1e-6), name
