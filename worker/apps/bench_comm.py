@@ -244,6 +244,8 @@ def ablation_variants(base: CodecConfig) -> list[tuple[str, CodecConfig]]:
         ("momentum not replicated (the whole step is sent down)", u(update={"replicate_momentum": False})),
         ("full residuals (decay 1.0 on both sides)", u(update={"residual_decay": 1.0, "server_residual_decay": 1.0})),
         ("no error feedback", u(update={"error_feedback": False})),
+        ("factors not rotated before quantisation", u(update={"rotate_factors": False})),
+        ("server residual decay 0.7 (the previous default)", u(update={"server_residual_decay": 0.7})),
         ("powersgd shared basis (one factor each way)", u(update={"method": "powersgd"})),
         ("rank 8", u(update={"rank": 8})),
         ("rank 16", u(update={"rank": 16})),
