@@ -185,7 +185,7 @@ def compress(x: torch.Tensor, side: str | None, b: torch.Tensor | None, rank: in
     gives both.
     """
     if side is None:
-        return randomized_svd(x, rank, cfg.svd_oversample, cfg.svd_power_iters, gen)
+        return randomized_svd(x, rank, cfg.svd_oversample, cfg.svd_power_iters, gen, rotate=cfg.rotate_factors)
     if side == "left":
         return None, (b.t() @ x).contiguous()
     return (x @ b).t().contiguous(), None

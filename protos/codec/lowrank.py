@@ -36,12 +36,28 @@ def basis_from_factor(rows: torch.Tensor, generator: torch.Generator, jitter: fl
     return orthonormalize(rows.double().t() + noise * (jitter * scale + 1e-30))
 
 
+def random_rotation(r: int, generator: torch.Generator) -> torch.Tensor:
+    """(r, r) orthogonal, Haar-distributed from the generator (QR of a Gaussian, signs fixed), float64."""
+    q, upper = torch.linalg.qr(torch.randn(r, r, generator=generator, dtype=torch.float64))
+    return q * torch.where(torch.diagonal(upper) < 0, -1.0, 1.0)[None, :]
+
+
 def randomized_svd(x: torch.Tensor, rank: int, oversample: int, power_iters: int,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                   generator: torch.Generator, rotate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x (m, n) -> (left (r, m), right (r, n)) with x ~= left.T @ right, r = min(rank, m, n).
 
     Halko-Martinsson-Tropp with a seeded Gaussian probe; the singular values are split
     evenly (sqrt) between the factors so both quantise with similar row scales.
+
+    ``rotate``: both factors are multiplied by the same seeded random orthogonal (r, r)
+    Q (left <- Q^T left, right <- Q^T right), which leaves the product unchanged
+    (left^T Q Q^T right) but makes every row a mix of all r singular components. A
+    singular vector of a pseudo-gradient is peaky (a few coordinates, e.g. the embedding
+    rows of frequent tokens, hold most of it), and a row quantised with one scale that
+    covers its largest entry rounds the rest coarsely; a mix of r of them is closer to
+    Gaussian. Measured on bench comm --quick's first round (4 clients, 3-bit factors): the
+    aggregated uplink alone took the validation loss to 3.08 plain and 2.84 rotated (fp32
+    factors: 2.84), for 1.6% more bytes after DEFLATE.
     """
     m, n = x.shape
     r = min(rank, m, n)
@@ -57,4 +73,8 @@ def randomized_svd(x: torch.Tensor, rank: int, oversample: int, power_iters: int
     u, s, vh = torch.linalg.svd(b, full_matrices=False)
     u = q @ u[:, :r]                                 # (m, r)
     root = s[:r].sqrt()
-    return (u * root[None, :]).t().float().contiguous(), (vh[:r] * root[:, None]).float().contiguous()
+    left, right = (u * root[None, :]).t(), vh[:r] * root[:, None]
+    if rotate:
+        rot = random_rotation(left.size(0), generator).t()
+        left, right = rot @ left, rot @ right
+    return left.float().contiguous(), right.float().contiguous()

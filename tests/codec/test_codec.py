@@ -475,3 +475,88 @@ def test_exact_sum_add_scaled_gives_the_reference_limbs(scale, monkeypatch):
         with pytest.raises(OverflowError):
             fast.add_scaled("w", y, 3)
     assert torch.equal(fast.value("w"), before)      # a refused term left nothing behind
+
+
+def _peaky(m, n, r, spike, seed):
+    """(m, n) = U diag(s) V^T whose singular vectors each hold one large coordinate (as the
+    embedding rows of frequent tokens do in a pseudo-gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(m, r, generator=g, dtype=torch.float64)
+    v = torch.randn(n, r, generator=g, dtype=torch.float64)
+    u[torch.arange(r), torch.arange(r)] += spike * m ** 0.5
+    v[torch.arange(r) + r, torch.arange(r)] += spike * n ** 0.5
+    u, v = torch.linalg.qr(u)[0], torch.linalg.qr(v)[0]
+    s = torch.linspace(2.0, 1.0, r, dtype=torch.float64)
+    return ((u * s) @ v.t()).float()
+
+
+def test_rotated_factors_keep_the_product_and_quantise_better():
+    from fedmla.protos.codec.lowrank import random_rotation, randomized_svd
+    from fedmla.protos.codec.quant import dequantize_rows, quantize_rows
+
+    q = random_rotation(12, torch.Generator().manual_seed(0))
+    assert torch.allclose(q.t() @ q, torch.eye(12, dtype=torch.float64), atol=1e-12)
+    x = _peaky(200, 300, 12, spike=0.5, seed=1)
+
+    def factors(rotate):
+        return randomized_svd(x, 12, 8, 2, torch.Generator().manual_seed(3), rotate=rotate)
+
+    (pl, pr), (rl, rr) = factors(False), factors(True)
+    assert torch.allclose(pl.t() @ pr, rl.t() @ rr, atol=1e-5)        # the same product ...
+    assert (pl - rl).abs().max() > 0.01                                # ... from other factors
+    # a rotated row mixes every singular component: none of them is left on its own row
+    cos = (torch.nn.functional.normalize(rl.double(), dim=1) @ torch.nn.functional.normalize(pl.double(), dim=1).t())
+    assert cos.abs().max() < 0.95
+    # per-row 3-bit quantisation of both factors: the rotated factors reconstruct x more closely
+    def err(left, right):
+        ql, sl = quantize_rows(left, 3)
+        qr, sr = quantize_rows(right, 3)
+        return float((dequantize_rows(ql, sl, 3).t() @ dequantize_rows(qr, sr, 3) - x).norm() / x.norm())
+    assert err(rl, rr) < 0.8 * err(pl, pr)
+
+
+def test_rotate_factors_is_the_default_and_changes_what_is_sent(global_state):
+    assert CodecConfig().rotate_factors is True
+    with pytest.raises(ValueError, match="rotate_factors"):
+        CodecConfig(rotate_factors="sometimes")
+    local = perturbed(global_state, 0)
+    msgs = {}
+    for rotate in (False, True):
+        cfg = CodecConfig(rotate_factors=rotate)
+        server = ServerCodec(MODEL, cfg, global_state)
+        plan = server.plan()
+        client = ClientCodec(MODEL, cfg, server.shapes, "a")
+        msg = client.encode(global_state, local, plan, None, 5)
+        decoded = server.decode(pb.ModelUpdate.FromString(msg.SerializeToString()), plan)
+        msgs[rotate] = (msg, decoded, client.residual)
+    (m0, d0, r0), (m1, d1, r1) = msgs[False], msgs[True]
+    assert m0.factors[0].left.data != m1.factors[0].left.data
+    for name, part in d1.tensors.parts.items():         # still a rank-r update with exact error feedback
+        if part.left is not None:
+            assert part.left.shape == d0.tensors.parts[name].left.shape
+            recon = part.dense(global_state[name].shape)
+            delta = local[name] - global_state[name]
+            assert torch.allclose(recon + r1[name], delta, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [None, 0.0, 1.0])
+def test_server_residual_is_decayed_then_resent(global_state, beta):
+    """finish_round: what the downlink left out of a round's step comes back the next round
+    times server_residual_decay (0.85 by default); the downlink plus the new residual is
+    exactly that input."""
+    from fedmla.protos.codec.server import _downlink_plan
+
+    cfg = CodecConfig() if beta is None else CodecConfig(server_residual_decay=beta)
+    assert CodecConfig().server_residual_decay == 0.85
+    server = ServerCodec(MODEL, cfg, global_state)
+    agg = perturbed({n: torch.zeros_like(t) for n, t in global_state.items()}, 3)
+    server.finish_round(server.plan(), agg, None)
+    left_out = {n: t.clone() for n, t in server.residual.items()}
+    assert max(float(t.abs().max()) for t in left_out.values()) > 1e-4
+    shared = server.shared
+    plan = server.plan()
+    msg = server.finish_round(plan, {n: torch.zeros_like(t) for n, t in global_state.items()}, None)
+    sent = server.tensors.decode(msg.factors, msg.dense, _downlink_plan(shared, plan.send_dense), uplink=False)
+    for name, t in left_out.items():
+        got = sent.parts[name].dense(server.shapes[name]) if name in sent.parts else torch.zeros_like(t)
+        assert torch.allclose(got + server.residual[name], cfg.server_residual_decay * t, atol=1e-6), name

@@ -133,3 +133,18 @@ def test_cli_with_folder_data_and_bad_options(tmp_path):
     (tmp_path / "data" / "c").mkdir()
     res = CliRunner().invoke(app, base + ["--data", str(tmp_path / "data")])
     assert res.exit_code == 2 and "client 'c'" in res.output and "Traceback" not in res.output
+
+
+def test_reuse_accepts_a_saved_config_without_fields_added_since():
+    """A JSON written before a BenchConfig field existed is the same configuration as that
+    field's default; any other difference (or a config that no longer validates) is not."""
+    from fedmla.worker.apps.bench_comm import _comparable, _with_defaults
+
+    cfg = micro_config()
+    now = _comparable(json.loads(cfg.model_dump_json()))
+    saved = json.loads(cfg.model_dump_json())
+    del saved["model_dir"]                                  # added after the run was saved
+    saved["codec"] = CodecConfig(rank=3).model_dump()        # the codec is not compared
+    assert _comparable(_with_defaults(saved, cfg)) == now
+    assert _comparable(_with_defaults({**saved, "rounds": 3}, cfg)) != now
+    assert _with_defaults({**saved, "no_such_field": 1}, cfg) == {}

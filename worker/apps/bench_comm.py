@@ -244,6 +244,8 @@ def ablation_variants(base: CodecConfig) -> list[tuple[str, CodecConfig]]:
         ("momentum not replicated (the whole step is sent down)", u(update={"replicate_momentum": False})),
         ("full residuals (decay 1.0 on both sides)", u(update={"residual_decay": 1.0, "server_residual_decay": 1.0})),
         ("no error feedback", u(update={"error_feedback": False})),
+        ("factors not rotated before quantisation", u(update={"rotate_factors": False})),
+        ("server residual decay 0.7 (the previous default)", u(update={"server_residual_decay": 0.7})),
         ("powersgd shared basis (one factor each way)", u(update={"method": "powersgd"})),
         ("rank 8", u(update={"rank": 8})),
         ("rank 16", u(update={"rank": 16})),
@@ -280,6 +282,16 @@ def _comparable(cfg: dict) -> dict:
                                                        "tolerance", "tight_tolerance")}
 
 
+def _with_defaults(saved: dict, cfg: BenchConfig) -> dict:
+    """A saved run's config with the defaults of fields added since it was written (so an
+    older JSON of the same settings stays reusable); ``{}`` when it no longer validates.
+    Its codec is replaced by ``cfg``'s: the codec is not part of the comparison."""
+    try:
+        return json.loads(BenchConfig.model_validate({**saved, "codec": cfg.codec.model_dump()}).model_dump_json())
+    except (ValidationError, TypeError):
+        return {}
+
+
 def run_bench(cfg: BenchConfig, data_dir: str | None = None, ablation: bool = False, log=print,
               reuse_baselines: dict | None = None, compare: list[CodecConfig] | None = None) -> dict:
     """Both baselines, then the codec to every target; ``reuse_baselines`` (a previous
@@ -294,7 +306,8 @@ def run_bench(cfg: BenchConfig, data_dir: str | None = None, ablation: bool = Fa
         f"({sum(t.numel() for t in run.init_state.values()):,} params, fp32 message {run.fp32_model_bytes:,} B); "
         f"clients per round {cfg.clients_per_round or 'all'}")
     if reuse_baselines is not None:
-        if (_comparable(reuse_baselines["config"]) != _comparable(json.loads(cfg.model_dump_json()))
+        saved = _comparable(_with_defaults(reuse_baselines["config"], cfg))
+        if (saved != _comparable(json.loads(cfg.model_dump_json()))
                 or reuse_baselines["data"]["fingerprint"] != data.fingerprint()):
             raise BenchError("the baselines to reuse come from another configuration or data set")
         bases = reuse_baselines["baselines"]
