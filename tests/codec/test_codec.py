@@ -529,7 +529,7 @@ def test_rotate_factors_is_the_default_and_changes_what_is_sent(global_state):
         msg = client.encode(global_state, local, plan, None, 5)
         decoded = server.decode(pb.ModelUpdate.FromString(msg.SerializeToString()), plan)
         msgs[rotate] = (msg, decoded, client.residual)
-    (m0, d0, r0), (m1, d1, r1) = msgs[False], msgs[True]
+    (m0, d0, _), (m1, d1, r1) = msgs[False], msgs[True]
     assert m0.factors[0].left.data != m1.factors[0].left.data
     for name, part in d1.tensors.parts.items():         # still a rank-r update with exact error feedback
         if part.left is not None:
