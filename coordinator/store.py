@@ -47,6 +47,10 @@ an orphan checkpoint from an interrupted commit is overwritten by the next commi
 A store that is not a SQLite database, lacks the ``meta`` marks, has another schema
 version, was made for a different model, or whose latest checkpoint is missing or
 fails its SHA-256 is refused with :class:`~coordinator.errors.StoreError`.
+
+Kept in one file (over 500 lines): every table, migration and transaction of the store
+shares one SQLite connection and its transaction helper; split by table, each part would
+reach into the others' rows within one transaction.
 """
 
 from __future__ import annotations

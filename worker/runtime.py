@@ -29,6 +29,11 @@ I/O they need (an RPC, a sleep, a download) and the CPU-heavy steps (training, a
 a download, encoding). :class:`Worker` performs them with blocking calls and a heartbeat
 thread; :class:`fedmla.worker.virtual.AsyncWorker` with grpc.aio on an event loop shared by
 many virtual clients, heavy steps on a thread pool.
+
+Kept in one file (over 500 lines): the protocol (WorkerProtocol), its request types,
+the per-process ComputeCache it consults and the blocking driver are read together;
+the asyncio driver already lives in fedmla.worker.virtual. Next split: ComputeCache and
+the state-file helpers into a module of their own.
 """
 
 from __future__ import annotations
