@@ -448,7 +448,10 @@ class WorkerProtocol:
                 return 2
             raise
 
-    def _train(self, trainer, task: pb.Task):
+    def _train(self, task: pb.Task):
+        # The trainer is taken in the thread that trains with it: with a shared cache a
+        # trainer belongs to one compute thread, and two threads training one model crash.
+        trainer = self._trainer(task.model_config_json, task.hyper, task.seed)
         t0 = time.thread_time()     # CPU time of the thread that trains: many virtual clients share a process
         res = trainer.train(self.global_state, self.data, round_idx=task.round_id, client_key=self.data.name,
                             seed=self._batch_seed)
@@ -479,9 +482,8 @@ class WorkerProtocol:
             raise RuntimeError(f"round {task.round_id}: the task carries no codec config (a coordinator older than "
                                f"this worker?); update the coordinator")
         yield from self._sync(task.model, config_json)
-        trainer = yield Compute(self._trainer, (task.model_config_json, task.hyper, task.seed))
         self.opts.log(f"round {task.round_id}: training {task.hyper.local_steps} steps from v{self.version}")
-        res = yield Compute(self._train, (trainer, task))
+        res = yield Compute(self._train, (task,))
         payload, old_residual = yield Compute(self._encode, (task, res, config_json))
         yield from self._send(task, payload, old_residual, train_loss=res.metrics.get("train_loss"))
 

@@ -125,3 +125,70 @@ def _in_thread(coro_fn):
     t.start()
     t.join()
     return out["v"]
+
+
+def test_a_trainer_is_used_only_by_the_thread_that_made_it(tmp_path, monkeypatch):
+    """Virtual clients of one process share one trainer per compute thread (ComputeCache).
+    An executor that alternates between two threads for every heavy step makes sure the
+    trainer a client trains with was made in the thread that trains (two threads training
+    one model instance crash), and the clients still end on the committed model."""
+    import threading
+    from concurrent.futures import Executor, ThreadPoolExecutor
+
+    from fedmla.worker.runtime import ComputeCache
+    from fedmla.worker.trainer import LocalTrainer
+    from fedmla.worker.virtual import AsyncWorker
+
+    class Alternating(Executor):
+        def __init__(self):
+            self.pools = [ThreadPoolExecutor(1), ThreadPoolExecutor(1)]
+            self.calls = 0
+            self.lock = threading.Lock()
+
+        def submit(self, fn, *args, **kwargs):
+            with self.lock:
+                self.calls += 1
+                pool = self.pools[self.calls % 2]
+            return pool.submit(fn, *args, **kwargs)
+
+        def shutdown(self, wait=True, **kw):
+            for p in self.pools:
+                p.shutdown(wait=wait)
+
+    made_in, misuse = {}, []
+    init, train = LocalTrainer.__init__, LocalTrainer.train
+
+    def recording_init(self, *a, **kw):
+        init(self, *a, **kw)
+        made_in[id(self)] = threading.get_ident()
+
+    def checked_train(self, *a, **kw):
+        if made_in.get(id(self)) != threading.get_ident():
+            misuse.append(id(self))
+        return train(self, *a, **kw)
+    monkeypatch.setattr(LocalTrainer, "__init__", recording_init)
+    monkeypatch.setattr(LocalTrainer, "train", checked_train)
+
+    data = load_stdlib_corpus(num_clients=2, max_bytes_per_client=20_000)
+    settings = settings_for(tmp_path, round_timeout_s=180, client_timeout_s=180,  # slack for a loaded machine
+                            rounds=2, clients_per_round=2, min_replies=2, local_steps=1, batch_size=2,
+                            seq_len=32, max_update_bytes=64 << 20, task_long_poll_s=2.0)
+    executor = Alternating()
+    try:
+        with BackgroundCoordinator(settings) as bg:
+            tokens = [bg.call(lambda n=f"a{i}": bg.store.create_token(n)) for i in range(2)]
+            cache = ComputeCache()
+
+            async def both():
+                import asyncio
+                workers = [AsyncWorker(WorkerOptions(bg.target, tok, tmp_path / "clients" / f"a{i}", durable=False),
+                                       c, executor, cache) for i, (tok, c) in enumerate(zip(tokens, data.clients))]
+                codes = await asyncio.gather(*(w.run() for w in workers))
+                return workers, codes
+            workers, codes = _in_thread(both)
+            final = bg.call(lambda: bg.coord.model_sha)
+    finally:
+        executor.shutdown()
+    assert codes == [0, 0]
+    assert made_in and not misuse
+    assert all(w.rounds_done == 2 and model_hash(w.global_state) == final for w in workers)

@@ -51,8 +51,9 @@ def _load_data(spec: str, clients: int, partition: str, seed: int, seq_len: int,
 
 
 def _start_ray(ray, address: str | None, cpus: int, log, attempts: int = 2) -> None:
-    """ray.init; a local Ray whose raylet does not register in time (it happens on a
-    loaded machine) is shut down and started once more."""
+    """ray.init; a local Ray whose raylet does not register in time, or whose GCS does not
+    write its port file in time (both happen on a loaded machine), is shut down and
+    started once more."""
     # Keep Ray from printing a FutureWarning about accelerator variables on every start (the
     # behaviour it announces is the one we want: no GPUs are asked for).
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -63,7 +64,8 @@ def _start_ray(ray, address: str | None, cpus: int, log, attempts: int = 2) -> N
                      include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
             return
         except Exception as e:  # Ray raises a bare Exception for a node that timed out during startup
-            if address is not None or attempt == attempts or "timed out during startup" not in str(e):
+            if address is not None or attempt == attempts or not any(
+                    m in str(e) for m in ("timed out during startup", "Timed out waiting for file")):
                 raise
             log(f"local Ray did not start ({e}); starting it again")
             ray.shutdown()
