@@ -211,6 +211,49 @@ def encode_int_rows(q: torch.Tensor, scales: torch.Tensor, bits: int, stochastic
     )
 
 
+def pack_codes_np(q: np.ndarray, bits: int) -> bytes:
+    """:func:`pack_int4` / :func:`pack_int2` (or plain int8 for ``bits`` 8) of (R, C) int8
+    codes in numpy: the same bytes."""
+    if bits == 8:
+        return q.astype(np.int8, copy=False).tobytes()
+    R, C = q.shape
+    per = 2 if bits == 4 else 4
+    pad = (-C) % per
+    if bits == 4:
+        u = (q.astype(np.uint8) & np.uint8(0xF))           # two's complement nibble
+    else:
+        u = np.clip(q.astype(np.int16) + 2, 0, 3).astype(np.uint8)
+    if pad:
+        u = np.concatenate([u, np.zeros((R, pad), np.uint8)], axis=1)
+    if bits == 4:
+        out = u[:, 0::2] | (u[:, 1::2] << np.uint8(4))
+    else:
+        out = u[:, 0::4] | (u[:, 1::4] << np.uint8(2)) | (u[:, 2::4] << np.uint8(4)) | (u[:, 3::4] << np.uint8(6))
+    return out.tobytes()
+
+
+def encode_int_rows_np(q: np.ndarray, scales: np.ndarray, bits: int, half_scales: bool = False,
+                       compress: bool = False) -> pb.Tensor:
+    """:func:`encode_int_rows` (``stochastic=False``) of numpy codes (R, C) int8 and scales
+    (R,) float32: the same message."""
+    if q.ndim != 2 or scales.shape != (q.shape[0],):
+        raise ValueError(f"need q (R, C) and scales (R,), got {q.shape} and {scales.shape}")
+    if bits not in _INT_ROWS:
+        raise ValueError(f"bits must be 8, 4 or 2, got {bits}")
+    scheme, dtype, _ = _INT_ROWS[bits]
+    raw = pack_codes_np(q, bits) if q.size else b""
+    packed = deflate(raw) if compress and raw else raw
+    smaller = len(packed) < len(raw)
+    sc = scales.astype(np.float16 if half_scales else np.float32)
+    return pb.Tensor(
+        dtype=dtype, shape=list(q.shape), data=packed if smaller else raw,
+        quant=pb.Quantization(scheme=scheme, scales=pb.Tensor(dtype=pb.FLOAT16 if half_scales else pb.FLOAT32,
+                                                                shape=[sc.shape[0]], data=sc.tobytes()),
+                              stochastic=False),
+        compression=pb.DEFLATE if smaller else pb.COMPRESSION_NONE,
+    )
+
+
 # Unpacking tables, indexed by the packed byte: the int8 codes it holds, lowest bits first,
 # as one uint16 (int4: 2 codes) or uint32 (int2: 4 codes) per byte, so that unpacking is
 # one np.take on a flat table (several times faster than indexing a (256, k) table).
