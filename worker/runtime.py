@@ -30,22 +30,18 @@ a download, encoding). :class:`Worker` performs them with blocking calls and a h
 thread; :class:`fedmla.worker.virtual.AsyncWorker` with grpc.aio on an event loop shared by
 many virtual clients, heavy steps on a thread pool.
 
-Kept in one file (over 500 lines): the protocol (WorkerProtocol), its request types,
-the per-process ComputeCache it consults and the blocking driver are read together;
-the asyncio driver already lives in fedmla.worker.virtual. Next split: ComputeCache and
-the state-file helpers into a module of their own.
+The requests the protocol yields live in :mod:`fedmla.worker.requests`, the per-process
+cache of pure results it consults in :mod:`fedmla.worker.cache`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +51,9 @@ import torch
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
+from .cache import ComputeCache, bytes_digest, with_model_hash
 from .data import ClientData
+from .requests import Compute, Download, Rpc, Sleep, StartHeartbeat
 from fedmla.protos.transport import CoordinatorClient, TLSConfig
 
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
@@ -97,92 +95,6 @@ class WorkerOptions:
 # result (or the RPC's error) sent back. Two thin drivers perform those requests: Worker
 # (blocking calls, a heartbeat thread: the `fedmla worker` CLI) and AsyncWorker (grpc.aio
 # on one event loop shared by many virtual clients, heavy work on an executor: simulate).
-
-
-@dataclass(frozen=True)
-class Rpc:
-    """Call ``name`` of the coordinator client (CoordinatorClient / AsyncCoordinatorClient)."""
-    name: str
-    args: tuple = ()
-    kwargs: dict | None = None
-
-
-@dataclass(frozen=True)
-class Sleep:
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Compute:
-    """CPU-heavy work (training, decoding, hashing, encoding): the async driver runs it off its loop."""
-    fn: callable
-    args: tuple = ()
-
-
-@dataclass(frozen=True)
-class Download:
-    """A model download with retries (the drivers' ``_download``: a hook tests wrap)."""
-    since: int | None
-
-
-@dataclass(frozen=True)
-class StartHeartbeat:
-    interval: float
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def _hashed(state: dict[str, torch.Tensor], shared) -> tuple:
-    """(state, shared, the model hash of state)."""
-    from fedmla.protos.weights import model_hash
-    return state, shared, model_hash(state)
-
-
-class ComputeCache:
-    """Results of costly, pure steps shared by the virtual clients of one process.
-
-    A value is a function of its key alone (the key names everything the computation
-    reads: the bytes downloaded, by digest, and the version and hash of the model they
-    apply to), so a client that takes a cached value holds the same bits it would have
-    computed; the hash check against the coordinator's version is made on the result as
-    before. Cached values are shared, never written to: the protocol replaces a worker's
-    state, it does not modify it. Local trainers are reused per thread (they own one
-    model instance and build a fresh optimizer for every round). ``max_entries`` bounds
-    the memory: a run's clients mostly ask for the few latest versions.
-    """
-
-    def __init__(self, max_entries: int = 8):
-        self.max_entries = max_entries
-        self._memo: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self.hits = self.misses = 0
-
-    def get(self, key, compute):
-        """The value of ``key``, computed by ``compute()`` the first time (outside the lock:
-        two threads may both compute it, with the same result). An exception caches nothing."""
-        with self._lock:
-            if key in self._memo:
-                self._memo.move_to_end(key)
-                self.hits += 1
-                return self._memo[key]
-        value = compute()
-        with self._lock:
-            self.misses += 1
-            self._memo[key] = value
-            while len(self._memo) > self.max_entries:
-                self._memo.popitem(last=False)
-        return value
-
-    def trainer(self, key, make):
-        """This thread's trainer for ``key`` (made by ``make()`` the first time)."""
-        trainers = self._local.__dict__.setdefault("trainers", {})
-        if key not in trainers:
-            trainers.clear()                 # one model per thread: a new key replaces the old
-            trainers[key] = make()
-        return trainers[key]
 
 
 class WorkerProtocol:
@@ -318,8 +230,8 @@ class WorkerProtocol:
                 state, shared, digest = self.global_state, self.shared, model_hash(self.global_state)
             elif dl.kind == kinds.CODEC_FULL:
                 shapes = {n: tuple(s) for n, s in self.shapes.items()}
-                state, shared, digest = self._memo(("full", _digest(dl.data)),
-                                                   lambda: _hashed(*decode_full_state(dl.data, shapes)))
+                state, shared, digest = self._memo(("full", bytes_digest(dl.data)),
+                                                   lambda: with_model_hash(*decode_full_state(dl.data, shapes)))
             elif dl.kind == kinds.CODEC_CHAIN:
                 if self.shared is None or self.global_state is None or config_json is None:
                     raise ModelIntegrityError("a codec chain needs this worker's codec state; download the full state")
@@ -330,11 +242,11 @@ class WorkerProtocol:
                 self._codec_for(config_json)
 
                 def apply():
-                    return _hashed(*apply_chain(self.global_state, self.shared, list(chain.downlinks),
+                    return with_model_hash(*apply_chain(self.global_state, self.shared, list(chain.downlinks),
                                                 self.codec_tensors))
                 # What the chain gives depends on the bytes and on the version it starts from
                 # (this worker's, verified by its hash), nothing else.
-                key = ("chain", self.version, self.model_sha, config_json, _digest(dl.data))
+                key = ("chain", self.version, self.model_sha, config_json, bytes_digest(dl.data))
                 state, shared, digest = self._memo(key, apply) if self.model_sha else apply()
             else:
                 raise ModelIntegrityError(f"unknown download kind {dl.kind}")

@@ -9,7 +9,7 @@ calls already tell the coordinator it is alive), and its CPU-heavy steps (traini
 decoding and hashing downloads, encoding, the fsync of its state) run on a small thread
 pool shared by all clients of the loop, so a thousand idle clients cost a thousand parked
 coroutines rather than two thousand threads. The clients of a loop also share a
-:class:`~fedmla.worker.runtime.ComputeCache`: the seeded version 0, the result of each
+:class:`~fedmla.worker.cache.ComputeCache`: the seeded version 0, the result of each
 download they apply (keyed by its bytes and the version it starts from) and one local
 trainer per thread are computed once, not once per client.
 """
@@ -25,8 +25,10 @@ import grpc
 
 from fedmla.protos.transport import AsyncCoordinatorClient
 
+from .cache import ComputeCache
 from .data import ClientData
-from .runtime import Compute, ComputeCache, Download, Rpc, Sleep, StartHeartbeat, WorkerOptions, WorkerProtocol
+from .requests import Compute, Download, Rpc, Sleep, StartHeartbeat
+from .runtime import WorkerOptions, WorkerProtocol
 
 
 class AsyncWorker(WorkerProtocol):

@@ -12,7 +12,8 @@ from fedmla.protos.fedmla.v1 import types_pb2 as pb
 from fedmla.protos.transport import DownloadedModel, ModelIntegrityError
 from fedmla.protos.weights import model_hash
 from fedmla.worker.data import ClientData
-from fedmla.worker.runtime import ComputeCache, WorkerOptions, WorkerProtocol
+from fedmla.worker.cache import ComputeCache
+from fedmla.worker.runtime import WorkerOptions, WorkerProtocol
 
 
 def test_cache_computes_once_bounds_its_entries_and_keeps_no_failure():

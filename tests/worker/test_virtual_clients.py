@@ -135,7 +135,7 @@ def test_a_trainer_is_used_only_by_the_thread_that_made_it(tmp_path, monkeypatch
     import threading
     from concurrent.futures import Executor, ThreadPoolExecutor
 
-    from fedmla.worker.runtime import ComputeCache
+    from fedmla.worker.cache import ComputeCache
     from fedmla.worker.trainer import LocalTrainer
     from fedmla.worker.virtual import AsyncWorker
 
