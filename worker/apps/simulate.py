@@ -13,9 +13,8 @@ The coordinator runs its default codec mode: uplinks are the clients' codec upda
 and chains of compressed downlinks afterwards; both are the serialized bytes on the wire,
 beside what FedAvg in fp32 would have sent.
 
-Kept in one file (over 500 lines): run_simulation, its result accounting (_overhead,
-_cpu_breakdown, with_baseline) and the CLI command describe one command; next split: the
-accounting helpers into a module of their own.
+The run's accounting (time, CPU and byte ratios, a baseline beside it) is in
+:mod:`fedmla.worker.apps.sim_report`.
 """
 
 from __future__ import annotations
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 
 from fedmla.worker.data import DataError, FederatedData
+
+from fedmla.worker.apps.sim_report import cpu_breakdown, overhead, ratio, with_baseline
 
 
 def _load_data(spec: str, clients: int, partition: str, seed: int, seq_len: int, tokenizer=None) -> FederatedData:
@@ -69,48 +70,6 @@ def _start_ray(ray, address: str | None, cpus: int, log, attempts: int = 2) -> N
                 raise
             log(f"local Ray did not start ({e}); starting it again")
             ray.shutdown()
-
-
-def _overhead(per_round: list[dict], results: list[dict], rounds_wall: float | None = None) -> dict:
-    """Where the machine's time went during the rounds: client-rounds, CPU seconds inside
-    the local trainers, and the core-time per client-round not spent training (an upper
-    bound on the overhead of the coordinator, gRPC, Ray, idle waiting and the driver's
-    evaluation: with few clients per round the cores also sit idle between rounds).
-
-    ``rounds_wall``: seconds from the first round's opening to the last commit (the
-    coordinator's clock); without it (a remote coordinator) the driver's observation,
-    which also holds the start of Ray and the clients' joins."""
-    import os
-    client_rounds = sum(r["rounds"] for r in results)
-    train = sum(r.get("train_seconds", 0.0) for r in results)
-    wall = rounds_wall if rounds_wall is not None else sum(r["seconds"] for r in per_round)
-    cores = os.cpu_count() or 1
-    over = 1000 * (wall * cores - train) / client_rounds if client_rounds else None
-    return dict(client_rounds=client_rounds, train_seconds=train, round_seconds=wall, cores=cores,
-                overhead_ms_per_client_round=over,
-                rounds_per_minute=60 * len(per_round) / wall if wall else None)
-
-
-def _cpu_breakdown(results: list[dict], actor_cpu: list[float], driver_cpu: float | None,
-                   driver_cpu_in_rounds: float | None, evaluation_cpu: float) -> dict:
-    """CPU seconds of the run by where they were spent: the client actors' heavy steps
-    (training, syncing, encoding, ... summed over clients), the rest of the actors'
-    processes (event loop, gRPC, Ray, the clients' joins), and this process (the
-    in-process coordinator with its gRPC server, and the driver's evaluation of each
-    committed model; None with ``--coordinator``), over the run and between the first
-    round's opening and the last commit."""
-    steps: dict[str, float] = {}
-    for r in results:
-        for name, sec in r.get("compute_seconds", {}).items():
-            steps[name] = steps.get(name, 0.0) + sec
-    actors = sum(actor_cpu)
-    return dict(client_steps=dict(sorted(steps.items(), key=lambda kv: -kv[1])), client_actors=actors,
-                client_actors_outside_steps=actors - sum(steps.values()), coordinator_and_driver=driver_cpu,
-                coordinator_and_driver_in_rounds=driver_cpu_in_rounds, driver_evaluation=evaluation_cpu)
-
-
-def _ratio(baseline: int, ours: int) -> float | None:
-    return baseline / ours if ours else None
 
 
 def _client_actor_class():
@@ -319,14 +278,14 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                    fedavg_fp32_bytes_up=sum(r["fedavg_up"] for r in results),
                    fedavg_fp32_bytes_down=sum(r["fedavg_down"] for r in results),
                    # everything both ways (first downloads and catch-ups included) against FedAvg fp32
-                   total_ratio_vs_fedavg_fp32=_ratio(sum(r["fedavg_up"] + r["fedavg_down"] for r in results),
+                   total_ratio_vs_fedavg_fp32=ratio(sum(r["fedavg_up"] + r["fedavg_down"] for r in results),
                                                      sum(r["bytes_up"] + r["bytes_down"] for r in results)),
-                   uplink_ratio_vs_fedavg_fp32=_ratio(sum(r["fedavg_up"] for r in results),
+                   uplink_ratio_vs_fedavg_fp32=ratio(sum(r["fedavg_up"] for r in results),
                                                       sum(r["bytes_up"] for r in results)),
                    seconds=time.monotonic() - t0, per_round=per_round, data_source=fed.source,
                    startup_seconds=startup,
-                   **_overhead(per_round, results, rounds_wall),
-                   cpu_seconds=_cpu_breakdown(results, [o["cpu_seconds"] for o in pool_out],
+                   **overhead(per_round, results, rounds_wall),
+                   cpu_seconds=cpu_breakdown(results, [o["cpu_seconds"] for o in pool_out],
                                               driver_cpu if bg is not None else None,
                                               None if cpu_open is None or cpu_commit is None else cpu_commit - cpu_open,
                                               eval_cpu[0]),
@@ -350,17 +309,6 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
 
 
 BASELINES = {"fedavg": "FedAvg fp32", "diloco": "DiLoCo fp32"}    # the coordinator's codec presets of that name
-
-
-def with_baseline(ours: dict, theirs: dict, name: str) -> dict:
-    """Our results with a baseline run's beside them: ``baseline`` (its figures) and
-    ``ratio_vs_baseline`` (its measured bytes over ours: total, up, down)."""
-    keys = ("rounds", "initial_val_loss", "final_val_loss", "bytes_up", "bytes_down", "bytes_total", "seconds",
-            "per_round", "coordinator_hash")
-    return {**ours, "baseline": {"name": name, **{k: theirs[k] for k in keys}},
-            "ratio_vs_baseline": {"total": _ratio(theirs["bytes_total"], ours["bytes_total"]),
-                                  "up": _ratio(theirs["bytes_up"], ours["bytes_up"]),
-                                  "down": _ratio(theirs["bytes_down"], ours["bytes_down"])}}
 
 
 def register(app, bench) -> None:
