@@ -1,8 +1,8 @@
 """The coordinator's durable state: one SQLite file and safetensors checkpoints.
 
-(One file past 400 lines on purpose: the schema, its migration and every transaction
-that commits a round live together, so what is written atomically is seen in one place;
-the records it reads and writes are in :mod:`.records`.)
+(The schema, its migration and every transaction that commits a round live together, so
+what is written atomically is seen in one place; the records it reads and writes are in
+:mod:`.records`, the crash-safe file writes and verified reads in :mod:`.durable`.)
 
 Layout of a store directory::
 
@@ -59,7 +59,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import sqlite3
 import time
@@ -67,6 +66,7 @@ import uuid
 from pathlib import Path
 
 from .errors import StoreError, Unauthenticated
+from .durable import read_verified, write_atomic, write_tensors_atomic
 from .records import ClientRoundRecord, ModelRecord, RoundRecord  # noqa: F401 (part of the store's API)
 
 APP = "fedmla-coordinator"
@@ -108,56 +108,6 @@ CREATE TABLE IF NOT EXISTS downlinks(version INTEGER PRIMARY KEY, round_id INTEG
     sha256 TEXT NOT NULL);
 UPDATE meta SET value='2' WHERE key='schema_version';
 """
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def write_tensors_atomic(path: Path, tensors: dict) -> str:
-    """Write ``tensors`` as safetensors to ``path`` (crash-safe like :func:`write_atomic`)
-    and return the SHA-256 of the file: the bytes are those of
-    :func:`~fedmla.protos.weights.canonical_bytes` (the same dict, keys sorted), but go
-    straight to the file instead of being assembled in memory first (safetensors'
-    ``save`` holds two copies of a state, ``save_file`` one)."""
-    from safetensors.torch import save_file
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}, str(tmp))
-    digest = hashlib.sha256()
-    with open(tmp, "rb+") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return digest.hexdigest()
-
-
-def _read_verified(path: Path, sha256: str, what: str, version: int) -> bytes:
-    """A file's bytes, checked against the SHA-256 the database recorded for it."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise StoreError(f"{what} of model version {version} unreadable at {path} ({e}); the store is damaged") from None
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise StoreError(f"{what} {path} does not match the SHA-256 recorded for model version {version}; the store "
-                         f"is corrupt. Refusing to start from it")
-    return data
 
 
 class Store:
@@ -347,7 +297,7 @@ class Store:
         """The codec state saved with ``rec`` (verified), or None if the version has none."""
         if rec.codec_path is None:
             return None
-        return _read_verified(rec.codec_path, rec.codec_sha256, "codec state", rec.version)
+        return read_verified(rec.codec_path, rec.codec_sha256, "codec state", rec.version)
 
     def write_codec_state(self, version: int, data: bytes) -> Path:
         """Put a codec state file in place (durably). It is not current until recorded."""
@@ -375,7 +325,7 @@ class Store:
 
     def read_checkpoint(self, rec: ModelRecord) -> bytes:
         """The checkpoint's bytes, verified against the SHA-256 the database recorded."""
-        return _read_verified(rec.path, rec.sha256, "checkpoint", rec.version)
+        return read_verified(rec.path, rec.sha256, "checkpoint", rec.version)
 
     def last_round_id(self) -> int:
         r = self.db.execute("SELECT MAX(id) FROM rounds").fetchone()

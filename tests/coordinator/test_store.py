@@ -126,7 +126,7 @@ def test_streamed_tensor_files_hold_the_canonical_bytes_and_their_hash(tmp_path)
     SHA-256 the model hash."""
     import torch
 
-    from fedmla.coordinator.store import write_tensors_atomic
+    from fedmla.coordinator.durable import write_tensors_atomic
     from fedmla.protos.weights import canonical_bytes, model_hash
     g = torch.Generator().manual_seed(0)
     state = {"b.w": torch.randn(3, 5, generator=g), "a.w": torch.randn(7, generator=g).double(),
