@@ -569,7 +569,7 @@ def test_embedding_factors_take_their_own_bit_widths(global_state):
     from fedmla.protos.codec.server import _downlink_plan
     from fedmla.protos.tensors import decode_int_rows
 
-    assert CodecConfig().embed_factor_bits is None and CodecConfig().embed_downlink_bits is None
+    assert CodecConfig().embed_factor_bits is None and CodecConfig().embed_downlink_bits == 4
     with pytest.raises(ValueError, match="embed_downlink_bits"):
         CodecConfig(embed_downlink_bits=5)
     local = perturbed(global_state, 0)
