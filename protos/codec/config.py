@@ -57,6 +57,9 @@ class CodecConfig(BaseModel):
     factor_bits: Literal[0, 2, 3, 4, 8] = Field(3, description=(
         "bits per factor entry (per-row scale); 0 = fp32; 3 = seven levels in 4-bit slots (pair it with "
         "entropy_coding); 2 = four levels +-s/2, +-3s/2"))
+    embed_factor_bits: Literal[0, 2, 3, 4, 8] | None = Field(None, description=(
+        "uplink: bits per factor entry of the token embedding and the LM head (embed.weight, lm_head.weight; "
+        "tied by default); None = factor_bits"))
     dense_bits: Literal[0, 2, 3, 4, 8] = Field(8, description="bits per entry of dense (1-D / small) updates; 0 = fp32")
     fit_scales: bool = Field(False, description=(
         "refit each row's scale by least squares (clipping the largest entries) instead of covering the "
@@ -109,6 +112,14 @@ class CodecConfig(BaseModel):
         "clients pay most (each returning client replays every downlink it missed); on bench comm --quick 3-bit "
         "beat 4-bit in 9 of 10 seed x corpus x participation comparisons (e.g. 16 clients, 4 per round: 62.4x "
         "against 50.8x vs FedAvg fp32; 4 clients seed 1: 131.7x against 135.7x, three rounds more)"))
+
+    embed_downlink_bits: Literal[0, 2, 3, 4, 8] | None = Field(4, description=(
+        "downlink: bits per factor entry of the token embedding and the LM head; None = downlink_bits. 4 "
+        "(session 7): the 3-bit downlink's whole round-0 cost on bench comm --quick seed 0 was the embedding, "
+        "which the tied LM head turns into logit noise (validation loss 2.982; fp32 downlink 2.863; fp32 for the "
+        "embedding alone 2.856, for attention, FFN or dense tensors alone 2.98; the embedding at 4 bits 2.857) "
+        "for +1 kB (2.5%) per downlink. Full runs, seeds 0/1/2: FedAvg's +2% in 10 / 9 / 12 rounds instead of "
+        "13 / 13 / 13 (182x / 204x / 151x against 140x / 141x), DiLoCo's in 15 / 18 / not reached"))
 
     seed: int = Field(0, description="seeds shared bases, exploration heads and stochastic rounding")
 

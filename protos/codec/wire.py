@@ -35,6 +35,10 @@ from .quant import (FINITE_SCALE_BOUND, code_range, container_bits, dequantize_r
 
 _FLOAT32_ONLY = frozenset({pb.FLOAT32})
 
+# The token embedding and the LM head (the same tensor when tied): their factors may use
+# their own bit widths (CodecConfig.embed_factor_bits / embed_downlink_bits).
+VOCAB_TENSORS = frozenset({"embed.weight", "lm_head.weight"})
+
 
 def _all_finite(a: np.ndarray) -> bool:
     """No NaN or infinity in ``a`` (two reductions, no temporary: min/max propagate NaN)."""
@@ -137,7 +141,11 @@ class TensorCodec:
             self._basis_cache[key] = (basis.matrix, b)
         return sel, "lowrank", basis.side, b
 
-    def _bits(self, uplink: bool, dense: bool) -> int:
+    def _bits(self, uplink: bool, dense: bool, name: str = "") -> int:
+        if not dense and name in VOCAB_TENSORS:
+            bits = self.cfg.embed_factor_bits if uplink else self.cfg.embed_downlink_bits
+            if bits is not None:
+                return bits
         if not uplink:
             return self.cfg.downlink_bits
         return self.cfg.dense_bits if dense else self.cfg.factor_bits
@@ -175,7 +183,7 @@ class TensorCodec:
                 sent[name] = Part(sel=sel, value=deq.reshape(xs.shape)).dense(shape)
                 continue
             left, right = compress(xs, side, b, rank, cfg, gen)
-            bits = self._bits(uplink, False)
+            bits = self._bits(uplink, False, name)
             f = pb.LowRankFactor(name=name, rank=(left if left is not None else right).size(0), heads=heads)
             dl = dr = None
             if left is not None:
@@ -306,7 +314,7 @@ class TensorCodec:
                 m, n = sub
                 for count, width in zip(counts, (m, n)):
                     if count:
-                        total += self._encoded_bytes(count // width, width, self._bits(uplink, False))
+                        total += self._encoded_bytes(count // width, width, self._bits(uplink, False, name))
             total += 96 + 2 * len(name) + 6 * self.model_cfg.n_heads    # tags, lengths, header fields, heads
         return total
 
@@ -348,7 +356,7 @@ class TensorCodec:
             if f.HasField("left") != want_left or f.HasField("right") != want_right:
                 raise UpdateDecodeError(f"{name}: expected {'left ' if want_left else ''}"
                                         f"{'right' if want_right else ''} factor(s) for this round's layout")
-            bits = self._bits(uplink, False)
+            bits = self._bits(uplink, False, name)
             left = self._tensor(f.left, f"{name}.left", (r, m), bits) if want_left else None
             right = self._tensor(f.right, f"{name}.right", (r, n), bits) if want_right else None
             out.parts[name] = Part(sel=sel, side=side, basis=b, left=left, right=right)

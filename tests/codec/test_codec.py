@@ -560,3 +560,39 @@ def test_server_residual_is_decayed_then_resent(global_state, beta):
     for name, t in left_out.items():
         got = sent.parts[name].dense(server.shapes[name]) if name in sent.parts else torch.zeros_like(t)
         assert torch.allclose(got + server.residual[name], cfg.server_residual_decay * t, atol=1e-6), name
+
+
+def test_embedding_factors_take_their_own_bit_widths(global_state):
+    """embed_factor_bits / embed_downlink_bits: the token embedding's factors (tied LM head)
+    travel at their own widths, every other factor at factor_bits / downlink_bits; the
+    receiver holds the sender to the configured width and the size bound grows with it."""
+    from fedmla.protos.codec.server import _downlink_plan
+    from fedmla.protos.tensors import decode_int_rows
+
+    assert CodecConfig().embed_factor_bits is None and CodecConfig().embed_downlink_bits == 4
+    with pytest.raises(ValueError, match="embed_downlink_bits"):
+        CodecConfig(embed_downlink_bits=5)
+    local = perturbed(global_state, 0)
+    cfg = CodecConfig(embed_factor_bits=8, embed_downlink_bits=4)
+    server = ServerCodec(MODEL, cfg, global_state)
+    plan = server.plan()
+    msg = ClientCodec(MODEL, cfg, server.shapes, "a").encode(global_state, local, plan, None, 5)
+    widths = {f.name: decode_int_rows(f.left)[2] for f in msg.factors}
+    assert widths.pop("embed.weight") == 8 and set(widths.values()) == {4}          # 3-bit codes: 4-bit slots
+    assert len(msg.SerializeToString()) <= server.max_update_bytes(plan)
+    assert server.max_update_bytes(plan) > ServerCodec(MODEL, CodecConfig(), global_state).max_update_bytes(plan)
+    agg = server.aggregator(plan)
+    agg.add("a", server.decode(pb.ModelUpdate.FromString(msg.SerializeToString()), plan))
+    shared = server.shared
+    down = server.finish_round(plan, agg.finish(), None)
+    codes = {f.name: decode_int_rows(f.left)[0] for f in down.factors}
+    assert int(codes["embed.weight"].abs().max()) > 3                                 # 4-bit levels, +-7
+    assert all(int(q.abs().max()) <= 3 for n, q in codes.items() if n != "embed.weight")
+    server.tensors.decode(down.factors, down.dense, _downlink_plan(shared, True), uplink=False)
+    # an update encoded with the default (3-bit) embedding is refused by this run, and the other way round
+    plain = ClientCodec(MODEL, CodecConfig(), server.shapes, "b").encode(global_state, local, plan, None, 5)
+    fresh = ServerCodec(MODEL, cfg, global_state)
+    with pytest.raises(UpdateDecodeError, match="embed.weight.left: 4-bit payload, this run uses 8-bit"):
+        fresh.decode(plain, fresh.plan())
+    with pytest.raises(UpdateDecodeError, match="embed.weight.left: 8-bit payload, this run uses 3-bit"):
+        ServerCodec(MODEL, CodecConfig(), global_state).decode(msg, plan)

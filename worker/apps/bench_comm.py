@@ -231,16 +231,18 @@ def ablation_variants(base: CodecConfig) -> list[tuple[str, CodecConfig]]:
     """Named variants for the README table: the headline built up step by step, then one
     change of the headline per row."""
     u = base.model_copy
-    plain = {"factor_bits": 0, "dense_bits": 0, "downlink_bits": 0, "entropy_coding": False, "half_scales": False}
+    plain = {"factor_bits": 0, "dense_bits": 0, "downlink_bits": 0, "embed_downlink_bits": None, "entropy_coding": False,
+             "half_scales": False}
     return [
         ("low-rank only (fp32 factors, all heads)", u(update={**plain, "head_selection": False})),
-        ("+ quantisation (3-bit up, 3-bit down, all heads)",
+        ("+ quantisation (3-bit up, 3-bit down with a 4-bit embedding, all heads)",
          u(update={"head_selection": False, "entropy_coding": False, "half_scales": False})),
         ("+ entropy coding, fp16 scales (all heads)", u(update={"head_selection": False})),
         ("+ head selection = headline", base),
         ("4-bit uplink instead of 3-bit", u(update={"factor_bits": 4})),
-        ("4-bit downlink instead of 3-bit", u(update={"downlink_bits": 4})),
-        ("int8 factors", u(update={"factor_bits": 8, "downlink_bits": 8})),
+        ("4-bit downlink instead of 3-bit (every factor)", u(update={"downlink_bits": 4})),
+        ("embedding's downlink at 3 bits too (not 4)", u(update={"embed_downlink_bits": None})),
+        ("int8 factors", u(update={"factor_bits": 8, "downlink_bits": 8, "embed_downlink_bits": None})),
         ("momentum not replicated (the whole step is sent down)", u(update={"replicate_momentum": False})),
         ("full residuals (decay 1.0 on both sides)", u(update={"residual_decay": 1.0, "server_residual_decay": 1.0})),
         ("no error feedback", u(update={"error_feedback": False})),
