@@ -21,6 +21,9 @@ high limbs of a parameter exist only once a term needed them).
 
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 import torch
 
@@ -52,6 +55,114 @@ def _runs(idx: torch.Tensor) -> list[tuple[int, int, int]]:
     breaks = (np.flatnonzero(np.diff(i) != 1) + 1).tolist()
     starts, ends = [0, *breaks], [*breaks, len(i)]
     return [(int(i[a]), a, b - a) for a, b in zip(starts, ends)]
+
+
+# ---- compiled kernels ------------------------------------------------------------------------
+# With numba installed (a dependency of fedmla) add_scaled runs one compiled pass per
+# parameter: bound check, split and sum fused, no scratch, the GIL released throughout, the
+# same limbs as the numpy chunks below (which stay as the path without numba and as the
+# tests' second opinion). ``FEDMLA_EXACT_KERNELS=numpy`` forces the numpy path.
+
+
+@functools.cache
+def _kernels():
+    """The compiled kernels (compiled on first use, or loaded from numba's on-disk cache),
+    or None when numba is missing or the numpy path is asked for."""
+    if os.environ.get("FEDMLA_EXACT_KERNELS", "numba") == "numpy":
+        return None
+    try:
+        import numba
+    except ImportError:
+        return None
+    jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+    limb = float(_LIMB)
+    mask = _LIMB_INT - 1
+
+    @jit
+    def add_low(x, lo, runs, x_stride, acc_stride, wg, sgn):
+        """Every |w x| < 1: lo += sgn * trunc(w x 2**40) (``wg`` = w 2**40)."""
+        for t in range(runs.shape[0]):
+            xo, ao, nr, nc = runs[t, 0], runs[t, 1], runs[t, 2], runs[t, 3]
+            for i in range(nr):
+                xr = x[xo + i * x_stride: xo + i * x_stride + nc]
+                lr = lo[ao + i * acc_stride: ao + i * acc_stride + nc]
+                for j in range(nc):
+                    lr[j] += sgn * np.int64(np.float64(xr[j]) * wg)
+
+    @jit
+    def add_split(x, lo, hi, runs, x_stride, acc_stride, wg, sgn):
+        """|w x| < 2**22: k = trunc(w x 2**40) fits int64; hi = trunc(k / 2**40), lo = k -
+        hi 2**40, as limbs() splits. A first vector pass sums the low limbs and notes
+        whether any high limb is not 0; only then a second one sums the high limbs."""
+        any_hi = 0
+        for t in range(runs.shape[0]):
+            xo, ao, nr, nc = runs[t, 0], runs[t, 1], runs[t, 2], runs[t, 3]
+            for i in range(nr):
+                xr = x[xo + i * x_stride: xo + i * x_stride + nc]
+                lr = lo[ao + i * acc_stride: ao + i * acc_stride + nc]
+                for j in range(nc):
+                    k = np.int64(np.float64(xr[j]) * wg)
+                    q = (k + ((k >> 63) & mask)) >> LIMB_BITS          # trunc(k / 2**40)
+                    lr[j] += sgn * (k - q * _LIMB_INT)
+                    any_hi |= q
+        if any_hi == 0:
+            return
+        for t in range(runs.shape[0]):
+            xo, ao, nr, nc = runs[t, 0], runs[t, 1], runs[t, 2], runs[t, 3]
+            for i in range(nr):
+                xr = x[xo + i * x_stride: xo + i * x_stride + nc]
+                hr = hi[ao + i * acc_stride: ao + i * acc_stride + nc]
+                for j in range(nc):
+                    k = np.int64(np.float64(xr[j]) * wg)
+                    hr[j] += sgn * ((k + ((k >> 63) & mask)) >> LIMB_BITS)
+
+    @jit
+    def add_large(x, lo, hi, runs, x_stride, acc_stride, w, sgn):
+        """Terms past int64's grid: hi = trunc(w x), lo = trunc((w x - hi) 2**40)."""
+        for t in range(runs.shape[0]):
+            xo, ao, nr, nc = runs[t, 0], runs[t, 1], runs[t, 2], runs[t, 3]
+            for i in range(nr):
+                xr = x[xo + i * x_stride: xo + i * x_stride + nc]
+                lr = lo[ao + i * acc_stride: ao + i * acc_stride + nc]
+                hr = hi[ao + i * acc_stride: ao + i * acc_stride + nc]
+                for j in range(nc):
+                    y = np.float64(xr[j]) * w
+                    h = np.int64(y)
+                    lr[j] += sgn * np.int64((y - np.float64(h)) * limb)
+                    hr[j] += sgn * h
+
+    return add_low, add_split, add_large
+
+
+def warm_up() -> bool:
+    """Compile (or load from numba's cache) the kernels now, outside any measured or
+    latency-bound path; True when the compiled path is in use."""
+    k = _kernels()
+    if k is None:
+        return False
+    add_low, add_split, add_large = k
+    x, runs = np.zeros(2, dtype=np.float32), np.array([[0, 0, 1, 2]], dtype=np.int64)
+    lo, hi = np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64)
+    add_low(x, lo, runs, 2, 2, 1.0, 1)
+    add_split(x, lo, hi, runs, 2, 2, 1.0, 1)
+    add_large(x, lo, hi, runs, 2, 2, 1.0, 1)
+    return True
+
+
+def _kernel_runs(x_shape: tuple[int, ...], shape: tuple[int, ...], rows: torch.Tensor | None,
+                 cols: torch.Tensor | None) -> tuple[np.ndarray, int, int]:
+    """(runs, x row stride, accumulator row stride) of add_terms for a term of ``x_shape``
+    on parameter ``shape``, whole or on a selection of rows or columns."""
+    if rows is not None:
+        n = shape[1]
+        runs = [(r * n, a * n, 1, length * n) for a, r, length in _runs(rows)]
+        return np.array(runs, dtype=np.int64).reshape(-1, 4), n, n
+    if cols is not None:
+        runs = [(c, a, shape[0], length) for a, c, length in _runs(cols)]
+        return np.array(runs, dtype=np.int64).reshape(-1, 4), x_shape[1], shape[1]
+    n = int(np.prod(shape, dtype=np.int64))
+    return np.array([[0, 0, 1, n]], dtype=np.int64), n, n
+
 
 
 def _blocks(x: np.ndarray, lo: np.ndarray, hi: np.ndarray | None, rows: torch.Tensor | None,
@@ -180,7 +291,12 @@ class ExactSum:
             return
         # The bounds hold for the full term iff they hold for x: its zeros are within both
         # and never raise the largest |w x|.
-        low, high = (float(v) for v in torch.aminmax(x))
+        kernels = _kernels()
+        if kernels is not None:
+            xn = x.numpy().reshape(-1)
+            low, high = float(xn.min()), float(xn.max())        # numpy: vectorised, GIL released
+        else:
+            low, high = (float(v) for v in torch.aminmax(x))
         # float32 times an integer below 2**29 is exact in a Python float: the same test as
         # limbs() makes on the float64 term, |w * x| < 2**MAX_TERM_BITS (NaN fails both).
         bound = 2.0 ** MAX_TERM_BITS
@@ -190,6 +306,17 @@ class ExactSum:
         small = top < 1.0              # every |w * x| < 1: all high limbs are 0
         lo_acc = self._acc(self._lo, name).numpy()
         hi_acc = None if small else self._acc(self._hi, name).numpy()
+        if kernels is not None:
+            add_low, add_split, add_large = kernels
+            runs, xs, accs = _kernel_runs(tuple(x.shape), shape, rows, cols)
+            sgn = 1 if sign > 0 else -1
+            if small:
+                add_low(xn, lo_acc.reshape(-1), runs, xs, accs, weight * _SCALE, sgn)
+            elif top < _FITS_INT64:
+                add_split(xn, lo_acc.reshape(-1), hi_acc.reshape(-1), runs, xs, accs, weight * _SCALE, sgn)
+            else:
+                add_large(xn, lo_acc.reshape(-1), hi_acc.reshape(-1), runs, xs, accs, float(weight), sgn)
+            return
         # the largest block: _CHUNK elements, or one row of a run of selected columns
         c = min(x.numel(), _CHUNK if cols is None else max(_CHUNK, x.shape[1]))
         k = np.empty(c, dtype=np.int64)
