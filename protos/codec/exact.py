@@ -77,6 +77,8 @@ def _kernels():
     jit = numba.njit(nogil=True, cache=True, boundscheck=False)
     limb = float(_LIMB)
     mask = _LIMB_INT - 1
+    max_term = 2.0 ** MAX_TERM_BITS
+    fits = _FITS_INT64
 
     @jit
     def add_low(x, lo, runs, x_stride, acc_stride, wg, sgn):
@@ -131,22 +133,64 @@ def _kernels():
                     lr[j] += sgn * np.int64((y - np.float64(h)) * limb)
                     hr[j] += sgn * h
 
-    return add_low, add_split, add_large
+    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
+    def scan(x, xbits):
+        """(bits of the largest |x| (NaN above 0x7f800000), float64 sum of x**2) of a float32
+        vector, one vector pass. The sum's order is the compiled loop's (reassociated for
+        vector lanes): the same for every call on one machine, not across machines."""
+        m = np.uint32(0)
+        s = 0.0
+        for i in range(x.size):
+            m = max(m, xbits[i] & 0x7fffffff)
+            v = np.float64(x[i])
+            s += v * v
+        return m, s
+
+    @jit
+    def add_checked(x, xbits, lo, hi, runs, x_stride, acc_stride, w, sgn):
+        """Check the bound of w * x, then add (sgn 1) or take out (-1) its limbs: one call per
+        tensor. Returns (status, sum of x**2): status 0 added, -1 refused (NaN, infinite or
+        |w x| >= 2**MAX_TERM_BITS; nothing added), 1 nothing added because ``lo`` (or, for
+        terms >= 1 (status 2), ``lo`` and ``hi``) is empty: the caller makes them and calls
+        again."""
+        m, sumsq = scan(x, xbits)
+        if m > 0x7f800000:
+            return -1, sumsq
+        bits = np.empty(1, dtype=np.uint32)
+        bits[0] = m
+        top = np.float64(bits.view(np.float32)[0]) * w        # exact: 24 + 29 bits
+        if not top < max_term:
+            return -1, sumsq
+        if top < 1.0:
+            if lo.size == 0:
+                return 1, sumsq
+            add_low(x, lo, runs, x_stride, acc_stride, w * limb, sgn)
+            return 0, sumsq
+        if lo.size == 0 or hi.size == 0:
+            return 2, sumsq
+        if top < fits:
+            add_split(x, lo, hi, runs, x_stride, acc_stride, w * limb, sgn)
+        else:
+            add_large(x, lo, hi, runs, x_stride, acc_stride, w, sgn)
+        return 0, sumsq
+
+    return add_checked
 
 
 def warm_up() -> bool:
     """Compile (or load from numba's cache) the kernels now, outside any measured or
     latency-bound path; True when the compiled path is in use."""
-    k = _kernels()
-    if k is None:
+    add_checked = _kernels()
+    if add_checked is None:
         return False
-    add_low, add_split, add_large = k
-    x, runs = np.zeros(2, dtype=np.float32), np.array([[0, 0, 1, 2]], dtype=np.int64)
-    lo, hi = np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64)
-    add_low(x, lo, runs, 2, 2, 1.0, 1)
-    add_split(x, lo, hi, runs, 2, 2, 1.0, 1)
-    add_large(x, lo, hi, runs, 2, 2, 1.0, 1)
+    runs = np.array([[0, 0, 1, 2]], dtype=np.int64)
+    for x in (np.zeros(2, dtype=np.float32), np.full(2, 3.0, dtype=np.float32)):
+        add_checked(x, x.view(np.uint32), np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64), runs, 2, 2,
+                    1.0, 1)
     return True
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)       # an accumulator add_checked is to ask for
 
 
 def _kernel_runs(x_shape: tuple[int, ...], shape: tuple[int, ...], rows: torch.Tensor | None,
@@ -254,7 +298,7 @@ class ExactSum:
             lo_acc.sub_(lo)
 
     def add_scaled(self, name: str, x: torch.Tensor, weight: int, sign: int = 1,
-                   rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+                   rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> float:
         """Add (``sign`` = 1) or take out (-1) the term ``weight * x`` of parameter ``name``:
         ``x`` float32, ``weight`` an integer in [1, MAX_WEIGHT). The same limbs as
         ``add(name, x.double() * weight, sign)`` (the product is exact in float64), split
@@ -264,7 +308,10 @@ class ExactSum:
 
         ``rows`` (or ``cols``): sorted, distinct indices of a 2-D parameter; ``x`` is then
         the term's sub-matrix on those rows (columns) and the term is 0 elsewhere: the same
-        limbs as adding the full-shape term, without touching the zeros (a zero adds nothing)."""
+        limbs as adding the full-shape term, without touching the zeros (a zero adds nothing).
+
+        Returns the float64 sum of ``x**2`` (for the update's norm; the compiled path sums it
+        in its vector lanes' order, so its last bits can differ from the numpy path's)."""
         shape = self.shapes[name]
         if rows is not None and cols is not None:
             raise ValueError(f"{name}: a selection of rows or of columns, not both")
@@ -284,19 +331,31 @@ class ExactSum:
             if rows is not None or cols is not None:
                 x = _scatter(x, shape, rows, cols)
             self.add(name, x.to(torch.float64) * weight, sign)
-            return
+            return float(x.detach().to(torch.float64).square().sum())
         x = x.detach().contiguous()
         if not x.numel():
             self._acc(self._lo, name)
-            return
+            return 0.0
         # The bounds hold for the full term iff they hold for x: its zeros are within both
         # and never raise the largest |w x|.
-        kernels = _kernels()
-        if kernels is not None:
+        add_checked = _kernels()
+        if add_checked is not None:
             xn = x.numpy().reshape(-1)
-            low, high = float(xn.min()), float(xn.max())        # numpy: vectorised, GIL released
-        else:
-            low, high = (float(v) for v in torch.aminmax(x))
+            runs, xs, accs = _kernel_runs(tuple(x.shape), shape, rows, cols)
+            sgn = 1 if sign > 0 else -1
+            while True:
+                lo, hi = self._lo.get(name), self._hi.get(name)
+                status, sumsq = add_checked(xn, xn.view(np.uint32), _EMPTY if lo is None else lo.numpy().reshape(-1),
+                                            _EMPTY if hi is None else hi.numpy().reshape(-1), runs, xs, accs,
+                                            float(weight), sgn)
+                if status == 0:
+                    return sumsq
+                if status < 0:
+                    raise _refuse()
+                self._acc(self._lo, name)      # accepted, but an accumulator it needs is missing
+                if status == 2:
+                    self._acc(self._hi, name)
+        low, high = (float(v) for v in torch.aminmax(x))
         # float32 times an integer below 2**29 is exact in a Python float: the same test as
         # limbs() makes on the float64 term, |w * x| < 2**MAX_TERM_BITS (NaN fails both).
         bound = 2.0 ** MAX_TERM_BITS
@@ -306,17 +365,6 @@ class ExactSum:
         small = top < 1.0              # every |w * x| < 1: all high limbs are 0
         lo_acc = self._acc(self._lo, name).numpy()
         hi_acc = None if small else self._acc(self._hi, name).numpy()
-        if kernels is not None:
-            add_low, add_split, add_large = kernels
-            runs, xs, accs = _kernel_runs(tuple(x.shape), shape, rows, cols)
-            sgn = 1 if sign > 0 else -1
-            if small:
-                add_low(xn, lo_acc.reshape(-1), runs, xs, accs, weight * _SCALE, sgn)
-            elif top < _FITS_INT64:
-                add_split(xn, lo_acc.reshape(-1), hi_acc.reshape(-1), runs, xs, accs, weight * _SCALE, sgn)
-            else:
-                add_large(xn, lo_acc.reshape(-1), hi_acc.reshape(-1), runs, xs, accs, float(weight), sgn)
-            return
         # the largest block: _CHUNK elements, or one row of a run of selected columns
         c = min(x.numel(), _CHUNK if cols is None else max(_CHUNK, x.shape[1]))
         k = np.empty(c, dtype=np.int64)
@@ -336,6 +384,7 @@ class ExactSum:
             else:
                 self._split_large(xc, w, hi_c, h[:xc.size].reshape(xc.shape), kc, add)
             add(lo_c, kc, out=lo_c)
+        return float(x.to(torch.float64).square().sum())
 
     @staticmethod
     def _split_high(hi_acc: np.ndarray, kc: np.ndarray, hc: np.ndarray, add) -> None:
