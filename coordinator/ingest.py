@@ -114,6 +114,11 @@ class UploadIngest:
         except UpdateDecodeError as e:
             raise InvalidArgument(f"update does not fit round {rnd.id}'s codec plan: {e}", "invalid_update") from None
 
+    @staticmethod
+    def spool_and_add(path: Path, payload: bytes, rnd: "OpenRound", client: str, update: DecodedUpdate) -> None:
+        path.write_bytes(payload)
+        rnd.aggregator.add(client, update, update.num_examples)
+
     async def submit(self, client: str, requests: AsyncIterator) -> cpb.SubmitUpdateResponse:
         """Receive, validate and spool one update from a stream of ``SubmitUpdateRequest``
         (header on the first). Refuses with a CoordinatorError and changes nothing."""
@@ -160,11 +165,11 @@ class UploadIngest:
                                                  "round_closed")
                     path = coord.spool_root / f"round-{rnd.id:06d}" / f"{client}.pb"
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    await self._run(path.write_bytes, payload)
-                    # Summed into the round's aggregate now (exactly, in any order), so the
-                    # close has little left to do; the decoded update is dropped after.
+                    # Spooled, then summed into the round's aggregate now (exactly, in any
+                    # order), so the close has little left to do; the decoded update is
+                    # dropped after. One job on the pool: one queue wait, not two.
                     try:
-                        await self._run(rnd.aggregator.add, client, update, update.num_examples)
+                        await self._run(self.spool_and_add, path, payload, rnd, client, update)
                     except (OverflowError, ValueError) as e:
                         path.unlink(missing_ok=True)
                         raise InvalidArgument(f"update cannot be aggregated: {e}", "invalid_update") from None

@@ -258,6 +258,7 @@ class ExactSum:
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
         self._hi: dict[str, torch.Tensor] = {}
         self._lo: dict[str, torch.Tensor] = {}
+        self._runs: dict[str, tuple] = {}
 
     @staticmethod
     def limbs(term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -341,7 +342,13 @@ class ExactSum:
         add_checked = _kernels()
         if add_checked is not None:
             xn = x.numpy().reshape(-1)
-            runs, xs, accs = _kernel_runs(tuple(x.shape), shape, rows, cols)
+            # the runs of a selection, kept while the same index tensor comes back (a round's
+            # selections are one object per parameter)
+            sel = rows if rows is not None else cols
+            hit = self._runs.get(name)
+            if hit is None or hit[0] is not sel or hit[1] != (rows is None):
+                hit = self._runs[name] = (sel, rows is None, _kernel_runs(tuple(x.shape), shape, rows, cols))
+            runs, xs, accs = hit[2]
             sgn = 1 if sign > 0 else -1
             while True:
                 lo, hi = self._lo.get(name), self._hi.get(name)
