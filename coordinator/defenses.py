@@ -19,7 +19,8 @@ sub-matrix for everyone, and norms and pairwise distances come from the factors
   by the coordinate-wise median of per-layer normalised scores (``importance``), so a
   client inflating its scores cannot take over the active-head mask. Independently of
   ``kind``, an update whose norm exceeds ``refuse_norm_multiple`` x the median norm is
-  refused (listed in ``rejected`` with its reason) and takes no part.
+  refused (listed in ``rejected`` with its reason) and takes no part. (With ``none`` the
+  norm is that of the float32 products the exact sum adds, measured in its own pass.)
 - :class:`DPAggregator` (``DPConfig``): client-level DP-FedAvg. Each update is clipped
   to ``clip_norm``, the clipped updates are summed with equal weights and divided by the
   expected number of clients, and Gaussian noise of std
@@ -132,6 +133,27 @@ class _Holding:
         return {n: a.float() for n, a in acc.items()}
 
 
+class _MeasuredExact(ExactAggregator):
+    """The codec's exact mean, also giving the Frobenius norm of each update it sums: of the
+    float32 products it adds, from the sum's own pass over them (no second pass, none of
+    the ~10 small float64 torch calls per tensor the factor form costs)."""
+
+    def begin_round(self, global_state, plan: RoundPlan) -> None:
+        super().begin_round(global_state, plan)
+        self._measured = threading.local()          # one update is added by one thread
+
+    def _sum_in(self, name, x, sel, weight: int, sign: int = 1) -> None:
+        with self._locks[name]:
+            sumsq = self._sum.add_scaled(name, x, weight, sign, rows=sel.rows, cols=sel.cols)
+        self._measured.sumsq = getattr(self._measured, "sumsq", 0.0) + sumsq
+
+    def add_measured(self, client_id: str, update, num_examples: int) -> float:
+        """``add``; returns the update's norm (sqrt of the sum of its products' squares)."""
+        self._measured.sumsq = 0.0
+        self.add(client_id, update, num_examples)
+        return math.sqrt(self._measured.sumsq)
+
+
 class RobustAggregator(_Holding):
     """See the module docstring. With ``kind='none'`` (the default defence) it streams:
     ``add`` sums each update at once into the codec's :class:`ExactAggregator` and keeps
@@ -159,24 +181,26 @@ class RobustAggregator(_Holding):
         super().begin_round(global_state, plan)
         self.norms = {}
         self._weights: dict[str, int] = {}
-        self._exact = ExactAggregator(self.shapes, self.num_layers, self.num_heads)
+        self._exact = _MeasuredExact(self.shapes, self.num_layers, self.num_heads)
         self._exact.begin_round(None, plan)
 
     def add(self, client_id: str, update, num_examples: int | None = None) -> None:
-        """Takes the update's norm (from its factors) now; safe to call from several threads."""
+        """Takes the update's norm now (streaming: of the products summed, measured by the sum
+        itself; the other kinds: from its factors); safe to call from several threads."""
         if self.plan is None:
             raise RuntimeError("call begin_round before add")
         n = update.num_examples if num_examples is None else int(num_examples)
         if n <= 0:
             raise ValueError(f"client {client_id!r}: num_examples must be positive, got {n}")
-        norm = robust.update_norm({k: _factor_form(p) for k, p in update.tensors.parts.items()})
+        if not self.streaming:
+            norm = robust.update_norm({k: _factor_form(p) for k, p in update.tensors.parts.items()})
         with self._lock:
             if client_id in self._weights:
                 raise ValueError(f"client {client_id!r} already contributed to round {self.plan.round}")
             self._weights[client_id] = n
         try:
             if self.streaming:
-                self._exact.add(client_id, update, n)
+                norm = self._exact.add_measured(client_id, update, n)
                 if self.reload is None:
                     self._updates[client_id] = update
             else:

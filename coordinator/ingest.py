@@ -15,7 +15,9 @@ may need is reserved from ``upload_memory_budget_bytes``, shared by all uploads 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,23 @@ class UploadIngest:
         self.coord = coord
         self.settings = coord.settings
         self.gate = UploadGate(coord.settings.max_concurrent_uploads, self.memory_budget(coord))
+        self.pool = ThreadPoolExecutor(self.threads(coord.settings.max_concurrent_uploads),
+                                       thread_name_prefix="fedmla-ingest")
+
+    @staticmethod
+    def threads(slots: int) -> int:
+        """Threads that decode and sum updates: one per core (``FEDMLA_INGEST_THREADS``
+        overrides), at most one per upload slot. Decoding and summing release the GIL only
+        in their numpy / torch / compiled calls: more threads than cores add no work done,
+        only GIL hand-offs (measured: 6 threads ingested fewer updates/s than 1 or 2)."""
+        n = int(os.environ.get("FEDMLA_INGEST_THREADS", "0")) or os.cpu_count() or 1
+        return max(1, min(n, slots))
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
     def memory_budget(coord: "Coordinator") -> int:
@@ -95,6 +114,11 @@ class UploadIngest:
         except UpdateDecodeError as e:
             raise InvalidArgument(f"update does not fit round {rnd.id}'s codec plan: {e}", "invalid_update") from None
 
+    @staticmethod
+    def spool_and_add(path: Path, payload: bytes, rnd: "OpenRound", client: str, update: DecodedUpdate) -> None:
+        path.write_bytes(payload)
+        rnd.aggregator.add(client, update, update.num_examples)
+
     async def submit(self, client: str, requests: AsyncIterator) -> cpb.SubmitUpdateResponse:
         """Receive, validate and spool one update from a stream of ``SubmitUpdateRequest``
         (header on the first). Refuses with a CoordinatorError and changes nothing."""
@@ -134,18 +158,18 @@ class UploadIngest:
                         except DecodeError:
                             raise InvalidArgument("payload is not a serialized fedmla.v1.ModelUpdate",
                                                   "malformed") from None
-                        update = await asyncio.to_thread(self.decode, msg, rnd)
+                        update = await self._run(self.decode, msg, rnd)
                         del msg
                     if coord.round is not rnd or rnd.closing:
                         raise FailedPrecondition(f"round {rnd.id} closed while the update was being received",
                                                  "round_closed")
                     path = coord.spool_root / f"round-{rnd.id:06d}" / f"{client}.pb"
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    await asyncio.to_thread(path.write_bytes, payload)
-                    # Summed into the round's aggregate now (exactly, in any order), so the
-                    # close has little left to do; the decoded update is dropped after.
+                    # Spooled, then summed into the round's aggregate now (exactly, in any
+                    # order), so the close has little left to do; the decoded update is
+                    # dropped after. One job on the pool: one queue wait, not two.
                     try:
-                        await asyncio.to_thread(rnd.aggregator.add, client, update, update.num_examples)
+                        await self._run(self.spool_and_add, path, payload, rnd, client, update)
                     except (OverflowError, ValueError) as e:
                         path.unlink(missing_ok=True)
                         raise InvalidArgument(f"update cannot be aggregated: {e}", "invalid_update") from None

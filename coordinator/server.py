@@ -18,6 +18,7 @@ import asyncio
 import contextvars
 import logging
 import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -206,6 +207,13 @@ class CoordinatorServer:
 
     async def start(self) -> int:
         s = self.settings
+        # The exact sum's compiled kernels (numba: compiled once, then loaded from its disk
+        # cache) before the first update arrives, not inside it.
+        from fedmla.protos.codec.exact import warm_up
+        t0 = time.perf_counter()
+        compiled = await asyncio.to_thread(warm_up)
+        log.info("exact-sum kernels %s in %.2fs", "ready" if compiled else "absent (numpy path)",
+                 time.perf_counter() - t0)
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
@@ -289,6 +297,7 @@ class CoordinatorServer:
                 log.exception("commit of the last round failed during shutdown")
         if self._server is not None:
             await self._server.stop(grace)
+        self.coord.ingest.close()
         if self.dashboard is not None:
             self._dashboard_feed.cancel()
             self.dashboard.stop()

@@ -21,6 +21,9 @@ high limbs of a parameter exist only once a term needed them).
 
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 import torch
 
@@ -52,6 +55,158 @@ def _runs(idx: torch.Tensor) -> list[tuple[int, int, int]]:
     breaks = (np.flatnonzero(np.diff(i) != 1) + 1).tolist()
     starts, ends = [0, *breaks], [*breaks, len(i)]
     return [(int(i[a]), a, b - a) for a, b in zip(starts, ends)]
+
+
+# ---- compiled kernels ------------------------------------------------------------------------
+# With numba installed (a dependency of fedmla) add_scaled runs one compiled pass per
+# parameter: bound check, split and sum fused, no scratch, the GIL released throughout, the
+# same limbs as the numpy chunks below (which stay as the path without numba and as the
+# tests' second opinion). ``FEDMLA_EXACT_KERNELS=numpy`` forces the numpy path.
+
+
+@functools.cache
+def _kernels():
+    """The compiled kernels (compiled on first use, or loaded from numba's on-disk cache),
+    or None when numba is missing or the numpy path is asked for."""
+    if os.environ.get("FEDMLA_EXACT_KERNELS", "numba") == "numpy":
+        return None
+    try:
+        import numba
+    except ImportError:
+        return None
+    jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+    limb = float(_LIMB)
+    mask = _LIMB_INT - 1
+    max_term = 2.0 ** MAX_TERM_BITS
+    fits = _FITS_INT64
+
+    @jit
+    def add_low(x, lo, runs, x_stride, acc_stride, wg, sgn):
+        """Every |w x| < 1: lo += sgn * trunc(w x 2**40) (``wg`` = w 2**40)."""
+        for t in range(runs.shape[0]):
+            xo, ao, nr, nc = runs[t, 0], runs[t, 1], runs[t, 2], runs[t, 3]
+            for i in range(nr):
+                xr = x[xo + i * x_stride: xo + i * x_stride + nc]
+                lr = lo[ao + i * acc_stride: ao + i * acc_stride + nc]
+                for j in range(nc):
+                    lr[j] += sgn * np.int64(np.float64(xr[j]) * wg)
+
+    @jit
+    def add_split(x, lo, hi, runs, x_stride, acc_stride, wg, sgn):
+        """|w x| < 2**22: k = trunc(w x 2**40) fits int64; hi = trunc(k / 2**40), lo = k -
+        hi 2**40, as limbs() splits. A first vector pass sums the low limbs and notes
+        whether any high limb is not 0; only then a second one sums the high limbs."""
+        any_hi = 0
+        for t in range(runs.shape[0]):
+            xo, ao, nr, nc = runs[t, 0], runs[t, 1], runs[t, 2], runs[t, 3]
+            for i in range(nr):
+                xr = x[xo + i * x_stride: xo + i * x_stride + nc]
+                lr = lo[ao + i * acc_stride: ao + i * acc_stride + nc]
+                for j in range(nc):
+                    k = np.int64(np.float64(xr[j]) * wg)
+                    q = (k + ((k >> 63) & mask)) >> LIMB_BITS          # trunc(k / 2**40)
+                    lr[j] += sgn * (k - q * _LIMB_INT)
+                    any_hi |= q
+        if any_hi == 0:
+            return
+        for t in range(runs.shape[0]):
+            xo, ao, nr, nc = runs[t, 0], runs[t, 1], runs[t, 2], runs[t, 3]
+            for i in range(nr):
+                xr = x[xo + i * x_stride: xo + i * x_stride + nc]
+                hr = hi[ao + i * acc_stride: ao + i * acc_stride + nc]
+                for j in range(nc):
+                    k = np.int64(np.float64(xr[j]) * wg)
+                    hr[j] += sgn * ((k + ((k >> 63) & mask)) >> LIMB_BITS)
+
+    @jit
+    def add_large(x, lo, hi, runs, x_stride, acc_stride, w, sgn):
+        """Terms past int64's grid: hi = trunc(w x), lo = trunc((w x - hi) 2**40)."""
+        for t in range(runs.shape[0]):
+            xo, ao, nr, nc = runs[t, 0], runs[t, 1], runs[t, 2], runs[t, 3]
+            for i in range(nr):
+                xr = x[xo + i * x_stride: xo + i * x_stride + nc]
+                lr = lo[ao + i * acc_stride: ao + i * acc_stride + nc]
+                hr = hi[ao + i * acc_stride: ao + i * acc_stride + nc]
+                for j in range(nc):
+                    y = np.float64(xr[j]) * w
+                    h = np.int64(y)
+                    lr[j] += sgn * np.int64((y - np.float64(h)) * limb)
+                    hr[j] += sgn * h
+
+    @numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "contract"})
+    def scan(x, xbits):
+        """(bits of the largest |x| (NaN above 0x7f800000), float64 sum of x**2) of a float32
+        vector, one vector pass. The sum's order is the compiled loop's (reassociated for
+        vector lanes): the same for every call on one machine, not across machines."""
+        m = np.uint32(0)
+        s = 0.0
+        for i in range(x.size):
+            m = max(m, xbits[i] & 0x7fffffff)
+            v = np.float64(x[i])
+            s += v * v
+        return m, s
+
+    @jit
+    def add_checked(x, xbits, lo, hi, runs, x_stride, acc_stride, w, sgn):
+        """Check the bound of w * x, then add (sgn 1) or take out (-1) its limbs: one call per
+        tensor. Returns (status, sum of x**2): status 0 added, -1 refused (NaN, infinite or
+        |w x| >= 2**MAX_TERM_BITS; nothing added), 1 nothing added because ``lo`` (or, for
+        terms >= 1 (status 2), ``lo`` and ``hi``) is empty: the caller makes them and calls
+        again."""
+        m, sumsq = scan(x, xbits)
+        if m > 0x7f800000:
+            return -1, sumsq
+        bits = np.empty(1, dtype=np.uint32)
+        bits[0] = m
+        top = np.float64(bits.view(np.float32)[0]) * w        # exact: 24 + 29 bits
+        if not top < max_term:
+            return -1, sumsq
+        if top < 1.0:
+            if lo.size == 0:
+                return 1, sumsq
+            add_low(x, lo, runs, x_stride, acc_stride, w * limb, sgn)
+            return 0, sumsq
+        if lo.size == 0 or hi.size == 0:
+            return 2, sumsq
+        if top < fits:
+            add_split(x, lo, hi, runs, x_stride, acc_stride, w * limb, sgn)
+        else:
+            add_large(x, lo, hi, runs, x_stride, acc_stride, w, sgn)
+        return 0, sumsq
+
+    return add_checked
+
+
+def warm_up() -> bool:
+    """Compile (or load from numba's cache) the kernels now, outside any measured or
+    latency-bound path; True when the compiled path is in use."""
+    add_checked = _kernels()
+    if add_checked is None:
+        return False
+    runs = np.array([[0, 0, 1, 2]], dtype=np.int64)
+    for x in (np.zeros(2, dtype=np.float32), np.full(2, 3.0, dtype=np.float32)):
+        add_checked(x, x.view(np.uint32), np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64), runs, 2, 2,
+                    1.0, 1)
+    return True
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)       # an accumulator add_checked is to ask for
+
+
+def _kernel_runs(x_shape: tuple[int, ...], shape: tuple[int, ...], rows: torch.Tensor | None,
+                 cols: torch.Tensor | None) -> tuple[np.ndarray, int, int]:
+    """(runs, x row stride, accumulator row stride) of add_terms for a term of ``x_shape``
+    on parameter ``shape``, whole or on a selection of rows or columns."""
+    if rows is not None:
+        n = shape[1]
+        runs = [(r * n, a * n, 1, length * n) for a, r, length in _runs(rows)]
+        return np.array(runs, dtype=np.int64).reshape(-1, 4), n, n
+    if cols is not None:
+        runs = [(c, a, shape[0], length) for a, c, length in _runs(cols)]
+        return np.array(runs, dtype=np.int64).reshape(-1, 4), x_shape[1], shape[1]
+    n = int(np.prod(shape, dtype=np.int64))
+    return np.array([[0, 0, 1, n]], dtype=np.int64), n, n
+
 
 
 def _blocks(x: np.ndarray, lo: np.ndarray, hi: np.ndarray | None, rows: torch.Tensor | None,
@@ -103,6 +258,7 @@ class ExactSum:
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
         self._hi: dict[str, torch.Tensor] = {}
         self._lo: dict[str, torch.Tensor] = {}
+        self._runs: dict[str, tuple] = {}
 
     @staticmethod
     def limbs(term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +299,7 @@ class ExactSum:
             lo_acc.sub_(lo)
 
     def add_scaled(self, name: str, x: torch.Tensor, weight: int, sign: int = 1,
-                   rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> None:
+                   rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> float:
         """Add (``sign`` = 1) or take out (-1) the term ``weight * x`` of parameter ``name``:
         ``x`` float32, ``weight`` an integer in [1, MAX_WEIGHT). The same limbs as
         ``add(name, x.double() * weight, sign)`` (the product is exact in float64), split
@@ -153,7 +309,10 @@ class ExactSum:
 
         ``rows`` (or ``cols``): sorted, distinct indices of a 2-D parameter; ``x`` is then
         the term's sub-matrix on those rows (columns) and the term is 0 elsewhere: the same
-        limbs as adding the full-shape term, without touching the zeros (a zero adds nothing)."""
+        limbs as adding the full-shape term, without touching the zeros (a zero adds nothing).
+
+        Returns the float64 sum of ``x**2`` (for the update's norm; the compiled path sums it
+        in its vector lanes' order, so its last bits can differ from the numpy path's)."""
         shape = self.shapes[name]
         if rows is not None and cols is not None:
             raise ValueError(f"{name}: a selection of rows or of columns, not both")
@@ -173,13 +332,36 @@ class ExactSum:
             if rows is not None or cols is not None:
                 x = _scatter(x, shape, rows, cols)
             self.add(name, x.to(torch.float64) * weight, sign)
-            return
+            return float(x.detach().to(torch.float64).square().sum())
         x = x.detach().contiguous()
         if not x.numel():
             self._acc(self._lo, name)
-            return
+            return 0.0
         # The bounds hold for the full term iff they hold for x: its zeros are within both
         # and never raise the largest |w x|.
+        add_checked = _kernels()
+        if add_checked is not None:
+            xn = x.numpy().reshape(-1)
+            # the runs of a selection, kept while the same index tensor comes back (a round's
+            # selections are one object per parameter)
+            sel = rows if rows is not None else cols
+            hit = self._runs.get(name)
+            if hit is None or hit[0] is not sel or hit[1] != (rows is None):
+                hit = self._runs[name] = (sel, rows is None, _kernel_runs(tuple(x.shape), shape, rows, cols))
+            runs, xs, accs = hit[2]
+            sgn = 1 if sign > 0 else -1
+            while True:
+                lo, hi = self._lo.get(name), self._hi.get(name)
+                status, sumsq = add_checked(xn, xn.view(np.uint32), _EMPTY if lo is None else lo.numpy().reshape(-1),
+                                            _EMPTY if hi is None else hi.numpy().reshape(-1), runs, xs, accs,
+                                            float(weight), sgn)
+                if status == 0:
+                    return sumsq
+                if status < 0:
+                    raise _refuse()
+                self._acc(self._lo, name)      # accepted, but an accumulator it needs is missing
+                if status == 2:
+                    self._acc(self._hi, name)
         low, high = (float(v) for v in torch.aminmax(x))
         # float32 times an integer below 2**29 is exact in a Python float: the same test as
         # limbs() makes on the float64 term, |w * x| < 2**MAX_TERM_BITS (NaN fails both).
@@ -209,6 +391,7 @@ class ExactSum:
             else:
                 self._split_large(xc, w, hi_c, h[:xc.size].reshape(xc.shape), kc, add)
             add(lo_c, kc, out=lo_c)
+        return float(x.to(torch.float64).square().sum())
 
     @staticmethod
     def _split_high(hi_acc: np.ndarray, kc: np.ndarray, hc: np.ndarray, add) -> None:

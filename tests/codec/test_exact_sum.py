@@ -1,12 +1,28 @@
-"""ExactSum.add_scaled (the coordinator's numpy split) against the plain float64 path:
-the same integer limbs, bit for bit, on both paths (all |w x| < 1, and the high limb),
-in and across chunk boundaries, added and taken out."""
+"""ExactSum.add_scaled (the coordinator's compiled split, and the numpy split used without
+numba) against the plain float64 path: the same integer limbs, bit for bit, on both paths
+(all |w x| < 1, the high limb, terms past int64's grid), in and across chunk boundaries and
+selection runs, added and taken out."""
 
 import pytest
 import torch
 
 from fedmla.protos.codec import exact
 from fedmla.protos.codec.exact import MAX_TERM_BITS, MAX_WEIGHT, ExactSum
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def kernels(request, monkeypatch):
+    """Every test runs on both paths of add_scaled: the numba kernels and the numpy chunks."""
+    if request.param == "numpy":
+        monkeypatch.setattr(exact, "_kernels", lambda: None)
+    elif exact._kernels() is None:
+        pytest.skip("numba is not installed")
+    return request.param
+
+
+def test_the_compiled_kernels_are_in_use_when_numba_is_installed(kernels):
+    pytest.importorskip("numba")
+    assert exact.warm_up() == (kernels == "compiled")
 
 
 def limbs_of(es, name):

@@ -73,3 +73,12 @@ def test_weights_bounded_by_the_median():
     assert bounded_weights({}, 10) == {}
     assert bounded_weights({"a": 3}, 10) == {"a": 3}
     assert bounded_weights({"a": 1, "b": 1, "c": 2 ** 62}, 10) == {"a": 1, "b": 1, "c": 10}
+
+
+def test_ingest_threads_one_per_core_at_most_one_per_slot(monkeypatch):
+    from fedmla.coordinator.ingest import UploadIngest
+    monkeypatch.delenv("FEDMLA_INGEST_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert UploadIngest.threads(8) == 2 and UploadIngest.threads(1) == 1
+    monkeypatch.setenv("FEDMLA_INGEST_THREADS", "3")
+    assert UploadIngest.threads(8) == 3

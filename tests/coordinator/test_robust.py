@@ -80,3 +80,38 @@ def test_robust_importance_resists_an_inflating_liar():
     assert torch.stack(honest + [liar]).mean(0).argmax().item() == 3
     with pytest.raises(ValueError, match="unknown importance method"):
         robust_importance(honest, "mode")
+
+
+def test_streaming_norm_is_the_norm_of_the_summed_products():
+    """With the default defence the norm deciding a refusal is measured by the exact sum's
+    own pass over the float32 products: the factor-form norm up to float32 rounding of the
+    products, and the same whatever order the updates arrive in."""
+    from fedmla.coordinator.defenses import DefenseConfig, RobustAggregator, _factor_form
+    from fedmla.coordinator.robust import update_norm
+    from fedmla.mla_model import MLAConfig
+    from fedmla.protos.codec import ClientCodec, CodecConfig, ServerCodec
+    from fedmla.worker.trainer import init_global_state
+    model = MLAConfig.preset("tiny")
+    cfg = CodecConfig(rank=3, keep_ratio=0.5)
+    state = init_global_state(model, 0)
+    server = ServerCodec(model, cfg, state)
+    server.importance = torch.rand(model.n_layers, model.n_heads, generator=torch.Generator().manual_seed(1)).double()
+    plan = server.plan()
+    g = torch.Generator().manual_seed(2)
+    msgs = {}
+    for i, scale in enumerate((1e-3, 1e-1, 3.0)):
+        local = {n: t + torch.randn(t.shape, generator=g) * scale for n, t in state.items()}
+        msgs[f"c{i}"] = ClientCodec(model, cfg, server.shapes, f"c{i}").encode(state, local, plan, None, 5 + i)
+    norms = []
+    for order in (["c0", "c1", "c2"], ["c2", "c0", "c1"]):
+        agg = RobustAggregator(server.shapes, model.n_layers, model.n_heads, DefenseConfig())
+        agg.begin_round(None, plan)
+        for c in order:
+            agg.add(c, server.decode(msgs[c], plan))
+        norms.append(dict(agg.norms))
+        for c in order:
+            u = server.decode(msgs[c], plan)
+            factor = update_norm({k: _factor_form(p) for k, p in u.tensors.parts.items()})
+            assert agg.norms[c] == pytest.approx(factor, rel=1e-5)
+    assert norms[0] == norms[1]
+
