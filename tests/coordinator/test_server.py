@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedmla.coordinator.synthetic import synthetic_update
-from fedmla.protos.weights import sha256_hex
+
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
 from fedmla.protos.tensors import encode_tensor
