@@ -266,13 +266,22 @@ class Coordinator:
             return cpb.GetTaskResponse(status=cpb.GetTaskResponse.SUBMITTED, retry_after_s=0.5, **base)
         return cpb.GetTaskResponse(status=cpb.GetTaskResponse.READY, task=self.task_for(client, rnd), **base)
 
+    def hold_s(self, max_wait: float | None = None) -> float:
+        """How long a WAIT answer may be held: ``task_long_poll_s``, at most the caller's
+        deadline and at most half ``client_timeout_s``. The held call refreshes the client's
+        last-seen time when it answers, and clients send no heartbeat while it is in flight,
+        so the hold must end well inside the time after which a silent client counts as
+        inactive."""
+        hold = min(self.settings.task_long_poll_s, self.settings.client_timeout_s / 2)
+        return hold if max_wait is None else min(hold, max_wait)
+
     async def wait_task(self, client: str, max_wait: float | None = None) -> cpb.GetTaskResponse:
         """:meth:`get_task`, but a WAIT answer is held up to ``task_long_poll_s`` (and at
         most ``max_wait``: the caller's deadline) until this client has something else to
         hear: a round that samples it, or the end of the run. Idle clients then cost one
         call per interval instead of a poll every half second."""
         reply = self.get_task(client)
-        hold = self.settings.task_long_poll_s if max_wait is None else min(self.settings.task_long_poll_s, max_wait)
+        hold = self.hold_s(max_wait)
         deadline = time.monotonic() + hold
         # A client not sampled in the round that just opened stays parked: waking every
         # idle client at each round start would cost a burst of calls for nothing.

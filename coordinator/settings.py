@@ -87,7 +87,8 @@ class CoordinatorSettings(BaseSettings):
     heartbeat_interval_s: float = Field(10.0, gt=0)
     task_long_poll_s: float = Field(15.0, ge=0, le=50, description=(
         "GetTask holds a 'wait' answer up to this long, returning early when a round opens or the run "
-        "ends, so idle clients neither poll hard nor start late (0: answer at once)"))
+        "ends, so idle clients neither poll hard nor start late (0: answer at once); never longer than half "
+        "client_timeout_s (virtual clients send no heartbeat while their GetTask is held)"))
     # ---- what workers send -------------------------------------------------------------
     codec: CodecConfig = Field(default_factory=CodecConfig, description=(
         "the update codec's config: a preset name ('default'; 'fedavg' = plain FedAvg, fp32 dense both ways; "

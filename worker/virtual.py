@@ -40,7 +40,8 @@ class AsyncWorker(WorkerProtocol):
         self.executor = executor
         self.client: AsyncCoordinatorClient | None = None     # made on the loop, in run()
         self._hb: asyncio.Task | None = None
-        self._last_contact = time.monotonic()                  # start of this client's latest call
+        self._last_contact = time.monotonic()                  # start or end of this client's latest call
+        self._calls = 0                                        # calls to the coordinator in flight
         self.compute_seconds: dict[str, float] = {}            # CPU seconds of each heavy step, by name
 
     async def _drive(self, steps):
@@ -59,9 +60,17 @@ class AsyncWorker(WorkerProtocol):
 
     async def _perform(self, request):
         if isinstance(request, (Rpc, Download)):
-            self._last_contact = time.monotonic()    # the coordinator hears from this client
-        if isinstance(request, Rpc):
-            return await getattr(self.client, request.name)(*request.args, **(request.kwargs or {}))
+            # the coordinator hears from this client when a call starts and again when it
+            # answers it (a held GetTask refreshes the client's last-seen time at its end)
+            self._last_contact = time.monotonic()
+            self._calls += 1
+            try:
+                if isinstance(request, Rpc):
+                    return await getattr(self.client, request.name)(*request.args, **(request.kwargs or {}))
+                return await self._drive(self._call("download", request.since))
+            finally:
+                self._calls -= 1
+                self._last_contact = time.monotonic()
         if isinstance(request, Compute):
             if self.executor is None:
                 return self._timed(request.fn, *request.args)
@@ -70,8 +79,6 @@ class AsyncWorker(WorkerProtocol):
         if isinstance(request, Sleep):
             await asyncio.sleep(request.seconds)
             return None
-        if isinstance(request, Download):
-            return await self._drive(self._call("download", request.since))
         if isinstance(request, StartHeartbeat):
             self._hb = asyncio.get_running_loop().create_task(self._heartbeat_loop(request.interval))
             return None
@@ -88,13 +95,16 @@ class AsyncWorker(WorkerProtocol):
 
     async def _heartbeat_loop(self, interval: float) -> None:
         """A heartbeat whenever the coordinator has not heard from this client for
-        ``interval`` (every call it serves refreshes the client's last-seen time): the
-        coordinator never waits longer between signs of life than with a beat every
-        interval, and a client busy polling or up/downloading sends none."""
+        ``interval`` and no call is in flight (every call it serves refreshes the client's
+        last-seen time, at its start and when it answers): a client busy polling or
+        up/downloading sends none. A call in flight is bounded (the client's deadline; the
+        coordinator holds an idle GetTask at most half the client timeout, refreshing the
+        client when it answers), so an idle client costs one GetTask per hold instead of a
+        GetTask plus heartbeats while it is held."""
         while True:
             wait = self._last_contact + interval - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if wait > 0 or self._calls:
+                await asyncio.sleep(wait if wait > 0 else interval)
                 continue
             self._last_contact = time.monotonic()
             try:

@@ -232,6 +232,17 @@ def test_get_task_long_poll_wakes_the_sampled_client_and_respects_deadlines(tmp_
         alice.close()
 
 
+def test_get_task_hold_ends_well_inside_the_client_timeout(tmp_path):
+    """Virtual clients send no heartbeat while their GetTask is held, so the hold is at most
+    half client_timeout_s (and the caller's deadline): a held client never looks silent."""
+    settings = codec_settings(tmp_path, task_long_poll_s=20.0, client_timeout_s=6.0)
+    with BackgroundCoordinator(settings) as bg:
+        assert bg.coord.hold_s() == 3.0 and bg.coord.hold_s(1.5) == 1.5
+    settings = codec_settings(tmp_path / "b", task_long_poll_s=20.0, client_timeout_s=120.0)
+    with BackgroundCoordinator(settings) as bg:
+        assert bg.coord.hold_s() == 20.0 and bg.coord.hold_s(30.0) == 20.0
+
+
 def test_bench_coordinator_codec_path_small_run():
     """`fedmla bench coordinator` drives real codec updates through a coordinator process."""
     from fedmla.coordinator.bench import run_bench

@@ -116,6 +116,40 @@ def test_heartbeats_only_when_the_client_was_otherwise_silent(tmp_path):
     assert 1 <= len(beats) <= 4 and beats[0] == dict(round_id=0, state="idle")
 
 
+def test_no_heartbeat_while_a_call_is_in_flight(tmp_path):
+    """A held GetTask counts as contact: no heartbeat while it is in flight, the silence is
+    counted from its answer, and a beat follows one interval of silence after it."""
+    import asyncio
+
+    from fedmla.worker.requests import Rpc
+    from fedmla.worker.virtual import AsyncWorker
+
+    data = load_stdlib_corpus(num_clients=1, max_bytes_per_client=20_000)
+    w = AsyncWorker(WorkerOptions("127.0.0.1:1", "t", tmp_path / "w"), data.clients[0])
+    beats, answered = [], []
+
+    class FakeClient:
+        async def heartbeat(self, **kw):
+            beats.append(asyncio.get_running_loop().time())
+
+        async def get_task(self):
+            await asyncio.sleep(2.5)         # a long poll held 2.5 intervals
+            answered.append(asyncio.get_running_loop().time())
+            return "wait"
+
+    async def scenario():
+        w.client = FakeClient()
+        hb = asyncio.get_running_loop().create_task(w._heartbeat_loop(1.0))
+        reply = await w._perform(Rpc("get_task"))
+        during = len(beats)
+        await asyncio.sleep(1.6)        # silent after the answer
+        hb.cancel()
+        return reply, during
+    reply, during = _in_thread(scenario)
+    assert reply == "wait" and during == 0
+    assert len(beats) == 1 and beats[0] >= answered[0] + 0.9     # one interval after the answer
+
+
 def _in_thread(coro_fn):
     """asyncio.run in a thread of its own (the main thread keeps its event loop state)."""
     import asyncio
