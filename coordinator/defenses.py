@@ -142,10 +142,10 @@ class _MeasuredExact(ExactAggregator):
         super().begin_round(global_state, plan)
         self._measured = threading.local()          # one update is added by one thread
 
-    def _sum_in(self, name, x, sel, weight: int, sign: int = 1) -> None:
-        with self._locks[name]:
-            sumsq = self._sum.add_scaled(name, x, weight, sign, rows=sel.rows, cols=sel.cols)
+    def _sum_in(self, name, x, sel, weight: int, sign: int = 1) -> float:
+        sumsq = super()._sum_in(name, x, sel, weight, sign)
         self._measured.sumsq = getattr(self._measured, "sumsq", 0.0) + sumsq
+        return sumsq
 
     def add_measured(self, client_id: str, update, num_examples: int) -> float:
         """``add``; returns the update's norm (sqrt of the sum of its products' squares)."""

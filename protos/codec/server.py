@@ -114,9 +114,10 @@ class ExactAggregator:
         for name, part in update.tensors.parts.items():
             yield name, part.product(), part.sel
 
-    def _sum_in(self, name: str, x: torch.Tensor, sel: Selection, weight: int, sign: int = 1) -> None:
+    def _sum_in(self, name: str, x: torch.Tensor, sel: Selection, weight: int, sign: int = 1) -> float:
+        """Add (take out) one tensor's term; the sum of the squares of ``x`` (see add_scaled)."""
         with self._locks[name]:          # one lock per parameter: threads contend only on the same one
-            self._sum.add_scaled(name, x, weight, sign, rows=sel.rows, cols=sel.cols)
+            return self._sum.add_scaled(name, x, weight, sign, rows=sel.rows, cols=sel.cols)
 
     def add(self, client_id: str, update: DecodedUpdate, num_examples: int | None = None) -> None:
         """Sum the update in now, one tensor at a time (temporaries of one tensor, not of
