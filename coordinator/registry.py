@@ -8,11 +8,13 @@ silence like anyone else.
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
+from fedmla.protos.seeds import derive_seed
 
 from .bounds import check_capabilities
 from .errors import FailedPrecondition, InvalidArgument
@@ -90,3 +92,12 @@ class ClientRegistry:
 
     def last_seen(self) -> dict[str, float]:
         return {n: c.last_seen for n, c in self.clients.items()}
+
+
+def sample_round(seed: int, round_id: int, active: list[str], k: int) -> list[str]:
+    """The clients round ``round_id`` samples: ``k`` of ``active`` (the registry's sorted
+    list of active clients), drawn from a generator seeded by the run's seed and the round
+    id alone, so the choice never depends on who joined first. ``fedmla simulate`` calls
+    it too, to spread each round's sampled clients evenly over its client actors."""
+    rng = random.Random(derive_seed(seed, "sample", round_id))
+    return sorted(rng.sample(active, min(k, len(active))))

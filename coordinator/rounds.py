@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -60,7 +59,7 @@ from .errors import CoordinatorError, StoreError
 from .commit import RoundCloser
 from .ingest import Reply, UploadIngest
 from .metrics import CoordinatorMetrics
-from .registry import ClientRegistry
+from .registry import ClientRegistry, sample_round
 from .settings import CoordinatorSettings
 from .store import Store
 
@@ -380,8 +379,7 @@ class Coordinator:
     async def _run_round(self, active: list[str]) -> None:
         s = self.settings
         rid = self.next_round_id
-        rng = random.Random(derive_seed(s.seed, "sample", rid))
-        sampled = sorted(rng.sample(active, min(s.clients_per_round, len(active))))
+        sampled = sample_round(s.seed, rid, active, s.clients_per_round)
         dp_rate = None
         if self.accountant is not None:
             from .defenses import sample_rate

@@ -4,6 +4,7 @@ import grpc
 import pytest
 import torch
 
+from fedmla.coordinator.registry import sample_round
 from fedmla.coordinator.synthetic import synthetic_update
 
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
@@ -224,6 +225,8 @@ def test_client_not_sampled_waits_and_cannot_submit(coordinator):
     bg = coordinator
     a, b = make_clients(bg, ["a", "b"])
     sampled = wait_for(lambda: bg.call(lambda: bg.coord.round and list(bg.coord.round.sampled)), what="round open")
+    # the seeded draw simulate uses to place its clients ahead of the run
+    assert sampled == sample_round(bg.coord.settings.seed, bg.call(lambda: bg.coord.round.id), ["a", "b"], 1)
     chosen, idle = (a, b) if sampled == ["a"] else (b, a)
     t = ready_task(chosen)
     assert idle.get_task().status == cpb.GetTaskResponse.WAIT

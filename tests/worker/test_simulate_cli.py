@@ -24,6 +24,13 @@ def test_simulate_four_clients_three_rounds(tmp_path):
         else:   # never sampled (no download), or trained for a round that closed without it (synced at the end)
             assert c["hash"] in (None, res["coordinator_hash"]), (name, c)
     assert sum(c["rounds"] for c in res["clients"].values()) == 3 * 2
+    # the clients were placed on the actors from the coordinator's seeded sampling, known
+    # ahead: what each actor was predicted to run is what it ran
+    predicted = res["placement"]["sampled_per_actor"]
+    assert len(predicted) == 3 and all(sum(row) == 2 for row in predicted)
+    assert [sum(c["rounds"] for c in res["clients"].values() if c["actor"] == i) for i in range(2)] == \
+        [sum(row[i] for row in predicted) for i in range(2)]
+    assert sorted(res["placement"]["clients_per_actor"]) == [2, 2]
     # The codec is on: uplink far below FedAvg's fp32 deltas.
     assert res["bytes_up"] * 10 < res["fedavg_fp32_bytes_up"]
     assert res["client_rounds"] == 6 and res["train_seconds"] > 0

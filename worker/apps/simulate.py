@@ -30,6 +30,7 @@ import torch
 
 from fedmla.worker.data import DataError, FederatedData
 
+from fedmla.worker.apps.placement import place_clients, sampled_per_actor
 from fedmla.worker.apps.sim_report import cpu_breakdown, overhead, ratio, with_baseline
 
 
@@ -219,8 +220,21 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
             pool_cls = _client_actor_class()
             pools = [pool_cls.remote() for _ in range(k)]
             ca_bytes = Path(ca).read_bytes() if ca else None
-            work = [pools[i % k].run.remote(target, [(n, tokens[n], datas[n]) for n in names[i::k]],
-                                            str(Path(tmp.name) / "clients"), ca_bytes) for i in range(k)]
+            if bg is not None:
+                # our coordinator: its seeded sampling is known, so each round's sampled
+                # clients are spread evenly over the actors (a round lasts as long as its
+                # busiest actor); every client has joined before the first round opens
+                from fedmla.coordinator.registry import sample_round
+                start = bg.call(lambda: bg.coord.next_round_id)
+                ahead = [sample_round(seed, rid, sorted(names), clients_per_round)
+                         for rid in range(start, start + rounds)]
+                groups = place_clients(names, k, ahead)
+                placement = dict(clients_per_actor=[len(g) for g in groups],
+                                 sampled_per_actor=sampled_per_actor(groups, ahead))
+            else:
+                groups, placement = [names[i::k] for i in range(k)], None
+            work = [pools[i].run.remote(target, [(n, tokens[n], datas[n]) for n in groups[i]],
+                                        str(Path(tmp.name) / "clients"), ca_bytes) for i in range(k)]
             per_round, last_v, t_round = [], bg.coord.version if bg else None, time.monotonic()
             driver_cpu0 = time.process_time()
             cpu_open = cpu_commit = None    # this process's CPU when the first round opened / at the last commit
@@ -250,7 +264,7 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                 elif not pending:
                     break
             pool_out = ray.get(work)
-            results = [r for out in pool_out for r in out["clients"]]
+            results = [dict(r, actor=i) for i, out in enumerate(pool_out) for r in out["clients"]]
             driver_cpu = time.process_time() - driver_cpu0
         finally:
             for p in locals().get("pools", []):
@@ -290,7 +304,9 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                                               None if cpu_open is None or cpu_commit is None else cpu_commit - cpu_open,
                                               eval_cpu[0]),
                    coordinator_hash=bg.coord.model_sha if bg else None,
-                   clients={r["name"]: {k2: r[k2] for k2 in ("rounds", "bytes_up", "bytes_down", "version", "hash")}
+                   placement=placement,
+                   clients={r["name"]: {k2: r[k2] for k2 in ("rounds", "bytes_up", "bytes_down", "version", "hash",
+                                                             "actor")}
                             for r in results})
         if on_result is not None:
             on_result(out)
