@@ -225,13 +225,23 @@ def test_client_not_sampled_waits_and_cannot_submit(coordinator):
     bg = coordinator
     a, b = make_clients(bg, ["a", "b"])
     sampled = wait_for(lambda: bg.call(lambda: bg.coord.round and list(bg.coord.round.sampled)), what="round open")
-    # the seeded draw simulate uses to place its clients ahead of the run
-    assert sampled == sample_round(bg.coord.settings.seed, bg.call(lambda: bg.coord.round.id), ["a", "b"], 1)
     chosen, idle = (a, b) if sampled == ["a"] else (b, a)
     t = ready_task(chosen)
     assert idle.get_task().status == cpb.GetTaskResponse.WAIT
     code, details = code_of(lambda: idle.submit(update_for(bg, t), t.round_id, t.model.version))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "not sampled" in details
+
+
+@pytest.mark.coord(clients_per_round=2, min_clients=5, seed=7)
+def test_round_samples_the_seeded_draw_of_the_active_clients(coordinator):
+    """The first round, opened once all five have joined, samples what sample_round (the
+    function simulate calls to place its clients ahead of the run) draws from them."""
+    bg = coordinator
+    names = ["e", "c", "a", "d", "b"]
+    make_clients(bg, names)
+    sampled, rid = wait_for(lambda: bg.call(lambda: bg.coord.round and (list(bg.coord.round.sampled),
+                                                                        bg.coord.round.id)), what="round open")
+    assert sampled == sample_round(7, rid, sorted(names), 2)
 
 
 @pytest.mark.coord(clients_per_round=2, min_replies=1, client_timeout_s=8.0, round_timeout_s=120)
