@@ -84,8 +84,10 @@ class WorkerOptions:
     max_backoff_s: float = 30.0
     give_up_after_s: float = 600.0     # coordinator unreachable this long -> exit 1
     log: callable = print
-    # fsync the state files before they replace the old ones (off for simulate's virtual
-    # clients, whose state dirs are a temporary dir of a run that a crash ends anyway)
+    # fsync the state files before they replace the old ones, and write the pending update
+    # to disk at all (off for simulate's virtual clients, whose state dirs are a temporary
+    # dir of a run that a crash ends anyway: their pending update stays in memory, where a
+    # resend within the run finds it)
     durable: bool = True
 
 
@@ -124,6 +126,7 @@ class WorkerProtocol:
         self.model_cfg = None
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.seeded_init = None                   # cpb.SeededInit: version 0 is rebuilt here, not downloaded
+        self._pending_mem: dict | None = None     # the pending record of a worker that is not durable
 
     # ---- helpers ---------------------------------------------------------------------
     def _save_meta(self) -> None:
@@ -188,6 +191,8 @@ class WorkerProtocol:
 
     def _read_pending(self) -> dict | None:
         """The write-ahead record of the last encoded update, or None."""
+        if not self.opts.durable:
+            return self._pending_mem
         from safetensors import safe_open
         path = self.state_dir / "pending.safetensors"
         if not path.exists():
@@ -205,6 +210,11 @@ class WorkerProtocol:
 
     def _write_pending(self, round_id: int, version: int, payload: bytes, config: str,
                        residual: dict[str, torch.Tensor]) -> None:
+        if not self.opts.durable:
+            # the record itself, not a file: nothing outlives this process (simulate)
+            self._pending_mem = dict(round_id=round_id, version=version, config=config, payload=payload,
+                                     residual={k: v.clone() for k, v in residual.items()})
+            return
         from safetensors.torch import save
         tensors = {f"residual/{k}": v.contiguous() for k, v in residual.items()}
         tensors["payload"] = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else \

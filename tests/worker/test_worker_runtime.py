@@ -132,3 +132,26 @@ def test_worker_whose_seeded_rebuild_differs_downloads_the_full_state(tmp_path, 
         final = bg.call(lambda: bg.coord.model_sha)
     assert kinds[0][0] == (None, "CODEC_FULL")
     assert model_hash(workers[0].global_state) == final
+
+
+def test_pending_record_of_a_worker_that_is_not_durable_stays_in_memory(tmp_path):
+    """durable=False (simulate's virtual clients): the write-ahead record is kept by the
+    worker, not written; it reads back what was written, and later changes to the residual
+    tensors it was given do not reach it."""
+    import torch
+
+    from fedmla.worker.runtime import WorkerProtocol
+    data = load_stdlib_corpus(num_clients=1, max_bytes_per_client=5_000).clients[0]
+    residual = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    workers = {}
+    for durable in (False, True):
+        w = workers[durable] = WorkerProtocol(WorkerOptions("127.0.0.1:1", "t", tmp_path / f"d{durable}", durable=durable), data)
+        assert w._read_pending() is None
+        w._write_pending(3, 2, b"update-bytes", "{}", residual)
+        on_disk = (tmp_path / f"d{durable}" / "pending.safetensors").exists()
+        assert on_disk == durable
+        got = w._read_pending()
+        assert (got["round_id"], got["version"], got["payload"], got["config"]) == (3, 2, b"update-bytes", "{}")
+        assert torch.equal(got["residual"]["w"], residual["w"])
+    residual["w"] += 1
+    assert torch.equal(workers[False]._read_pending()["residual"]["w"], residual["w"] - 1)
