@@ -396,7 +396,10 @@ def register(app, bench) -> None:
         # Live bars on a terminal; on a pipe or in CI Rich draws nothing live, and the
         # per-round lines below still go out.
         bars = Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True)
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True,
+                        # the numbers change about twice a second (on_progress): redrawing
+                        # at Rich's default 10/s only took CPU from the clients
+                        refresh_per_second=2)
         rounds_bar = bars.add_task("rounds", total=rounds, info="")
         replies_bar = bars.add_task("replies", total=clients_per_round, info="", visible=False)
 
