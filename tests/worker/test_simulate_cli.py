@@ -8,10 +8,14 @@ from fedmla.worker.apps.cli import app
 
 
 def test_simulate_four_clients_three_rounds(tmp_path):
+    import torch
     out = tmp_path / "sim.json"
+    threads = torch.get_num_threads()
     r = CliRunner().invoke(app, ["simulate", "--clients", "4", "--clients-per-round", "2", "--rounds", "3",
                                  "--local-steps", "4", "--actors", "2", "--json", str(out)])
     assert r.exit_code == 0, r.output
+    # the run's coordinator and evaluation used one torch thread; the caller's count is back
+    assert torch.get_num_threads() == threads
     res = json.loads(out.read_text())
     assert res["rounds"] == 3
     assert res["final_val_loss"] < res["initial_val_loss"]
