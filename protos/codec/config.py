@@ -46,6 +46,14 @@ class CodecConfig(BaseModel):
         "uplink rank of every low-rank tensor in the first early_rounds rounds; None = the usual uplink rank"))
     early_downlink_rank: int | None = Field(None, ge=1, description=(
         "downlink rank of every low-rank tensor in the first early_rounds rounds; None = the usual downlink rank"))
+    late_from: int | None = Field(None, ge=1, description=(
+        "rounds late_from, late_from+1, ... use late_rank / late_downlink_rank for every low-rank tensor; None = "
+        "no late ranks. Meant for the rounds after the local trainer's schedule has decayed (bench comm --quick: "
+        "cosine over R=10 rounds, the 10% floor from round 10), whose smaller updates need fewer components"))
+    late_rank: int | None = Field(None, ge=1, description=(
+        "uplink rank of every low-rank tensor from round late_from on; None = the usual uplink rank"))
+    late_downlink_rank: int | None = Field(None, ge=1, description=(
+        "downlink rank of every low-rank tensor from round late_from on; None = the usual downlink rank"))
     min_lowrank_dim: int = Field(16, ge=1, description="2-D tensors with a side shorter than this go dense")
     svd_oversample: int = Field(8, ge=0, description="randomised SVD: extra probe vectors")
     svd_power_iters: int = Field(2, ge=0, description="randomised SVD: subspace iterations")
@@ -151,6 +159,14 @@ class CodecConfig(BaseModel):
         if self.method == "powersgd" and per_tensor:
             raise ValueError("with method 'powersgd' every tensor's rank is its shared basis's, so "
                              f"{', '.join(per_tensor)} must be unset, got {per_tensor}")
+        late = self.late_rank is not None or self.late_downlink_rank is not None
+        if late != (self.late_from is not None):
+            raise ValueError("late_from and late_rank / late_downlink_rank go together: set late_from and at least "
+                             f"one late rank, or neither (late_from={self.late_from}, late_rank={self.late_rank}, "
+                             f"late_downlink_rank={self.late_downlink_rank})")
+        if self.late_from is not None and self.late_from < self.early_rounds:
+            raise ValueError(f"late_from ({self.late_from}) must not be below early_rounds ({self.early_rounds}): "
+                             "a round is early or late, not both")
         early = self.early_rank is not None or self.early_downlink_rank is not None
         if early != (self.early_rounds > 0):
             raise ValueError("early_rounds and early_rank / early_downlink_rank go together: set early_rounds > 0 "
@@ -200,6 +216,10 @@ class CodecConfig(BaseModel):
             early = self.early_rank if uplink else self.early_downlink_rank
             if early is not None:
                 return early
+        if self.late_from is not None and round >= self.late_from:
+            late = self.late_rank if uplink else self.late_downlink_rank
+            if late is not None:
+                return late
         if is_ffn_tensor(name):
             own = self.ffn_rank if uplink else self.ffn_downlink_rank
         elif name in VOCAB_TENSORS:
@@ -222,7 +242,7 @@ class CodecConfig(BaseModel):
 VOCAB_TENSORS = frozenset({"embed.weight", "lm_head.weight"})
 
 _PER_TENSOR_RANKS = ("ffn_rank", "ffn_downlink_rank", "embed_rank", "embed_downlink_rank", "early_rank",
-                     "early_downlink_rank")
+                     "early_downlink_rank", "late_rank", "late_downlink_rank")
 
 
 def is_ffn_tensor(name: str) -> bool:

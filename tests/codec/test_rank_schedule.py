@@ -135,3 +135,50 @@ def test_downlink_decoder_holds_the_downlink_schedule(state):
     # the same message read as a round-1 downlink (rank 3 / 4 expected) is refused
     with pytest.raises(UpdateDecodeError, match="rank 6, expected [234]"):
         server.tensors.decode(down.factors, down.dense, _downlink_plan(server.shared, True), uplink=False)
+
+
+LATE = CodecConfig(rank=4, embed_rank=5, late_from=2, late_rank=2, late_downlink_rank=3)
+
+
+def test_late_ranks_replace_every_class_from_late_from_on():
+    ffn = "layers.0.ffn.w1.weight"
+    assert [LATE.rank_for(n, r, True) for r in (1, 2, 7) for n in (ffn, "embed.weight")] == [4, 5, 2, 2, 2, 2]
+    assert [LATE.rank_for(ffn, r, False) for r in (1, 2)] == [4, 3]
+    with pytest.raises(ValidationError, match="late_from and late_rank"):
+        CodecConfig(late_from=3)
+    with pytest.raises(ValidationError, match="late_from and late_rank"):
+        CodecConfig(late_downlink_rank=3)
+    with pytest.raises(ValidationError, match=r"late_from \(1\) must not be below early_rounds \(2\)"):
+        CodecConfig(early_rounds=2, early_rank=8, late_from=1, late_rank=2)
+
+
+def test_late_rounds_send_smaller_updates_and_refuse_the_earlier_rank(state):
+    server = ServerCodec(MODEL, LATE, state)
+    client = ClientCodec(MODEL, LATE, server.shapes, "a")
+    held, held_shared, chain, hashes, sizes, bounds = dict(state), server.shared, [], [server.global_hash()], [], []
+    for r in range(4):
+        plan = server.plan()
+        msg = client.encode(held, _local(held, r), plan, None, 10)
+        want = 2 if r >= 2 else None
+        assert all(f.rank == (want or (5 if f.name == "embed.weight" else 4)) for f in msg.factors), r
+        sizes.append(len(msg.SerializeToString()))
+        bounds.append(server.max_update_bytes(plan))
+        assert sizes[-1] <= bounds[-1]
+        if r == 2:        # round 1's rank in round 2: refused
+            early = ClientCodec(MODEL, LATE.model_copy(update={"late_from": 3}), server.shapes, "x").encode(
+                held, _local(held, r), plan, None, 10)
+            with pytest.raises(UpdateDecodeError, match="rank [45], expected 2"):
+                server.decode(early, plan)
+        agg = server.aggregator(plan)
+        agg.add("a", server.decode(msg, plan))
+        down = server.finish_round(plan, agg.finish(), agg.importance())
+        assert all(f.rank == (3 if r >= 2 else 4) for f in down.factors)     # embed_rank is the uplink's
+        chain.append(down.SerializeToString())
+        hashes.append(server.global_hash())
+        cp = plan_catchup(r, r + 1, [len(b) for b in chain], 10 ** 9)
+        held, held_shared = apply_catchup(cp, catchup_payload(cp, chain, None), held, held_shared, MODEL, LATE,
+                                          SEED, hashes[-1])
+    assert sizes[2] < sizes[1] and bounds[2] < bounds[1] and bounds[3] == bounds[2]
+    cp = plan_catchup(None, 4, [len(b) for b in chain], 10 ** 9)
+    st, sh = apply_catchup(cp, catchup_payload(cp, chain, None), None, None, MODEL, LATE, SEED, hashes[4])
+    assert model_hash(st) == server.global_hash() and sh.digest() == server.shared.digest()
