@@ -27,6 +27,40 @@ class CodecConfig(BaseModel):
         "factor instead of a random one, which otherwise costs several rounds of quality"))
     rank: int = Field(12, ge=1, description="uplink rank r of each compressed 2-D tensor")
     downlink_rank: int | None = Field(None, ge=1, description="rank of the downlink; None = rank")
+    ffn_rank: int | None = Field(None, ge=1, description=(
+        "uplink rank of the feed-forward matrices (layers.i.ffn.w1/w2/w3); None = rank. On bench comm --quick "
+        "they are 6 of the 2-D tensors and ~2/3 of the uplink's bytes, and their rank-12 truncation was the "
+        "uplink's remaining round-0 cost (validation loss 2.841, 2.728 with the FFN sent exactly). Measured at 24 "
+        "(seed 2): ~0.02 lower loss per round for 33% more bytes per round, fewer rounds per byte; not the default"))
+    ffn_downlink_rank: int | None = Field(None, ge=1, description=(
+        "downlink rank of the feed-forward matrices; None = downlink_rank (or rank)"))
+    embed_rank: int | None = Field(None, ge=1, description=(
+        "uplink rank of the token embedding and the LM head (embed.weight, lm_head.weight); None = rank. A "
+        "(vocab, d) matrix, cheap per rank component next to the FFN's (d, 4d); at round 6 of bench comm --quick "
+        "seed 0 its rank-12 uplink was most of the uplink's loss (2.237, 2.214 with the embedding exact). Measured "
+        "at 32: DiLoCo's +2% in 14 rounds instead of 15 on seed 0 (124.3x), far behind on seed 1; not the default"))
+    embed_downlink_rank: int | None = Field(None, ge=1, description=(
+        "downlink rank of the token embedding and the LM head; None = downlink_rank (or rank)"))
+    early_rounds: int = Field(0, ge=0, description=(
+        "rounds 0 .. early_rounds-1 use early_rank / early_downlink_rank for every low-rank tensor: the local "
+        "learning rate is highest in the first rounds, where what the rank leaves out costs the most. Measured "
+        "(rank 24 both ways in rounds 0-1): DiLoCo's +2% in 16 rounds instead of 21 on seed 2, no gain on seeds 0 "
+        "and 1 for ~0.55 MB more; the uplink's part alone was worse than none"))
+    early_rank: int | None = Field(None, ge=1, description=(
+        "uplink rank of every low-rank tensor in the first early_rounds rounds; None = the usual uplink rank"))
+    early_downlink_rank: int | None = Field(None, ge=1, description=(
+        "downlink rank of every low-rank tensor in the first early_rounds rounds; None = the usual downlink rank"))
+    late_from: int | None = Field(None, ge=1, description=(
+        "rounds late_from, late_from+1, ... use late_rank / late_downlink_rank for every low-rank tensor; None = "
+        "no late ranks. Meant for the rounds after the local trainer's schedule has decayed (bench comm --quick: "
+        "cosine over R=10 rounds, the 10% floor from round 10), whose smaller updates need fewer components. "
+        "Measured (rank 8 both ways from round 10), seeds 0/1/2: 124.9x / 113.6x / not reached vs DiLoCo's +2% "
+        "(defaults 119.5x / 99.2x / not reached), FedAvg's unchanged or better. Not the default: the round is "
+        "the trainer's schedule, which the codec does not know"))
+    late_rank: int | None = Field(None, ge=1, description=(
+        "uplink rank of every low-rank tensor from round late_from on; None = the usual uplink rank"))
+    late_downlink_rank: int | None = Field(None, ge=1, description=(
+        "downlink rank of every low-rank tensor from round late_from on; None = the usual downlink rank"))
     min_lowrank_dim: int = Field(16, ge=1, description="2-D tensors with a side shorter than this go dense")
     svd_oversample: int = Field(8, ge=0, description="randomised SVD: extra probe vectors")
     svd_power_iters: int = Field(2, ge=0, description="randomised SVD: subspace iterations")
@@ -128,6 +162,23 @@ class CodecConfig(BaseModel):
         if self.method == "powersgd" and self.downlink_rank not in (None, self.rank):
             raise ValueError("with method 'powersgd' the downlink shares the uplink's basis, so downlink_rank "
                              f"must be unset or equal to rank ({self.rank}), got {self.downlink_rank}")
+        per_tensor = {k: getattr(self, k) for k in _PER_TENSOR_RANKS if getattr(self, k) is not None}
+        if self.method == "powersgd" and per_tensor:
+            raise ValueError("with method 'powersgd' every tensor's rank is its shared basis's, so "
+                             f"{', '.join(per_tensor)} must be unset, got {per_tensor}")
+        late = self.late_rank is not None or self.late_downlink_rank is not None
+        if late != (self.late_from is not None):
+            raise ValueError("late_from and late_rank / late_downlink_rank go together: set late_from and at least "
+                             f"one late rank, or neither (late_from={self.late_from}, late_rank={self.late_rank}, "
+                             f"late_downlink_rank={self.late_downlink_rank})")
+        if self.late_from is not None and self.late_from < self.early_rounds:
+            raise ValueError(f"late_from ({self.late_from}) must not be below early_rounds ({self.early_rounds}): "
+                             "a round is early or late, not both")
+        early = self.early_rank is not None or self.early_downlink_rank is not None
+        if early != (self.early_rounds > 0):
+            raise ValueError("early_rounds and early_rank / early_downlink_rank go together: set early_rounds > 0 "
+                             f"and at least one early rank, or neither (early_rounds={self.early_rounds}, "
+                             f"early_rank={self.early_rank}, early_downlink_rank={self.early_downlink_rank})")
         if self.topk_k > self.topk_chunk or (self.downlink_topk_k or 0) > self.topk_chunk:
             raise ValueError(f"topk_k ({self.topk_k}) and downlink_topk_k ({self.downlink_topk_k}) must not exceed "
                              f"topk_chunk ({self.topk_chunk})")
@@ -163,6 +214,47 @@ class CodecConfig(BaseModel):
     @property
     def down_rank(self) -> int:
         return self.downlink_rank or self.rank
+
+    def rank_for(self, name: str, round: int, uplink: bool) -> int:
+        """The rank (before clipping to the tensor's sides) of low-rank tensor ``name`` in ``round``,
+        one direction. Both sides compute it from the config and the plan's round, so the decoder
+        bounds every factor by it."""
+        if round < self.early_rounds:
+            early = self.early_rank if uplink else self.early_downlink_rank
+            if early is not None:
+                return early
+        if self.late_from is not None and round >= self.late_from:
+            late = self.late_rank if uplink else self.late_downlink_rank
+            if late is not None:
+                return late
+        if is_ffn_tensor(name):
+            own = self.ffn_rank if uplink else self.ffn_downlink_rank
+        elif name in VOCAB_TENSORS:
+            own = self.embed_rank if uplink else self.embed_downlink_rank
+        else:
+            own = None
+        if own is not None:
+            return own
+        return self.rank if uplink else self.down_rank
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank any tensor may use in any round or direction."""
+        return max(r for r in (self.rank, self.down_rank, *(getattr(self, k) for k in _PER_TENSOR_RANKS))
+                   if r is not None)
+
+
+# The token embedding and the LM head (the same tensor when tied): their factors may use
+# their own ranks and bit widths (embed_rank, embed_factor_bits, ...).
+VOCAB_TENSORS = frozenset({"embed.weight", "lm_head.weight"})
+
+_PER_TENSOR_RANKS = ("ffn_rank", "ffn_downlink_rank", "embed_rank", "embed_downlink_rank", "early_rank",
+                     "early_downlink_rank", "late_rank", "late_downlink_rank")
+
+
+def is_ffn_tensor(name: str) -> bool:
+    """The feed-forward matrices (``layers.i.ffn.w1/w2/w3.weight``)."""
+    return name.startswith("ffn.") or ".ffn." in name
 
 
 # The fields that make the codec send everything in fp32 (see CodecConfig.fedavg / .diloco).

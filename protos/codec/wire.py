@@ -27,7 +27,7 @@ from fedmla.protos.tensors import (TensorDecodeError, decode_array, encode_int_r
                                    int_rows_payload, unpack_codes)
 
 from . import sparse
-from .config import CodecConfig
+from .config import VOCAB_TENSORS, CodecConfig
 from .layout import RoundPlan, Selection, compress, effective_basis, is_lowrank, reconstruct, selection_for
 from .quant import (FINITE_SCALE_BOUND, code_range, container_bits, dequantize_rows, dequantize_rows_into,
                     quantize_rows, quantize_rows_np, scales_are_half, scales_are_half_np)
@@ -35,9 +35,6 @@ from .quant import (FINITE_SCALE_BOUND, code_range, container_bits, dequantize_r
 
 _FLOAT32_ONLY = frozenset({pb.FLOAT32})
 
-# The token embedding and the LM head (the same tensor when tied): their factors may use
-# their own bit widths (CodecConfig.embed_factor_bits / embed_downlink_bits).
-VOCAB_TENSORS = frozenset({"embed.weight", "lm_head.weight"})
 
 
 def _all_finite(a: np.ndarray) -> bool:
@@ -157,7 +154,6 @@ class TensorCodec:
         name, the full-shape float32 tensor the receiver will reconstruct (absent: not sent)."""
         cfg = self.cfg
         factors, dense, sent = [], [], {}
-        rank = cfg.rank if uplink else cfg.down_rank
         for name in sorted(tensors):
             if name not in self.shapes:
                 raise KeyError(f"{name!r} is not a parameter of this model")
@@ -182,7 +178,7 @@ class TensorCodec:
                 dense.append(pb.DenseUpdate(name=name, value=msg, heads=heads))
                 sent[name] = Part(sel=sel, value=deq.reshape(xs.shape)).dense(shape)
                 continue
-            left, right = compress(xs, side, b, rank, cfg, gen)
+            left, right = compress(xs, side, b, cfg.rank_for(name, plan.round, uplink), cfg, gen)
             bits = self._bits(uplink, False, name)
             f = pb.LowRankFactor(name=name, rank=(left if left is not None else right).size(0), heads=heads)
             dl = dr = None
@@ -271,7 +267,6 @@ class TensorCodec:
         kind "lowrank": counts (r*m, r*n) of the left/right factors (0 for a factor the
         layout does not send); kind "dense": (elements,). Dense tensors appear only in
         rounds that send them. Every bound on a received update derives from this."""
-        rank = self.cfg.rank if uplink else self.cfg.down_rank
         out = {}
         for name, shape in self.shapes.items():
             sel, kind, side, b = self._layout(name, plan, uplink)
@@ -284,7 +279,7 @@ class TensorCodec:
                     out[name] = ("dense", (math.prod(sub),))
                 continue
             m, n = sub
-            r = min(rank, m, n) if side is None else b.size(1)
+            r = min(self.cfg.rank_for(name, plan.round, uplink), m, n) if side is None else b.size(1)
             out[name] = ("lowrank", (r * m if side in (None, "right") else 0, r * n if side in (None, "left") else 0))
         return out
 
@@ -338,8 +333,6 @@ class TensorCodec:
 
     def decode(self, factors, dense, plan: RoundPlan, uplink: bool) -> DecodedTensors:
         """Validate and dequantise received factor/dense messages against the plan."""
-        cfg = self.cfg
-        rank = cfg.rank if uplink else cfg.down_rank
         out = DecodedTensors()
         for f in factors:
             name = f.name
@@ -347,7 +340,7 @@ class TensorCodec:
             self._check_heads(name, f.heads if f.HasField("heads") else None, sel)
             m, n = sel.sub_shape(self.shapes[name])
             if side is None:
-                r = min(rank, m, n)
+                r = min(self.cfg.rank_for(name, plan.round, uplink), m, n)
             else:
                 r = b.size(1)
             if f.rank != r:

@@ -16,6 +16,9 @@ CONFIGS = {
     "2-bit, dense every 2": CodecConfig(factor_bits=2, dense_every=2, keep_ratio=0.25),
     "4-bit, fp32 dense": CodecConfig(factor_bits=4, dense_bits=0),
     "topk": CodecConfig(method="topk", topk_chunk=256, topk_k=8),
+    "ffn rank, early rank": CodecConfig(rank=4, ffn_rank=9, ffn_downlink_rank=2, early_rounds=2, early_rank=16,
+                                        early_downlink_rank=6),
+    "late rank": CodecConfig(embed_rank=7, late_from=1, late_rank=3, late_downlink_rank=5),
     "topk, fp32 values, top-k downlink": CodecConfig(method="topk", topk_chunk=300, topk_k=300, topk_bits=0,
                                                      entropy_coding=False, topk_downlink="topk"),
 }
