@@ -212,7 +212,7 @@ class Coordinator:
 
     def codec_settings(self) -> pb.CodecSettings:
         c = self.settings.codec
-        return pb.CodecSettings(rank=c.rank, max_rank=c.rank, quant_bits=c.factor_bits,
+        return pb.CodecSettings(rank=c.rank, max_rank=c.max_rank, quant_bits=c.factor_bits,
                                 keep_ratio=c.keep_ratio if c.head_selection else 1.0,
                                 max_update_bytes=self.settings.max_update_bytes, config_json=self._codec_json)
 

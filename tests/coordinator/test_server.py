@@ -35,7 +35,7 @@ def test_full_round_with_several_clients(coordinator):
     v0 = clients[0].get_task().model
     for i, c in enumerate(clients):
         task = ready_task(c)
-        assert task.round_id == 1 and task.model.version == 0 and task.codec.max_rank == bg.settings.codec.rank
+        assert task.round_id == 1 and task.model.version == 0 and task.codec.max_rank == bg.settings.codec.max_rank
         state, shared, version = download_global(c, task.model_config_json)
         assert version.sha256 == v0.sha256 == bg.coord.model_sha
         r = c.submit(update_for(bg, task, seed=i), task.round_id, task.model.version)
