@@ -39,6 +39,13 @@ if TYPE_CHECKING:
     from .rounds import Coordinator, OpenRound
 
 
+def _one_torch_thread() -> None:
+    # A thread takes torch's current count lazily, at its first parallel call (which would
+    # undo a set made before it): get the count first, then set it.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+
+
 def single_threaded_pool(n: int, prefix: str) -> ThreadPoolExecutor:
     """A pool of ``n`` threads, all started now, in which torch runs on one intra-op thread.
 
@@ -55,7 +62,7 @@ def single_threaded_pool(n: int, prefix: str) -> ThreadPoolExecutor:
     thread has made its call, so other threads (the round's close, which forms the
     downlink) keep torch's count."""
     keep = torch.get_num_threads()
-    pool = ThreadPoolExecutor(n, thread_name_prefix=prefix, initializer=torch.set_num_threads, initargs=(1,))
+    pool = ThreadPoolExecutor(n, thread_name_prefix=prefix, initializer=_one_torch_thread)
     started = threading.Barrier(n)       # each job holds its thread until all n threads exist
     for f in [pool.submit(started.wait, 60.0) for _ in range(n)]:
         f.result()
