@@ -27,6 +27,7 @@ from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
 from ..limits import clip
 from ..weights import model_hash
+from .batch_decode import decode_tensors
 from .config import CodecConfig
 from .exact import ExactSum
 from .heads import combine_importance, select_heads, update_importance
@@ -310,7 +311,11 @@ class ServerCodec:
         if not msg.factors and not msg.dense:
             raise UpdateDecodeError("update holds no tensors: nothing to aggregate")
         expected = self.tensors.expected(plan, uplink=True)
-        tensors = self.tensors.decode(msg.factors, msg.dense, plan, uplink=True)
+        # one compiled pass when the update is well-formed; otherwise (and without numba) the
+        # per-tensor decoder, which refuses what it refuses with its own message
+        tensors = decode_tensors(self.tensors, msg.factors, msg.dense, plan)
+        if tensors is None:
+            tensors = self.tensors.decode(msg.factors, msg.dense, plan, uplink=True)
         missing = sorted(set(expected) - set(tensors.parts))
         if missing:
             raise UpdateDecodeError(f"update lacks {len(missing)} of the plan's {len(expected)} tensors "
