@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
@@ -24,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from google.protobuf.message import DecodeError
 
 from fedmla.protos.codec import DecodedUpdate, UpdateDecodeError
@@ -37,37 +35,6 @@ from .errors import AlreadyExists, CoordinatorError, FailedPrecondition, Invalid
 
 if TYPE_CHECKING:
     from .rounds import Coordinator, OpenRound
-
-
-def _one_torch_thread() -> None:
-    # A thread takes torch's current count lazily, at its first parallel call (which would
-    # undo a set made before it): get the count first, then set it.
-    torch.get_num_threads()
-    torch.set_num_threads(1)
-
-
-def single_threaded_pool(n: int, prefix: str) -> ThreadPoolExecutor:
-    """A pool of ``n`` threads, all started now, in which torch runs on one intra-op thread.
-
-    Each ingest thread forms low-rank products (MKL matmuls). With torch's default (one
-    OpenMP thread per core) every product opened a team of that many threads: two ingest
-    threads kept 2 x 2 spinning OpenMP threads on 2 cores, and on a busy machine a
-    product's team waited at its barrier for a descheduled member (measured, 2 cores at
-    load ~7: 85 ms of CPU for one update's products against 3.8 ms on one thread). The
-    threads already run in parallel with each other; the products' bits do not depend on
-    the thread count (tests/coordinator/test_ingest_threads.py).
-
-    ``torch.set_num_threads`` sets the calling thread's OpenMP and MKL counts, and also
-    the count threads started later take: the caller's value is set back once every pool
-    thread has made its call, so other threads (the round's close, which forms the
-    downlink) keep torch's count."""
-    keep = torch.get_num_threads()
-    pool = ThreadPoolExecutor(n, thread_name_prefix=prefix, initializer=_one_torch_thread)
-    started = threading.Barrier(n)       # each job holds its thread until all n threads exist
-    for f in [pool.submit(started.wait, 60.0) for _ in range(n)]:
-        f.result()
-    torch.set_num_threads(keep)
-    return pool
 
 
 @dataclass
@@ -83,7 +50,8 @@ class UploadIngest:
         self.coord = coord
         self.settings = coord.settings
         self.gate = UploadGate(coord.settings.max_concurrent_uploads, self.memory_budget(coord))
-        self.pool = single_threaded_pool(self.threads(coord.settings.max_concurrent_uploads), "fedmla-ingest")
+        self.pool = ThreadPoolExecutor(self.threads(coord.settings.max_concurrent_uploads),
+                                       thread_name_prefix="fedmla-ingest")
 
     @staticmethod
     def threads(slots: int) -> int:
