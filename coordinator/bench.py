@@ -7,8 +7,9 @@ update: each round's updates are real
 ClientCodec encodings for that round's plan (task mask and codec round), so the
 coordinator validates, aggregates exactly and produces its downlink as in production.
 Reported: updates/s from the first submit to the last reply,
-p50/p99 submit latency, the coordinator's peak RSS (VmHWM) after the last round
-committed, and the round timings the store recorded.
+p50/p99 submit latency, the CPU time per update over that span of the coordinator and of
+the clients (they share the machine), the coordinator's peak RSS (VmHWM) after the last
+round committed, and the round timings the store recorded.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ def _peak_rss_bytes(pid: int) -> int:
     return _status_bytes(pid, "VmHWM")
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far, in seconds."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, int(round(q * (len(xs) - 1)))))]
@@ -46,14 +55,14 @@ def _codec_payloads(task, distinct: int) -> list[bytes]:
                              name=f"bench-{i}").SerializeToString() for i in range(distinct)]
 
 
-async def _clients(target: str, tokens: list[str], rounds: int, distinct: int = 8) -> dict:
+async def _clients(target: str, tokens: list[str], rounds: int, distinct: int = 8, pid: int | None = None) -> dict:
     from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
     from fedmla.protos.transport import AsyncCoordinatorClient
 
     clients = [AsyncCoordinatorClient(target, t, timeout=600) for t in tokens]
     await asyncio.gather(*(c.join(num_examples=100 + i) for i, c in enumerate(clients)))
     latencies: list[float] = []
-    per_round, to_commit = [], []
+    per_round, to_commit, cpu = [], [], []
     sizes: list[int] = []
     for _ in range(rounds):
         async def ready(c):
@@ -75,6 +84,7 @@ async def _clients(target: str, tokens: list[str], rounds: int, distinct: int = 
         payloads = making.result()
         sizes.extend(len(p) for p in payloads)
         start_all = time.perf_counter()
+        cpu0, own0 = _cpu_seconds(pid), time.process_time()
 
         async def submit(i, c, task):
             t0 = time.perf_counter()
@@ -82,6 +92,7 @@ async def _clients(target: str, tokens: list[str], rounds: int, distinct: int = 
             latencies.append(time.perf_counter() - t0)
         await asyncio.gather(*(submit(i, c, t) for i, (c, t) in enumerate(zip(clients, tasks))))
         last_submit = time.perf_counter()
+        cpu.append((_cpu_seconds(pid) - cpu0, time.process_time() - own0))
         per_round.append(last_submit - start_all)
         # wait for the commit before the next round (or the end)
         while True:
@@ -91,7 +102,7 @@ async def _clients(target: str, tokens: list[str], rounds: int, distinct: int = 
             await asyncio.sleep(0.02)
         to_commit.append(time.perf_counter() - last_submit)
     await asyncio.gather(*(c.close() for c in clients))
-    return {"latencies": latencies, "ingest_seconds": per_round, "sizes": sizes, "to_commit": to_commit}
+    return {"latencies": latencies, "ingest_seconds": per_round, "sizes": sizes, "to_commit": to_commit, "cpu": cpu}
 
 
 def run_bench(clients: int, preset: str = "small", rounds: int = 1, codec: str = "default",
@@ -112,7 +123,7 @@ def run_bench(clients: int, preset: str = "small", rounds: int = 1, codec: str =
         try:
             rss_idle = _status_bytes(proc.pid, "VmRSS")
             t0 = time.perf_counter()
-            res = asyncio.run(_clients(f"127.0.0.1:{port}", tokens, rounds, distinct_updates))
+            res = asyncio.run(_clients(f"127.0.0.1:{port}", tokens, rounds, distinct_updates, proc.pid))
             wall = time.perf_counter() - t0
             peak = _peak_rss_bytes(proc.pid)
         finally:
@@ -133,6 +144,10 @@ def run_bench(clients: int, preset: str = "small", rounds: int = 1, codec: str =
         "updates": len(lat),
         "updates_per_s": len(lat) / ingest if ingest else None,
         "submit_latency_s": {"p50": _percentile(lat, 0.5), "p99": _percentile(lat, 0.99), "max": max(lat)},
+        # the coordinator's CPU time (all threads) from the first submit to the last reply
+        "coordinator_cpu_ms_per_update": 1e3 * sum(c for c, _ in res["cpu"]) / len(lat) if lat else None,
+        # and the bench clients' (this process, on the same cores)
+        "clients_cpu_ms_per_update": 1e3 * sum(c for _, c in res["cpu"]) / len(lat) if lat else None,
         "coordinator_peak_rss_bytes": peak,
         "coordinator_rss_after_start_bytes": rss_idle,
         "aggregation_s": [r["aggregation_s"] for r in rounds_rows],

@@ -209,9 +209,10 @@ class CoordinatorServer:
         s = self.settings
         # The exact sum's compiled kernels (numba: compiled once, then loaded from its disk
         # cache) before the first update arrives, not inside it.
+        from fedmla.protos.codec.batch_decode import warm_up as warm_up_decode
         from fedmla.protos.codec.exact import warm_up
         t0 = time.perf_counter()
-        compiled = await asyncio.to_thread(warm_up)
+        compiled = await asyncio.to_thread(lambda: warm_up() & warm_up_decode())
         log.info("exact-sum kernels %s in %.2fs", "ready" if compiled else "absent (numpy path)",
                  time.perf_counter() - t0)
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

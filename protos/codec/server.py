@@ -27,6 +27,7 @@ from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
 from ..limits import clip
 from ..weights import model_hash
+from .batch_decode import decode_tensors
 from .config import CodecConfig
 from .exact import ExactSum
 from .heads import combine_importance, select_heads, update_importance
@@ -79,6 +80,15 @@ def decode_importance(msg: pb.HeadScores, num_layers: int, num_heads: int) -> to
     return torch.from_numpy(a).view(num_layers, num_heads)
 
 
+def _factors(part) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with a @ b the low-rank product of ``part``, as layout.reconstruct forms it."""
+    if part.side is None:
+        return part.left.t(), part.right
+    if part.side == "left":
+        return part.basis, part.right
+    return part.left.t(), part.basis.t()
+
+
 class ExactAggregator:
     """Example-weighted mean of the clients' reconstructed updates, exact for what was sent.
 
@@ -105,14 +115,33 @@ class ExactAggregator:
         self._adding: set[str] = set()
         self._imp: dict[str, torch.Tensor] = {}
         self._locks = {name: threading.Lock() for name in self.shapes}
+        self._local = threading.local()          # per thread: the products' scratch
 
     def _products(self, update: DecodedUpdate):
         # The float32 tensor each part stands for, on its selection's rows/columns only (the
         # low-rank product is formed here, outside any lock; the zeros elsewhere are never
         # made: they would add nothing); times an integer weight < 2**29 it is exact in
-        # float64, which ExactSum.add_scaled relies on.
+        # float64, which ExactSum.add_scaled relies on. A low-rank product is written into
+        # this thread's scratch (valid until the next one is formed): a fresh allocation
+        # per product (~25 MB per update on the small preset) cost page faults and the
+        # memory's churn; torch.mm with out= is the same MKL call, so the same bits as
+        # Part.product (tests/codec/test_exact_sum.py).
         for name, part in update.tensors.parts.items():
-            yield name, part.product(), part.sel
+            if part.value is not None:
+                yield name, part.product(), part.sel
+                continue
+            a, b = _factors(part)
+            yield name, torch.mm(a, b, out=self._scratch(a.size(0), b.size(1))), part.sel
+
+    def _scratch(self, m: int, n: int) -> torch.Tensor:
+        """An (m, n) float32 tensor at the start of this thread's scratch buffer (64-byte
+        aligned, as a fresh torch tensor)."""
+        local = self._local
+        buf = getattr(local, "buf", None)
+        if buf is None or buf.numel() < m * n:
+            buf = local.buf = torch.empty(max(m * n, max(math.prod(s) for s in self.shapes.values())),
+                                          dtype=torch.float32)
+        return buf[:m * n].view(m, n)
 
     def _sum_in(self, name: str, x: torch.Tensor, sel: Selection, weight: int, sign: int = 1) -> float:
         """Add (take out) one tensor's term; the sum of the squares of ``x`` (see add_scaled)."""
@@ -310,7 +339,11 @@ class ServerCodec:
         if not msg.factors and not msg.dense:
             raise UpdateDecodeError("update holds no tensors: nothing to aggregate")
         expected = self.tensors.expected(plan, uplink=True)
-        tensors = self.tensors.decode(msg.factors, msg.dense, plan, uplink=True)
+        # one compiled pass when the update is well-formed; otherwise (and without numba) the
+        # per-tensor decoder, which refuses what it refuses with its own message
+        tensors = decode_tensors(self.tensors, msg.factors, msg.dense, plan)
+        if tensors is None:
+            tensors = self.tensors.decode(msg.factors, msg.dense, plan, uplink=True)
         missing = sorted(set(expected) - set(tensors.parts))
         if missing:
             raise UpdateDecodeError(f"update lacks {len(missing)} of the plan's {len(expected)} tensors "

@@ -157,3 +157,29 @@ def test_aggregator_sums_head_selected_updates_as_their_full_shape_terms(method)
     for name in server.shapes:
         assert torch.equal(agg._sum.value(name), ref.value(name)), name
         assert (name in agg._sum._hi) == (name in ref._hi)
+
+
+def test_aggregator_products_in_its_scratch_are_the_bits_of_part_product():
+    from fedmla.protos.codec import ExactAggregator
+    from fedmla.protos.codec.layout import Selection
+    from fedmla.protos.codec.server import DecodedUpdate
+    from fedmla.protos.codec.wire import DecodedTensors, Part
+    g = torch.Generator().manual_seed(5)
+    shapes = {"a": (300, 200), "b": (160, 520), "c": (96, 64), "d": (40,)}
+    r = 12
+    parts = {
+        "a": Part(sel=Selection(), left=torch.randn(r, 300, generator=g), right=torch.randn(r, 200, generator=g)),
+        "b": Part(sel=Selection(), side="left", basis=torch.randn(160, r, generator=g),
+                  right=torch.randn(r, 520, generator=g)),
+        "c": Part(sel=Selection(), side="right", basis=torch.randn(64, r, generator=g),
+                  left=torch.randn(r, 96, generator=g)),
+        "d": Part(sel=Selection(), value=torch.randn(40, generator=g)),
+    }
+    agg = ExactAggregator(shapes, 1, 1)
+    agg.begin_round(None, None)
+    update = DecodedUpdate(DecodedTensors(parts), None, 3, {})
+    seen = []
+    for name, x, sel in agg._products(update):
+        assert torch.equal(x.view(torch.int32), parts[name].product().view(torch.int32)), name
+        seen.append(name)
+    assert seen == ["a", "b", "c", "d"]
