@@ -201,7 +201,7 @@ def decode_tensors(tc: TensorCodec, factors, dense, plan: RoundPlan) -> DecodedT
                 return None
             tc._check_heads(name, f.heads if f.HasField("heads") else None, sel)
             m, n = sel.sub_shape(tc.shapes[name])
-            r = min(cfg.rank, m, n) if side is None else b.size(1)
+            r = min(cfg.rank_for(name, plan.round, True), m, n) if side is None else b.size(1)
             want_left, want_right = side in (None, "right"), side in (None, "left")
             if f.rank != r or f.HasField("left") != want_left or f.HasField("right") != want_right:
                 return None

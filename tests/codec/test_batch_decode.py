@@ -20,6 +20,7 @@ CONFIGS = [
     CodecConfig(factor_bits=2, dense_bits=4, half_scales=False),
     CodecConfig(factor_bits=8, dense_bits=2, entropy_coding=False, keep_ratio=1.0),
     CodecConfig(factor_bits=4, embed_factor_bits=8, rank=5),
+    CodecConfig(ffn_rank=7, embed_rank=9, early_rounds=1, early_rank=6),   # ranks by tensor and round
 ]
 
 
@@ -60,7 +61,7 @@ def compiled():
         pytest.skip("numba not installed or FEDMLA_EXACT_KERNELS=numpy")
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["default", "2bit", "8bit-all-heads", "4bit-embed8"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["default", "2bit", "8bit-all-heads", "4bit-embed8", "scheduled-ranks"])
 @pytest.mark.parametrize("scale", [1e-2, 3.0])
 def test_same_parts_and_bits_as_the_per_tensor_decoder(compiled, cfg, scale):
     server, plan, msg = _setup(cfg, seed=1, scale=scale)
