@@ -22,6 +22,7 @@ tensor (the low-rank products, MKL matmuls, keep their bits).
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import numpy as np
@@ -186,7 +187,6 @@ def decode_tensors(tc: TensorCodec, factors, dense, plan: RoundPlan) -> DecodedT
     kernel = _kernel()
     if kernel is None or tc.cfg.sparse(True):
         return None
-    cfg = tc.cfg
     col = _Collect()
     pending = []              # (name, sel, side, basis, left at, right at, shape) / dense
     seen = set()
@@ -201,7 +201,7 @@ def decode_tensors(tc: TensorCodec, factors, dense, plan: RoundPlan) -> DecodedT
                 return None
             tc._check_heads(name, f.heads if f.HasField("heads") else None, sel)
             m, n = sel.sub_shape(tc.shapes[name])
-            r = min(cfg.rank_for(name, plan.round, True), m, n) if side is None else b.size(1)
+            r = tc.factor_rank(name, plan, True, side, b, m, n)
             want_left, want_right = side in (None, "right"), side in (None, "left")
             if f.rank != r or f.HasField("left") != want_left or f.HasField("right") != want_right:
                 return None
@@ -242,18 +242,11 @@ def decode_tensors(tc: TensorCodec, factors, dense, plan: RoundPlan) -> DecodedT
     for name, sel, side, b, first, second in pending:
         if second is None:                       # dense
             at, sub = first
-            out.parts[name] = Part(sel=sel, value=buf.as_strided(sub, _strides(sub), at))
+            out.parts[name] = Part(sel=sel, value=buf[at:at + math.prod(sub)].view(sub))
             continue
         (la, r, m), (ra, _, n) = first, second
-        left = buf.as_strided((r, m), (m, 1), la) if la >= 0 else None
-        right = buf.as_strided((r, n), (n, 1), ra) if ra >= 0 else None
+        left = buf[la:la + r * m].view(r, m) if la >= 0 else None
+        right = buf[ra:ra + r * n].view(r, n) if ra >= 0 else None
         out.parts[name] = Part(sel=sel, side=side, basis=b, left=left, right=right)
     return out
 
-
-def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out, step = [], 1
-    for d in reversed(shape):
-        out.append(step)
-        step *= d
-    return tuple(reversed(out))

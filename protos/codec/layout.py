@@ -191,11 +191,18 @@ def compress(x: torch.Tensor, side: str | None, b: torch.Tensor | None, rank: in
     return (x @ b).t().contiguous(), None
 
 
+def factor_pair(left: torch.Tensor | None, right: torch.Tensor | None, side: str | None,
+                b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, c) whose matrix product a @ c is the (m', n') product of the factors."""
+    if side is None:
+        return left.t(), right
+    if side == "left":
+        return b, right
+    return left.t(), b.t()
+
+
 def reconstruct(left: torch.Tensor | None, right: torch.Tensor | None, side: str | None,
                 b: torch.Tensor | None) -> torch.Tensor:
     """The (m', n') product of (dequantised) factors, float32."""
-    if side is None:
-        return left.t() @ right
-    if side == "left":
-        return b @ right
-    return left.t() @ b.t()
+    a, c = factor_pair(left, right, side, b)
+    return a @ c

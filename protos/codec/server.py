@@ -31,7 +31,7 @@ from .batch_decode import decode_tensors
 from .config import CodecConfig
 from .exact import ExactSum
 from .heads import combine_importance, select_heads, update_importance
-from .layout import Basis, RoundPlan, Selection, SharedState, generator
+from .layout import Basis, RoundPlan, Selection, SharedState, factor_pair, generator
 from .lowrank import basis_from_factor
 from .wire import DecodedTensors, TensorCodec, UpdateDecodeError
 
@@ -80,15 +80,6 @@ def decode_importance(msg: pb.HeadScores, num_layers: int, num_heads: int) -> to
     return torch.from_numpy(a).view(num_layers, num_heads)
 
 
-def _factors(part) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b) with a @ b the low-rank product of ``part``, as layout.reconstruct forms it."""
-    if part.side is None:
-        return part.left.t(), part.right
-    if part.side == "left":
-        return part.basis, part.right
-    return part.left.t(), part.basis.t()
-
-
 class ExactAggregator:
     """Example-weighted mean of the clients' reconstructed updates, exact for what was sent.
 
@@ -130,7 +121,7 @@ class ExactAggregator:
             if part.value is not None:
                 yield name, part.product(), part.sel
                 continue
-            a, b = _factors(part)
+            a, b = factor_pair(part.left, part.right, part.side, part.basis)
             yield name, torch.mm(a, b, out=self._scratch(a.size(0), b.size(1))), part.sel
 
     def _scratch(self, m: int, n: int) -> torch.Tensor:

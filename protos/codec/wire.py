@@ -279,9 +279,15 @@ class TensorCodec:
                     out[name] = ("dense", (math.prod(sub),))
                 continue
             m, n = sub
-            r = min(self.cfg.rank_for(name, plan.round, uplink), m, n) if side is None else b.size(1)
+            r = self.factor_rank(name, plan, uplink, side, b, m, n)
             out[name] = ("lowrank", (r * m if side in (None, "right") else 0, r * n if side in (None, "left") else 0))
         return out
+
+    def factor_rank(self, name: str, plan: RoundPlan, uplink: bool, side: str | None, b: torch.Tensor | None,
+                    m: int, n: int) -> int:
+        """The rank of ``name``'s (m', n') factors in ``plan``: the config's rank for the
+        tensor, round and direction (at most min(m', n')), or the shared basis' width."""
+        return min(self.cfg.rank_for(name, plan.round, uplink), m, n) if side is None else b.size(1)
 
     def _encoded_bytes(self, rows: int, cols: int, bits: int) -> int:
         """Largest encoding of an (rows, cols) tensor at ``bits`` (0: float32): packed codes
@@ -339,10 +345,7 @@ class TensorCodec:
             sel, side, b = self._entry(name, out, plan, uplink, "lowrank")
             self._check_heads(name, f.heads if f.HasField("heads") else None, sel)
             m, n = sel.sub_shape(self.shapes[name])
-            if side is None:
-                r = min(self.cfg.rank_for(name, plan.round, uplink), m, n)
-            else:
-                r = b.size(1)
+            r = self.factor_rank(name, plan, uplink, side, b, m, n)
             if f.rank != r:
                 raise UpdateDecodeError(f"{name}: rank {f.rank}, expected {r}")
             want_left, want_right = side in (None, "right"), side in (None, "left")

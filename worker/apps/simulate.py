@@ -231,8 +231,8 @@ def run_simulation(*, clients: int = 4, clients_per_round: int = 2, rounds: int 
                 # clients are spread evenly over the actors (a round lasts as long as its
                 # busiest actor); every client has joined before the first round opens
                 from fedmla.coordinator.registry import sample_round
-                start = bg.call(lambda: bg.coord.next_round_id)
-                ahead = [sample_round(seed, rid, sorted(names), clients_per_round)
+                start, population = bg.call(lambda: bg.coord.next_round_id), sorted(names)
+                ahead = [sample_round(seed, rid, population, clients_per_round)
                          for rid in range(start, start + rounds)]
                 groups = place_clients(names, k, ahead)
                 placement = dict(clients_per_actor=[len(g) for g in groups],
