@@ -232,20 +232,11 @@ def pack_codes_np(q: np.ndarray, bits: int) -> bytes:
     return out.tobytes()
 
 
-def encode_int_rows_np(q: np.ndarray, scales: np.ndarray, bits: int, half_scales: bool = False,
-                       compress: bool = False) -> pb.Tensor:
-    """:func:`encode_int_rows` (``stochastic=False``) of numpy codes (R, C) int8 and scales
-    (R,) float32: the same message."""
-    if q.ndim != 2 or scales.shape != (q.shape[0],):
-        raise ValueError(f"need q (R, C) and scales (R,), got {q.shape} and {scales.shape}")
-    return int_rows_message(pack_codes_np(q, bits) if q.size else b"", q.shape, scales, bits, half_scales, compress)
-
-
 def int_rows_message(raw: bytes, shape: tuple[int, int], scales: np.ndarray, bits: int, half_scales: bool = False,
                      compress: bool = False) -> pb.Tensor:
-    """The message :func:`encode_int_rows_np` builds around codes already packed: ``raw``
-    holds the (R, C) codes of ``shape`` in :func:`pack_codes_np`'s layout (b"" when there
-    are none), ``scales`` (R,) float32."""
+    """:func:`encode_int_rows` (``stochastic=False``) of codes already packed: the same
+    message. ``raw`` holds the (R, C) codes of ``shape`` in :func:`pack_codes_np`'s layout
+    (b"" when there are none), ``scales`` (R,) float32."""
     if bits not in _INT_ROWS:
         raise ValueError(f"bits must be 8, 4 or 2, got {bits}")
     scheme, dtype, _ = _INT_ROWS[bits]

@@ -1,5 +1,5 @@
-"""The numpy encoder of quantised rows (quantize_rows_np + encode_int_rows_np, the client's
-path for round-to-nearest scales without numba) and the compiled one-pass encoder
+"""The numpy encoder of quantised rows (quantize_rows_np + pack_codes_np + int_rows_message,
+the client's path for round-to-nearest scales without numba) and the compiled one-pass encoder
 (quantize_pack_rows with numba) give the torch path's codes, message bytes and dequantised
 values, bit for bit, on the inputs where rounding, float16 scales and packing can differ."""
 
@@ -12,8 +12,7 @@ from fedmla.protos.codec import quant
 from fedmla.protos.codec.quant import (container_bits, dequantize_rows, quantize_pack_rows, quantize_rows,
                                        quantize_rows_np, scales_are_half, scales_are_half_np)
 from fedmla.protos.codec.wire import _quant_encode
-from fedmla.protos.tensors import (encode_int_rows, encode_int_rows_np, int_rows_message, pack_codes_np, pack_int2,
-                                   pack_int4)
+from fedmla.protos.tensors import encode_int_rows, int_rows_message, pack_codes_np, pack_int2, pack_int4
 
 
 @pytest.fixture(params=["compiled", "numpy"])
@@ -61,7 +60,8 @@ def test_numpy_encoder_gives_the_torch_encoders_bytes(bits, half_scales, compres
         assert np.array_equal(qn, q.numpy()), what
         assert np.array_equal(sn.view(np.int32), scales.numpy().view(np.int32)), what
         half = half_scales and scales_are_half_np(sn)
-        mn = encode_int_rows_np(qn, sn, container_bits(bits), half_scales=half, compress=compress)
+        raw = pack_codes_np(qn, container_bits(bits)) if qn.size else b""
+        mn = int_rows_message(raw, qn.shape, sn, container_bits(bits), half_scales=half, compress=compress)
         assert mn.SerializeToString(deterministic=True) == msg.SerializeToString(deterministic=True), what
         # the codec's entry point returns the same message and the same dequantised values
         cfg = CodecConfig(half_scales=half_scales, entropy_coding=compress)
