@@ -232,21 +232,19 @@ def pack_codes_np(q: np.ndarray, bits: int) -> bytes:
     return out.tobytes()
 
 
-def encode_int_rows_np(q: np.ndarray, scales: np.ndarray, bits: int, half_scales: bool = False,
-                       compress: bool = False) -> pb.Tensor:
-    """:func:`encode_int_rows` (``stochastic=False``) of numpy codes (R, C) int8 and scales
-    (R,) float32: the same message."""
-    if q.ndim != 2 or scales.shape != (q.shape[0],):
-        raise ValueError(f"need q (R, C) and scales (R,), got {q.shape} and {scales.shape}")
+def int_rows_message(raw: bytes, shape: tuple[int, int], scales: np.ndarray, bits: int, half_scales: bool = False,
+                     compress: bool = False) -> pb.Tensor:
+    """:func:`encode_int_rows` (``stochastic=False``) of codes already packed: the same
+    message. ``raw`` holds the (R, C) codes of ``shape`` in :func:`pack_codes_np`'s layout
+    (b"" when there are none), ``scales`` (R,) float32."""
     if bits not in _INT_ROWS:
         raise ValueError(f"bits must be 8, 4 or 2, got {bits}")
     scheme, dtype, _ = _INT_ROWS[bits]
-    raw = pack_codes_np(q, bits) if q.size else b""
     packed = deflate(raw) if compress and raw else raw
     smaller = len(packed) < len(raw)
     sc = scales.astype(np.float16 if half_scales else np.float32)
     return pb.Tensor(
-        dtype=dtype, shape=list(q.shape), data=packed if smaller else raw,
+        dtype=dtype, shape=list(shape), data=packed if smaller else raw,
         quant=pb.Quantization(scheme=scheme, scales=pb.Tensor(dtype=pb.FLOAT16 if half_scales else pb.FLOAT32,
                                                                 shape=[sc.shape[0]], data=sc.tobytes()),
                               stochastic=False),

@@ -23,14 +23,14 @@ import torch
 from fedmla.mla_model import MLAConfig
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
 from fedmla.protos.limits import clip
-from fedmla.protos.tensors import (TensorDecodeError, decode_array, encode_int_rows, encode_int_rows_np, encode_tensor,
+from fedmla.protos.tensors import (TensorDecodeError, decode_array, encode_int_rows, encode_tensor, int_rows_message,
                                    int_rows_payload, unpack_codes)
 
 from . import sparse
 from .config import VOCAB_TENSORS, CodecConfig
 from .layout import RoundPlan, Selection, compress, effective_basis, is_lowrank, reconstruct, selection_for
 from .quant import (FINITE_SCALE_BOUND, code_range, container_bits, dequantize_rows, dequantize_rows_into,
-                    quantize_rows, quantize_rows_np, scales_are_half, scales_are_half_np)
+                    quantize_pack_rows, quantize_rows, scales_are_half)
 
 
 _FLOAT32_ONLY = frozenset({pb.FLOAT32})
@@ -78,13 +78,11 @@ def _quant_encode(x: torch.Tensor, bits: int, cfg: CodecConfig, gen: torch.Gener
         x32 = x.float().contiguous()
         return encode_tensor(x32), x32
     if not cfg.stochastic_rounding and not cfg.fit_scales:
-        # numpy: the same codes, message and dequantised values (tests/codec/test_quant_encode_np.py)
-        qn, sn = quantize_rows_np(x.detach().float().contiguous().numpy(), bits, cfg.half_scales)
-        half = cfg.half_scales and scales_are_half_np(sn)
-        msg = encode_int_rows_np(qn, sn, container_bits(bits), half_scales=half, compress=cfg.entropy_coding)
-        deq = torch.empty(qn.shape, dtype=torch.float32)
-        dequantize_rows_into(qn, sn, bits, deq.numpy())
-        return msg, deq
+        # numpy / numba: the same codes, message and dequantised values (tests/codec/test_quant_encode_np.py)
+        x32 = x.detach().float().contiguous()
+        deq = torch.empty(x32.shape, dtype=torch.float32)
+        raw, sn, half = quantize_pack_rows(x32.numpy(), bits, cfg.half_scales, deq.numpy())
+        return int_rows_message(raw, x32.shape, sn, container_bits(bits), half, cfg.entropy_coding), deq
     q, scales = quantize_rows(x, bits, cfg.stochastic_rounding, gen, fit=cfg.fit_scales, half_scales=cfg.half_scales)
     half = cfg.half_scales and scales_are_half(scales)
     msg = encode_int_rows(q, scales, container_bits(bits), cfg.stochastic_rounding, half_scales=half,

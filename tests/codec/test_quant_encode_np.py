@@ -1,16 +1,27 @@
-"""The numpy encoder of quantised rows (quantize_rows_np + encode_int_rows_np, the client's
-path for round-to-nearest scales) gives the torch path's codes, message bytes and
-dequantised values, bit for bit, on the inputs where rounding and packing can differ."""
+"""The numpy encoder of quantised rows (quantize_rows_np + pack_codes_np + int_rows_message,
+the client's path for round-to-nearest scales without numba) and the compiled one-pass encoder
+(quantize_pack_rows with numba) give the torch path's codes, message bytes and dequantised
+values, bit for bit, on the inputs where rounding, float16 scales and packing can differ."""
 
 import numpy as np
 import pytest
 import torch
 
 from fedmla.protos.codec import CodecConfig
-from fedmla.protos.codec.quant import (container_bits, dequantize_rows, quantize_rows, quantize_rows_np,
-                                       scales_are_half, scales_are_half_np)
+from fedmla.protos.codec import quant
+from fedmla.protos.codec.quant import (container_bits, dequantize_rows, quantize_pack_rows, quantize_rows,
+                                       quantize_rows_np, scales_are_half, scales_are_half_np)
 from fedmla.protos.codec.wire import _quant_encode
-from fedmla.protos.tensors import encode_int_rows, encode_int_rows_np, pack_codes_np, pack_int2, pack_int4
+from fedmla.protos.tensors import encode_int_rows, int_rows_message, pack_codes_np, pack_int2, pack_int4
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def pack_path(request, monkeypatch):
+    """quantize_pack_rows on both of its paths: the numba pass (after warm_up) and the numpy steps."""
+    monkeypatch.setattr(quant, "_compiled", [])
+    if request.param == "compiled" and not quant.warm_up():
+        pytest.skip("numba not installed or FEDMLA_EXACT_KERNELS=numpy")
+    return request.param
 
 
 def _torch_path(x: torch.Tensor, bits: int, half_scales: bool, compress: bool):
@@ -49,13 +60,68 @@ def test_numpy_encoder_gives_the_torch_encoders_bytes(bits, half_scales, compres
         assert np.array_equal(qn, q.numpy()), what
         assert np.array_equal(sn.view(np.int32), scales.numpy().view(np.int32)), what
         half = half_scales and scales_are_half_np(sn)
-        mn = encode_int_rows_np(qn, sn, container_bits(bits), half_scales=half, compress=compress)
+        raw = pack_codes_np(qn, container_bits(bits)) if qn.size else b""
+        mn = int_rows_message(raw, qn.shape, sn, container_bits(bits), half_scales=half, compress=compress)
         assert mn.SerializeToString(deterministic=True) == msg.SerializeToString(deterministic=True), what
         # the codec's entry point returns the same message and the same dequantised values
         cfg = CodecConfig(half_scales=half_scales, entropy_coding=compress)
         m2, d2 = _quant_encode(x, bits, cfg, torch.Generator())
         assert m2.SerializeToString(deterministic=True) == msg.SerializeToString(deterministic=True), what
         assert torch.equal(d2.view(torch.int32), deq.float().view(torch.int32)), what
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("half_scales", [False, True])
+def test_one_pass_encoder_gives_the_torch_encoders_bytes(pack_path, bits, half_scales):
+    for what, x in _inputs():
+        q, scales, msg, deq = _torch_path(x, bits, half_scales, compress=True)
+        out = np.full(x.shape, np.nan, np.float32)
+        raw, sn, half = quantize_pack_rows(x.numpy().astype(np.float32), bits, half_scales, out)
+        assert _same_bits(sn, scales.numpy()), what
+        assert half == (half_scales and scales_are_half(scales)), what
+        assert _same_bits(out, deq.numpy()), what
+        mn = int_rows_message(raw, tuple(x.shape), sn, container_bits(bits), half, compress=True)
+        assert mn.SerializeToString(deterministic=True) == msg.SerializeToString(deterministic=True), what
+
+
+def _float16_edges() -> np.ndarray:
+    """Every positive float16 value below 60000 and the float32 values around each midpoint
+    between neighbours (the midpoint, one float32 step either side): where rounding to
+    float16 can go wrong (ties to even, subnormals, binade edges)."""
+    h = np.arange(0, np.float16(60000).view(np.uint16) + 1, dtype=np.uint16).view(np.float16).astype(np.float32)
+    mid = ((h[:-1].astype(np.float64) + h[1:]) / 2).astype(np.float32)     # exact: 12 significant bits
+    return np.unique(np.concatenate([h, mid, np.nextafter(mid, np.float32(0)), np.nextafter(mid, np.float32(np.inf)),
+                                     np.float32([2.0 ** -149, 2.0 ** -126, 2.0 ** -25, 3 * 2.0 ** -26])]))
+
+
+@pytest.mark.parametrize("half_scales", [False, True])
+def test_one_pass_encoder_rounds_scales_to_float16_as_numpy(pack_path, half_scales):
+    # 2-bit rows [2s, s]: amax / 2 is exactly s, so every candidate scale is hit as it is
+    s = _float16_edges()
+    x = np.stack([2 * s, s], axis=1)
+    assert np.array_equal(x[:, 0] / np.float32(2), s)
+    for rows in (x, np.concatenate([x, np.float32([[2 * 61000.0, 0.0]])]),      # one scale past 60000: all float32
+                 np.float32([[2 * 65504.0, 1.0], [2 * 65519.0, 3.0]]), np.float32([[2 * 65520.0, 1.0]])):
+        q, scales = quantize_rows_np(rows, 2, half_scales)
+        out = np.empty_like(rows)
+        raw, sn, half = quantize_pack_rows(rows, 2, half_scales, out)
+        assert _same_bits(sn, scales)
+        assert half == (half_scales and scales_are_half_np(scales))
+        assert raw == pack_codes_np(q, 2)
+
+
+def test_one_pass_encoder_refuses_non_finite_values(pack_path):
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = np.ones((2, 4), np.float32)
+        x[1, 2] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            quantize_pack_rows(x, 4, True, np.empty_like(x))
+    with pytest.raises(ValueError, match="bits must be"):
+        quantize_pack_rows(np.ones((2, 2), np.float32), 5, False, np.empty((2, 2), np.float32))
 
 
 @pytest.mark.parametrize("bits", [2, 4])
