@@ -71,6 +71,8 @@ def register(app, bench) -> None:
             from .data import TextTokenizer
             client_data = load_client_data(data, client_index, name,
                                            TextTokenizer.from_path(tokenizer) if tokenizer is not None else None)
+            from fedmla.protos.codec.quant import warm_up
+            warm_up()        # the encoder's compiled quantiser, loaded once before the first round
             w = Worker(WorkerOptions(coordinator, token, state_dir, tls=tls,
                                      log=lambda m: typer.echo(f"[{name}] {m}", err=True)), client_data)
             code = w.run()

@@ -87,6 +87,10 @@ def _client_actor_class():
             # torch.optim's first optimizer imports torch._dynamo (seconds of CPU): done while
             # the pool starts, not inside the first round the actor trains in.
             importlib.import_module("torch._dynamo")
+            # the encoder's compiled quantiser (numba's import and its cache, ~0.75 s of CPU),
+            # likewise loaded while the pool starts
+            from fedmla.protos.codec.quant import warm_up
+            warm_up()
 
         def run(self, target: str, clients: list[tuple[str, str, object]], state_root: str, ca: bytes | None) -> dict:
             from fedmla.protos.transport import TLSConfig
