@@ -177,6 +177,9 @@ def warm_up() -> bool:
         if kernel is None:
             return False
         _compiled.append(kernel)
+        # numba compiles (or loads from its cache) on the first call, for the argument types
+        # of that call: one call the way encoders make it loads what they will run
+        quantize_pack_rows(np.ones((1, 2), np.float32), 3, True, np.empty((1, 2), np.float32))
     return True
 
 

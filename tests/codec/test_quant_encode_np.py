@@ -146,3 +146,18 @@ def test_numpy_encoder_refuses_what_the_torch_one_refuses():
         quantize_rows_np(np.ones((2, 2), np.float32), 5)
     with pytest.raises(ValueError, match="2-D float32"):
         quantize_rows_np(np.ones(4, np.float32), 4)
+
+
+def test_warm_up_loads_the_pass_the_encoder_then_runs(monkeypatch):
+    """warm_up compiles (or loads from numba's cache) the pass for the argument types the
+    encoder passes: encoding afterwards compiles nothing inside a round."""
+    monkeypatch.setattr(quant, "_compiled", [])
+    if not quant.warm_up():
+        pytest.skip("numba is not installed or FEDMLA_EXACT_KERNELS=numpy")
+    kernel = quant._compiled[0]
+    loaded = list(kernel.signatures)
+    assert loaded
+    x = torch.randn(12, 40, generator=torch.Generator().manual_seed(0))
+    for bits in (2, 3, 4, 8):
+        _quant_encode(x, bits, CodecConfig(), None)
+    assert list(kernel.signatures) == loaded
