@@ -68,10 +68,11 @@ def _runs(idx: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 # ---- compiled kernels ------------------------------------------------------------------------
-# With numba installed (a dependency of fedmla) add_scaled runs one compiled pass per
-# parameter: bound check, split and sum fused, no scratch, the GIL released throughout, the
-# same limbs as the numpy chunks below (which stay as the path without numba and as the
-# tests' second opinion). ``FEDMLA_EXACT_KERNELS=numpy`` forces the numpy path.
+# With numba installed (a dependency of fedmla) add_scaled runs one compiled call per
+# parameter: a bound-check scan, then the sum into the low limbs (see the module
+# docstring), no scratch, the GIL released throughout; the same integer sum as the numpy
+# chunks below (which stay as the path without numba and as the tests' second opinion).
+# ``FEDMLA_EXACT_KERNELS=numpy`` forces the numpy path.
 
 
 @functools.cache
@@ -291,9 +292,9 @@ class ExactSum:
     def add_scaled(self, name: str, x: torch.Tensor, weight: int, sign: int = 1,
                    rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> float:
         """Add (``sign`` = 1) or take out (-1) the term ``weight * x`` of parameter ``name``:
-        ``x`` float32, ``weight`` an integer in [1, MAX_WEIGHT). The same limbs as
-        ``add(name, x.double() * weight, sign)`` (the product is exact in float64), split
-        and summed chunk by chunk in one pass. A term past the bound (or not finite) is
+        ``x`` float32, ``weight`` an integer in [1, MAX_WEIGHT). The same integer sum as
+        ``add(name, x.double() * weight, sign)`` (the product is exact in float64; the
+        limbs may split it differently, see :meth:`sum_limbs`). A term past the bound (or not finite) is
         refused before anything is summed. Not thread-safe for one ``name``: callers
         serialise the calls of a parameter (not of different parameters).
 
