@@ -13,10 +13,15 @@ Bounds: |w * x| < 2**MAX_TERM_BITS per element (the caller bounds weights and va
 and at most 2**22 terms per sum; :meth:`ExactSum.add` refuses a term past the bound.
 
 :meth:`ExactSum.add_scaled` is the coordinator's path: a float32 tensor times an integer
-weight, split and summed in chunks in one pass (the bound checked on the
-float32 tensor first), giving the same limbs as :meth:`add` of ``x.double() * w``. When
-every ``|w * x| < 1`` the high limbs are all zero and only the low limbs are touched (the
-high limbs of a parameter exist only once a term needed them).
+weight, checked against the bound on the float32 tensor first, then summed in one pass.
+The compiled path adds each term whole on the grid, trunc(w x 2**40), into the low limbs
+while they have room for it (below 2**62 in magnitude; a term past int64's grid is split
+as :meth:`limbs` splits it) and folds the low limbs into the high ones when they have not,
+so most terms touch one int64 per element, not two. The limbs then split the sum another
+way than per-term splits would, but the sum hi * 2**40 + lo is the same integer, and
+:meth:`ExactSum.value` rounds that integer, not its limbs. The numpy path (no numba)
+splits each term as :meth:`limbs` does. The high limbs of a parameter exist only once a
+term or a fold needed them.
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ _MAX = 2.0 ** (MAX_TERM_BITS + GRID_BITS)
 _CHUNK = 1 << 17
 _FITS_INT64 = 2.0 ** (62 - GRID_BITS)   # |w x| below this: w x on the grid fits an int64 (with room)
 _LIMB_INT = 1 << LIMB_BITS
+# The low limbs of a parameter are kept at most this in magnitude (int64 holds 2**63 - 1):
+# a term is added whole on the grid into them while they have room for it, and they are
+# folded into the high limbs (|lo| < 2**40 after) when they have not. After a fold there
+# is room for any term the grid fits in int64 (< 2**62), so one fold always suffices.
+_ROOM = 2.0 ** 63 - 2.0 ** 41
 MAX_WEIGHT = 1 << 29           # float32 (24-bit significand) x weight < 2**53: exact in float64
 
 
@@ -58,10 +68,11 @@ def _runs(idx: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 # ---- compiled kernels ------------------------------------------------------------------------
-# With numba installed (a dependency of fedmla) add_scaled runs one compiled pass per
-# parameter: bound check, split and sum fused, no scratch, the GIL released throughout, the
-# same limbs as the numpy chunks below (which stay as the path without numba and as the
-# tests' second opinion). ``FEDMLA_EXACT_KERNELS=numpy`` forces the numpy path.
+# With numba installed (a dependency of fedmla) add_scaled runs one compiled call per
+# parameter: a bound-check scan, then the sum into the low limbs (see the module
+# docstring), no scratch, the GIL released throughout; the same integer sum as the numpy
+# chunks below (which stay as the path without numba and as the tests' second opinion).
+# ``FEDMLA_EXACT_KERNELS=numpy`` forces the numpy path.
 
 
 @functools.cache
@@ -81,8 +92,9 @@ def _kernels():
     fits = _FITS_INT64
 
     @jit
-    def add_low(x, lo, runs, x_stride, acc_stride, wg, sgn):
-        """Every |w x| < 1: lo += sgn * trunc(w x 2**40) (``wg`` = w 2**40)."""
+    def add_grid(x, lo, runs, x_stride, acc_stride, wg, sgn):
+        """|w x| < 2**22: lo += sgn * trunc(w x 2**40) (``wg`` = w 2**40), the whole grid
+        value in the low limb (it fits int64; the caller keeps room for it there)."""
         for t in range(runs.shape[0]):
             xo, ao, nr, nc = runs[t, 0], runs[t, 1], runs[t, 2], runs[t, 3]
             for i in range(nr):
@@ -90,25 +102,6 @@ def _kernels():
                 lr = lo[ao + i * acc_stride: ao + i * acc_stride + nc]
                 for j in range(nc):
                     lr[j] += sgn * np.int64(np.float64(xr[j]) * wg)
-
-    @jit
-    def add_split(x, lo, hi, runs, x_stride, acc_stride, wg, sgn):
-        """|w x| < 2**22: k = trunc(w x 2**40) fits int64; hi = trunc(k / 2**40), lo = k -
-        hi 2**40, as limbs() splits, both limbs summed in one pass. (Called only when some
-        |w x| >= 1, so some high limb is not 0: a separate pass for the high limbs, once
-        the low ones showed one, read x twice for nothing; a pass writing the high limbs
-        only where they are not 0 measured 4x slower, branchy and not vectorised.)"""
-        for t in range(runs.shape[0]):
-            xo, ao, nr, nc = runs[t, 0], runs[t, 1], runs[t, 2], runs[t, 3]
-            for i in range(nr):
-                xr = x[xo + i * x_stride: xo + i * x_stride + nc]
-                lr = lo[ao + i * acc_stride: ao + i * acc_stride + nc]
-                hr = hi[ao + i * acc_stride: ao + i * acc_stride + nc]
-                for j in range(nc):
-                    k = np.int64(np.float64(xr[j]) * wg)
-                    q = (k + ((k >> 63) & mask)) >> LIMB_BITS          # trunc(k / 2**40)
-                    lr[j] += sgn * (k - q * _LIMB_INT)
-                    hr[j] += sgn * q
 
     @jit
     def add_large(x, lo, hi, runs, x_stride, acc_stride, w, sgn):
@@ -139,32 +132,36 @@ def _kernels():
         return m, s
 
     @jit
-    def add_checked(x, xbits, lo, hi, runs, x_stride, acc_stride, w, sgn):
-        """Check the bound of w * x, then add (sgn 1) or take out (-1) its limbs: one call per
-        tensor. Returns (status, sum of x**2): status 0 added, -1 refused (NaN, infinite or
-        |w x| >= 2**MAX_TERM_BITS; nothing added), 1 nothing added because ``lo`` (or, for
-        terms >= 1 (status 2), ``lo`` and ``hi``) is empty: the caller makes them and calls
-        again."""
+    def add_checked(x, xbits, lo, hi, runs, x_stride, acc_stride, w, sgn, room):
+        """Check the bound of w * x, then add (sgn 1) or take out (-1) its grid values: one
+        call per tensor. Returns (status, sum of x**2, bound): status 0 added, ``bound`` the
+        most it moved a low limb by; -1 refused (NaN, infinite or |w x| >= 2**MAX_TERM_BITS;
+        nothing added); 1 nothing added because ``lo`` (or, for terms past int64's grid
+        (status 2), ``lo`` and ``hi``) is empty: the caller makes them and calls again; 3
+        nothing added because the low limbs have less than ``room`` left: the caller folds
+        them into the high limbs and calls again."""
         m, sumsq = scan(x, xbits)
         if m > 0x7f800000:
-            return -1, sumsq
+            return -1, sumsq, 0.0
         bits = np.empty(1, dtype=np.uint32)
         bits[0] = m
         top = np.float64(bits.view(np.float32)[0]) * w        # exact: 24 + 29 bits
         if not top < max_term:
-            return -1, sumsq
-        if top < 1.0:
-            if lo.size == 0:
-                return 1, sumsq
-            add_low(x, lo, runs, x_stride, acc_stride, w * limb, sgn)
-            return 0, sumsq
-        if lo.size == 0 or hi.size == 0:
-            return 2, sumsq
+            return -1, sumsq, 0.0
         if top < fits:
-            add_split(x, lo, hi, runs, x_stride, acc_stride, w * limb, sgn)
-        else:
-            add_large(x, lo, hi, runs, x_stride, acc_stride, w, sgn)
-        return 0, sumsq
+            if lo.size == 0:
+                return 1, sumsq, 0.0
+            bound = top * limb                                  # |trunc(w x 2**40)| <= this
+            if bound > room:
+                return 3, sumsq, 0.0
+            add_grid(x, lo, runs, x_stride, acc_stride, w * limb, sgn)
+            return 0, sumsq, bound
+        if lo.size == 0 or hi.size == 0:
+            return 2, sumsq, 0.0
+        if limb > room:
+            return 3, sumsq, 0.0
+        add_large(x, lo, hi, runs, x_stride, acc_stride, w, sgn)
+        return 0, sumsq, limb
 
     return add_checked
 
@@ -178,7 +175,7 @@ def warm_up() -> bool:
     runs = np.array([[0, 0, 1, 2]], dtype=np.int64)
     for x in (np.zeros(2, dtype=np.float32), np.full(2, 3.0, dtype=np.float32)):
         add_checked(x, x.view(np.uint32), np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64), runs, 2, 2,
-                    1.0, 1)
+                    1.0, 1, _ROOM)
     return True
 
 
@@ -250,6 +247,7 @@ class ExactSum:
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
         self._hi: dict[str, torch.Tensor] = {}
         self._lo: dict[str, torch.Tensor] = {}
+        self._bound: dict[str, float] = {}     # at least the largest |low limb| of each parameter
         self._runs: dict[str, tuple] = {}
 
     @staticmethod
@@ -281,6 +279,7 @@ class ExactSum:
 
     def add_limbs(self, name: str, hi: torch.Tensor, lo: torch.Tensor, sign: int = 1) -> None:
         """Add limbs made by :meth:`limbs` (so that the costly split can run outside a lock)."""
+        self._reserve(name, _LIMB)
         lo_acc = self._acc(self._lo, name)
         hi_acc = self._acc(self._hi, name)
         if sign > 0:
@@ -293,9 +292,9 @@ class ExactSum:
     def add_scaled(self, name: str, x: torch.Tensor, weight: int, sign: int = 1,
                    rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> float:
         """Add (``sign`` = 1) or take out (-1) the term ``weight * x`` of parameter ``name``:
-        ``x`` float32, ``weight`` an integer in [1, MAX_WEIGHT). The same limbs as
-        ``add(name, x.double() * weight, sign)`` (the product is exact in float64), split
-        and summed chunk by chunk in one pass. A term past the bound (or not finite) is
+        ``x`` float32, ``weight`` an integer in [1, MAX_WEIGHT). The same integer sum as
+        ``add(name, x.double() * weight, sign)`` (the product is exact in float64; the
+        limbs may split it differently, see :meth:`sum_limbs`). A term past the bound (or not finite) is
         refused before anything is summed. Not thread-safe for one ``name``: callers
         serialise the calls of a parameter (not of different parameters).
 
@@ -344,13 +343,18 @@ class ExactSum:
             sgn = 1 if sign > 0 else -1
             while True:
                 lo, hi = self._lo.get(name), self._hi.get(name)
-                status, sumsq = add_checked(xn, xn.view(np.uint32), _EMPTY if lo is None else lo.numpy().reshape(-1),
-                                            _EMPTY if hi is None else hi.numpy().reshape(-1), runs, xs, accs,
-                                            float(weight), sgn)
+                status, sumsq, moved = add_checked(
+                    xn, xn.view(np.uint32), _EMPTY if lo is None else lo.numpy().reshape(-1),
+                    _EMPTY if hi is None else hi.numpy().reshape(-1), runs, xs, accs, float(weight), sgn,
+                    _ROOM - self._bound.get(name, 0.0))
                 if status == 0:
+                    self._bound[name] = self._bound.get(name, 0.0) + moved
                     return sumsq
                 if status < 0:
                     raise _refuse()
+                if status == 3:
+                    self._fold(name)
+                    continue
                 self._acc(self._lo, name)      # accepted, but an accumulator it needs is missing
                 if status == 2:
                     self._acc(self._hi, name)
@@ -362,6 +366,7 @@ class ExactSum:
             raise _refuse()
         top = max(-low, high) * weight
         small = top < 1.0              # every |w * x| < 1: all high limbs are 0
+        self._reserve(name, _LIMB)     # every low limb this path adds is below 2**40
         lo_acc = self._acc(self._lo, name).numpy()
         hi_acc = None if small else self._acc(self._hi, name).numpy()
         # the largest block: _CHUNK elements, or one row of a run of selected columns
@@ -424,13 +429,43 @@ class ExactSum:
         np.subtract(y, hc, out=y)                        # w * x - hi: exact (|hi| < 2**32)
         np.multiply(y, _SCALE, out=kc, casting="unsafe")     # lo: truncated toward zero to the grid
 
+    def _reserve(self, name: str, bound: float) -> None:
+        """Make room in the low limbs of ``name`` for a term that moves them by at most ``bound``."""
+        if self._bound.get(name, 0.0) + bound > _ROOM:
+            self._fold(name)
+        self._bound[name] = self._bound.get(name, 0.0) + bound
+
+    def _fold(self, name: str) -> None:
+        """Move all but the low 40 bits of each low limb into the high limb (the same sum):
+        afterwards 0 <= lo < 2**40."""
+        lo = self._acc(self._lo, name)
+        hi = self._acc(self._hi, name)
+        hi.add_(lo >> LIMB_BITS)                  # floor(lo / 2**40)
+        lo.bitwise_and_(_LIMB_INT - 1)
+        self._bound[name] = _LIMB
+
+    def sum_limbs(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hi, lo) of the sum of ``name`` with 0 <= lo < 2**40 (new tensors): one pair per
+        sum, whatever terms and order made it (the sum is hi * 2**40 + lo grid steps)."""
+        lo = self._lo.get(name)
+        hi = self._hi.get(name)
+        lo = torch.zeros(self.shapes[name], dtype=torch.int64) if lo is None else lo.clone()
+        hi = torch.zeros(self.shapes[name], dtype=torch.int64) if hi is None else hi.clone()
+        hi.add_(lo >> LIMB_BITS)
+        lo.bitwise_and_(_LIMB_INT - 1)
+        return hi, lo
+
     def value(self, name: str) -> torch.Tensor:
         """The sum of parameter ``name`` as float64 (zeros if nothing was added): a
-        function of the integer limbs only, so of the set of terms, not their order."""
+        function of the integer sum only, so of the set of terms, not their order nor how
+        the limbs split it: hi * 2**40 + lo rounded once to float64 (both exact in float64
+        while |lo| < 2**53), then scaled by 2**-40."""
         lo = self._lo.get(name)
         if lo is None:
             return torch.zeros(self.shapes[name], dtype=torch.float64)
         hi = self._hi.get(name)
+        if self._bound.get(name, 0.0) >= 2.0 ** 53:
+            hi, lo = self.sum_limbs(name)
         if hi is None:          # high limbs all zero: 0.0 * 2**40 + lo is lo, bit for bit
             return lo.to(torch.float64) / _SCALE
         return (hi.to(torch.float64) * _LIMB + lo.to(torch.float64)) / _SCALE
