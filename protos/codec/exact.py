@@ -87,7 +87,6 @@ def _kernels():
         return None
     jit = numba.njit(nogil=True, cache=True, boundscheck=False)
     limb = float(_LIMB)
-    mask = _LIMB_INT - 1
     max_term = 2.0 ** MAX_TERM_BITS
     fits = _FITS_INT64
 
