@@ -67,6 +67,13 @@ def _runs(idx: torch.Tensor) -> list[tuple[int, int, int]]:
     return [(int(i[a]), a, b - a) for a, b in zip(starts, ends)]
 
 
+def _carry(hi: torch.Tensor, lo: torch.Tensor) -> None:
+    """In place: all but the low 40 bits of each low limb moved into its high limb (the
+    same sum hi * 2**40 + lo); afterwards 0 <= lo < 2**40."""
+    hi.add_(lo >> LIMB_BITS)                  # floor(lo / 2**40)
+    lo.bitwise_and_(_LIMB_INT - 1)
+
+
 # ---- compiled kernels ------------------------------------------------------------------------
 # With numba installed (a dependency of fedmla) add_scaled runs one compiled call per
 # parameter: a bound-check scan, then the sum into the low limbs (see the module
@@ -437,10 +444,7 @@ class ExactSum:
     def _fold(self, name: str) -> None:
         """Move all but the low 40 bits of each low limb into the high limb (the same sum):
         afterwards 0 <= lo < 2**40."""
-        lo = self._acc(self._lo, name)
-        hi = self._acc(self._hi, name)
-        hi.add_(lo >> LIMB_BITS)                  # floor(lo / 2**40)
-        lo.bitwise_and_(_LIMB_INT - 1)
+        _carry(self._acc(self._hi, name), self._acc(self._lo, name))
         self._bound[name] = _LIMB
 
     def sum_limbs(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -450,8 +454,7 @@ class ExactSum:
         hi = self._hi.get(name)
         lo = torch.zeros(self.shapes[name], dtype=torch.int64) if lo is None else lo.clone()
         hi = torch.zeros(self.shapes[name], dtype=torch.int64) if hi is None else hi.clone()
-        hi.add_(lo >> LIMB_BITS)
-        lo.bitwise_and_(_LIMB_INT - 1)
+        _carry(hi, lo)
         return hi, lo
 
     def value(self, name: str) -> torch.Tensor:

@@ -11,6 +11,7 @@ then every digest differs for reasons of the machine, not of the code: the test 
 that first (:func:`_platform`, raw torch and zlib calls only) and skips with the reason.
 """
 
+import functools
 import hashlib
 
 import numpy as np
@@ -67,6 +68,7 @@ MAIN = {
 PINNED_PLATFORM = "763c585c1dd7eb6f168a9682766e2b49b27aa1efdbef84dbd0f2485a5e6766be"
 
 
+@functools.cache
 def _platform() -> str:
     """A digest of what the pinned bits depend on besides the code: float64 products (one
     through MKL's transposed-operand path), QR and SVD, the seeded normal sampler, a
