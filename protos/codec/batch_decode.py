@@ -141,11 +141,10 @@ class PlanTable:
         used = []                                   # (name, Basis, matrix, side) the layout read
         self._slots: list[tuple] = []               # (rows, cols, bits) per packed tensor
         self.out_size = 0
-        if tc.cfg.sparse(True):
-            return
-        # the encoder's order: factors by name, then dense tensors by name
-        layouts = {name: tc._layout(name, plan, True) for name in self.expected}
-        for name in sorted(self.expected, key=lambda name: (layouts[name][1] != "lowrank", name)):
+        # the encoder's order: factors by name, then dense tensors by name (a top-k run sends
+        # sparse entries, which this path leaves to the per-tensor decoder: no entries)
+        layouts = {} if tc.cfg.sparse(True) else {name: tc._layout(name, plan, True) for name in self.expected}
+        for name in sorted(layouts, key=lambda name: (layouts[name][1] != "lowrank", name)):
             sel, kind, side, b = layouts[name]
             if side is not None:
                 basis = plan.shared.bases[name]
