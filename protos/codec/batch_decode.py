@@ -139,8 +139,13 @@ class PlanTable:
         self.lowrank: dict[str, tuple] = {}
         self.dense: dict[str, tuple] = {}
         used = []                                   # (name, Basis, matrix, side) the layout read
-        self._slots: list[tuple] = []               # (rows, cols, bits) per packed tensor
-        self.out_size = 0
+        wants = []                                  # (rows, cols, bits, view shape) per packed tensor
+        entries = []                                # (name, entry with indices into wants)
+
+        def want(rows: int, cols: int, bits: int, shape: tuple[int, ...]) -> int:
+            wants.append((rows, cols, bits, tuple(shape)))
+            return len(wants) - 1
+
         # the encoder's order: factors by name, then dense tensors by name (a top-k run sends
         # sparse entries, which this path leaves to the per-tensor decoder: no entries)
         layouts = {} if tc.cfg.sparse(True) else {name: tc._layout(name, plan, True) for name in self.expected}
@@ -158,45 +163,59 @@ class PlanTable:
                     continue
                 m, n = sub
                 r = tc.factor_rank(name, plan, True, side, b, m, n)
-                left = self._slot(r, m, bits) if side in (None, "right") else None
-                right = self._slot(r, n, bits) if side in (None, "left") else None
-                self.lowrank[name] = (sel, side, b, r, sel.heads or [], left, right)
+                left = want(r, m, bits, (r, m)) if side in (None, "right") else None
+                right = want(r, n, bits, (r, n)) if side in (None, "left") else None
+                entries.append((name, (sel, side, b, r, sel.heads or [], left, right)))
             elif kind == "dense" and len(sub) <= 2:
                 bits = tc._bits(True, True)
                 if not bits:
                     continue
                 rows, cols = (1, math.prod(sub)) if len(sub) < 2 else sub
-                self.dense[name] = (sel, sel.heads or [], self._slot(rows, cols, bits, sub))
+                entries.append((name, (sel, sel.heads or [], want(rows, cols, bits, sub))))
         self.basis_check = tuple(used)
+        # The output buffer holds the tensors of one view shape side by side, each at a
+        # 64-byte aligned place (as torch aligns a fresh tensor: the low-rank products, MKL
+        # matmuls, keep their bits), so that one as_strided + unbind per shape makes all
+        # their views (one call per tensor was ~0.25 ms per update); ``views``: (shape,
+        # strides, offset) of each shape's stack, ``view_of``: a tensor's place among the
+        # unbound views.
+        by_shape: dict[tuple, list[int]] = {}
+        for i, w in enumerate(wants):
+            by_shape.setdefault(w[3], []).append(i)
+        out_at, view_of, self.views = [0] * len(wants), [0] * len(wants), []
+        size = placed = 0
+        for shape, members in by_shape.items():
+            step = -(-math.prod(shape) // _ALIGN) * _ALIGN
+            strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+            self.views.append(((len(members), *shape), (step, *strides), size))
+            for j, i in enumerate(members):
+                out_at[i], view_of[i] = size + j * step, placed + j
+            size += len(members) * step
+            placed += len(members)
+        self.out_size = size
+        specs = []
+        for i, (rows, cols, bits, _) in enumerate(wants):
+            scheme, dtype, row_bytes_of = _CONTAINER[container_bits(bits)]
+            specs.append((i, scheme, dtype, [rows, cols], rows * row_bytes_of(cols), [rows], 2 * rows, 4 * rows,
+                          view_of[i]))
+        for name, e in entries:
+            if len(e) == 3:
+                self.dense[name] = (e[0], e[1], specs[e[2]])
+            else:
+                self.lowrank[name] = (*e[:5], *(specs[i] if i is not None else None for i in e[5:]))
         # meta rows of every packed tensor in this (the encoder's) order, with code and
         # scale offsets for an update sent in this order with scales of one dtype
-        slots = self._slots
-        self.meta = np.zeros((len(slots), _META), dtype=np.int64)
+        self.meta = np.zeros((len(wants), _META), dtype=np.int64)
         code_at = scale_at = 0
-        for i, (rows, cols, bits, nbytes, out_at) in enumerate(slots):
+        for i, (rows, cols, bits, _) in enumerate(wants):
             lo, hi = code_range(bits)
-            self.meta[i] = (code_at, rows, cols, container_bits(bits), out_at, lo, hi, scale_at,
+            self.meta[i] = (code_at, rows, cols, container_bits(bits), out_at[i], lo, hi, scale_at,
                             1 if _shift(bits) else 0)
-            code_at += nbytes
+            code_at += specs[i][4]
             scale_at += rows
-        self.code_bytes = np.array([s[3] for s in slots], dtype=np.int64)
+        self.code_bytes = np.array([spec[4] for spec in specs], dtype=np.int64)
         self.rows = np.ascontiguousarray(self.meta[:, 1])
-        self.order = list(range(len(slots)))
-        del self._slots
-
-    def _slot(self, rows: int, cols: int, bits: int, shape: tuple[int, ...] | None = None) -> tuple:
-        """One packed tensor of exactly (rows, cols): (index, scheme, dtype, [rows, cols],
-        code bytes, [rows], float16 / float32 scale bytes, view shape, strides, out offset)."""
-        cb = container_bits(bits)
-        scheme, dtype, row_bytes_of = _CONTAINER[cb]
-        nbytes = rows * row_bytes_of(cols)
-        out_at = self.out_size
-        self.out_size += -(-rows * cols // _ALIGN) * _ALIGN
-        index = len(self._slots)
-        self._slots.append((rows, cols, bits, nbytes, out_at))
-        shape = (rows, cols) if shape is None else tuple(shape)
-        strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        return (index, scheme, dtype, [rows, cols], nbytes, [rows], 2 * rows, 4 * rows, shape, strides, out_at)
+        self.order = list(range(len(wants)))
 
     def current(self, plan: RoundPlan) -> bool:
         """Whether this table still describes ``plan`` (a mask or basis changed in place, or
@@ -267,7 +286,7 @@ def decode_tensors(tc: TensorCodec, factors, dense, plan: RoundPlan) -> DecodedT
     if not names or len(set(names)) != len(names):
         return None
     order, codes, half, full, is_half = [], [], [], [], []
-    for t, (index, scheme, dtype, shape, nbytes, srows, hbytes, fbytes, _, _, _) in queued:
+    for t, (index, scheme, dtype, shape, nbytes, srows, hbytes, fbytes, _) in queued:
         q = t.quant
         if q.scheme != scheme or t.dtype != dtype or t.shape != shape:
             return None
@@ -304,17 +323,16 @@ def decode_tensors(tc: TensorCodec, factors, dense, plan: RoundPlan) -> DecodedT
     buf = torch.empty(max(table.out_size, 1), dtype=torch.float32)
     if not _run(kernel, table, order, codes, half, full, is_half, buf):
         return None
+    views = [v for shape, strides, at in table.views for v in buf.as_strided(shape, strides, at).unbind(0)]
     out = DecodedTensors()
     parts = out.parts
-    view = buf.as_strided
     for name, e in zip(names, entries):
-        if len(e) == 3:                              # dense: (sel, heads, slot)
-            s = e[2]
-            parts[name] = Part(e[0], None, None, None, None, view(s[8], s[9], s[10]))
+        if len(e) == 3:                              # dense: (sel, heads, spec)
+            parts[name] = Part(e[0], None, None, None, None, views[e[2][8]])
             continue
         sel, side, b, _, _, ls, rs = e
-        parts[name] = Part(sel, side, b, view(ls[8], ls[9], ls[10]) if ls is not None else None,
-                           view(rs[8], rs[9], rs[10]) if rs is not None else None)
+        parts[name] = Part(sel, side, b, views[ls[8]] if ls is not None else None,
+                           views[rs[8]] if rs is not None else None)
     return out
 
 
