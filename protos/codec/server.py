@@ -362,7 +362,9 @@ class ServerCodec:
         # and a partial update (which would count as zeros at full weight) after it.
         if not msg.factors and not msg.dense:
             raise UpdateDecodeError("update holds no tensors: nothing to aggregate")
-        expected = self.tensors.expected(plan, uplink=True)
+        # what the plan expects, worked out once per plan (with the fast path's table)
+        from .batch_decode import plan_table
+        expected = plan_table(self.tensors, plan).expected
         # one compiled pass when the update is well-formed; otherwise (and without numba) the
         # per-tensor decoder, which refuses what it refuses with its own message
         tensors = decode_tensors(self.tensors, msg.factors, msg.dense, plan)

@@ -102,6 +102,8 @@ class TensorCodec:
         # counter: a mask changed in place is a new key); selection_for costs ~10 torch calls
         self._sels_all: dict[str, Selection] = {}
         self._sels_mask: tuple = (None, -1, {})
+        # the fast decode's table of the last plan decoded against (batch_decode.PlanTable)
+        self._plan_table = None
 
     def _selection(self, name: str, mask: torch.Tensor | None) -> Selection:
         if mask is None:
