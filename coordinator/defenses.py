@@ -142,8 +142,8 @@ class _MeasuredExact(ExactAggregator):
         super().begin_round(global_state, plan)
         self._measured = threading.local()          # one update is added by one thread
 
-    def _sum_group(self, names, x, offsets, sels, weight: int, sign: int = 1) -> float:
-        sumsq = super()._sum_group(names, x, offsets, sels, weight, sign)
+    def _sum_in(self, name, x, sel, weight: int, sign: int = 1) -> float:
+        sumsq = super()._sum_in(name, x, sel, weight, sign)
         self._measured.sumsq = getattr(self._measured, "sumsq", 0.0) + sumsq
         return sumsq
 

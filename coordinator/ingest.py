@@ -145,25 +145,10 @@ class UploadIngest:
         except UpdateDecodeError as e:
             raise InvalidArgument(f"update does not fit round {rnd.id}'s codec plan: {e}", "invalid_update") from None
 
-    def accept(self, msg: pb.ModelUpdate, payload: bytes, rnd: "OpenRound", client: str
-               ) -> tuple[Path, int, dict[str, float]]:
-        """On a pool thread: decode the update, then, while its round still takes updates,
-        spool it and sum it into the round's aggregate now (exactly, in any order), so the
-        close has little left to do; the decoded update is dropped after. One job on the
-        pool per update: each job's hand-back wakes the event loop and takes the GIL from
-        it. (path, num_examples, metrics)."""
-        update = self.decode(msg, rnd)
-        if self.coord.round is not rnd or rnd.closing:
-            raise FailedPrecondition(f"round {rnd.id} closed while the update was being received", "round_closed")
-        path = self.coord.spool_root / f"round-{rnd.id:06d}" / f"{client}.pb"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            path.write_bytes(payload)
-            rnd.aggregator.add(client, update, update.num_examples)
-        except (OverflowError, ValueError) as e:
-            path.unlink(missing_ok=True)
-            raise InvalidArgument(f"update cannot be aggregated: {e}", "invalid_update") from None
-        return path, update.num_examples, update.metrics
+    @staticmethod
+    def spool_and_add(path: Path, payload: bytes, rnd: "OpenRound", client: str, update: DecodedUpdate) -> None:
+        path.write_bytes(payload)
+        rnd.aggregator.add(client, update, update.num_examples)
 
     async def submit(self, client: str, requests: AsyncIterator) -> cpb.SubmitUpdateResponse:
         """Receive, validate and spool one update from a stream of ``SubmitUpdateRequest``
@@ -204,8 +189,23 @@ class UploadIngest:
                         except DecodeError:
                             raise InvalidArgument("payload is not a serialized fedmla.v1.ModelUpdate",
                                                   "malformed") from None
-                        path, num_examples, metrics = await self._run(self.accept, msg, payload, rnd, client)
+                        update = await self._run(self.decode, msg, rnd)
                         del msg
+                    if coord.round is not rnd or rnd.closing:
+                        raise FailedPrecondition(f"round {rnd.id} closed while the update was being received",
+                                                 "round_closed")
+                    path = coord.spool_root / f"round-{rnd.id:06d}" / f"{client}.pb"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    # Spooled, then summed into the round's aggregate now (exactly, in any
+                    # order), so the close has little left to do; the decoded update is
+                    # dropped after. One job on the pool: one queue wait, not two.
+                    try:
+                        await self._run(self.spool_and_add, path, payload, rnd, client, update)
+                    except (OverflowError, ValueError) as e:
+                        path.unlink(missing_ok=True)
+                        raise InvalidArgument(f"update cannot be aggregated: {e}", "invalid_update") from None
+                    num_examples, metrics = update.num_examples, update.metrics
+                    del update
                 finally:
                     rnd.receiving.discard(client)
                     coord.changed()

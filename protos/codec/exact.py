@@ -13,8 +13,7 @@ Bounds: |w * x| < 2**MAX_TERM_BITS per element (the caller bounds weights and va
 and at most 2**22 terms per sum; :meth:`ExactSum.add` refuses a term past the bound.
 
 :meth:`ExactSum.add_scaled` is the coordinator's path: a float32 tensor times an integer
-weight, checked against the bound on the float32 tensor first, then summed in one pass;
-:meth:`ExactSum.add_group` does the same for the terms of several parameters in one call.
+weight, checked against the bound on the float32 tensor first, then summed in one pass.
 The compiled path adds each term whole on the grid, trunc(w x 2**40), into the low limbs
 while they have room for it (below 2**62 in magnitude; a term past int64's grid is split
 as :meth:`limbs` splits it) and folds the low limbs into the high ones when they have not,
@@ -28,9 +27,7 @@ term or a fold needed them.
 from __future__ import annotations
 
 import functools
-import math
 import os
-import threading
 
 import numpy as np
 import torch
@@ -172,66 +169,19 @@ def _kernels():
         add_large(x, lo, hi, runs, x_stride, acc_stride, w, sgn)
         return 0, sumsq, limb
 
-    @jit
-    def add_group(x, xbits, table, runs, lo, hi, w, sgn, rooms, moved, large):
-        """add_checked for the terms of several parameters in one call (one GIL release per
-        group, not one per tensor). Term p is ``x[table[p, 0]:][:table[p, 1]]``; its runs
-        (``runs[table[p, 2]:][:table[p, 3]]``, with the row strides ``table[p, 4:6]``) are
-        relative to that slice and to ``lo[table[p, 6]:]`` (``hi`` likewise). Every term
-        is checked before any is added. Returns (status, p, sum of x**2 of the terms
-        scanned): status 0 all added, ``moved[p]`` the most term p moved a low limb by and
-        ``large[p]`` 1 when it needed the high limbs; otherwise nothing was added and term
-        p is the cause: -1 refused (as add_checked), 2 it needs the high limbs and ``hi``
-        is empty, 3 its low limbs have less than ``rooms[p]`` left."""
-        total = 0.0
-        bits = np.empty(1, dtype=np.uint32)
-        for p in range(table.shape[0]):
-            xo, xl = table[p, 0], table[p, 1]
-            m, sumsq = scan(x[xo:xo + xl], xbits[xo:xo + xl])
-            total += sumsq
-            if m > 0x7f800000:
-                return -1, p, total
-            bits[0] = m
-            top = np.float64(bits.view(np.float32)[0]) * w
-            if not top < max_term:
-                return -1, p, total
-            if top < fits:
-                bound = top * limb
-                large[p] = 0
-            else:
-                if hi.size == 0:
-                    return 2, p, total
-                bound = limb
-                large[p] = 1
-            if bound > rooms[p]:
-                return 3, p, total
-            moved[p] = bound
-        for p in range(table.shape[0]):
-            xo, xl, r0, rn = table[p, 0], table[p, 1], table[p, 2], table[p, 3]
-            xs, accs, ao = table[p, 4], table[p, 5], table[p, 6]
-            if large[p]:
-                add_large(x[xo:xo + xl], lo[ao:], hi[ao:], runs[r0:r0 + rn], xs, accs, w, sgn)
-            else:
-                add_grid(x[xo:xo + xl], lo[ao:], runs[r0:r0 + rn], xs, accs, w * limb, sgn)
-        return 0, -1, total
-
-    return add_checked, add_group
+    return add_checked
 
 
 def warm_up() -> bool:
     """Compile (or load from numba's cache) the kernels now, outside any measured or
     latency-bound path; True when the compiled path is in use."""
-    kernels = _kernels()
-    if kernels is None:
+    add_checked = _kernels()
+    if add_checked is None:
         return False
-    add_checked, add_group = kernels
     runs = np.array([[0, 0, 1, 2]], dtype=np.int64)
-    table = np.array([[0, 2, 0, 1, 2, 2, 0]], dtype=np.int64)
     for x in (np.zeros(2, dtype=np.float32), np.full(2, 3.0, dtype=np.float32)):
         add_checked(x, x.view(np.uint32), np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64), runs, 2, 2,
                     1.0, 1, _ROOM)
-        add_group(x, x.view(np.uint32), table, runs, np.zeros(2, dtype=np.int64), np.zeros(2, dtype=np.int64),
-                  1.0, 1, np.full(1, _ROOM), np.zeros(1), np.zeros(1, dtype=np.uint8))
     return True
 
 
@@ -301,23 +251,10 @@ class ExactSum:
 
     def __init__(self, shapes: dict[str, tuple[int, ...]]):
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
-        # The limbs of every parameter are views of one int64 array each (so that one
-        # compiled call can add the terms of several parameters, add_group), at these
-        # offsets. Both arrays come from calloc: pages of limbs never touched (the high
-        # limbs, mostly) cost no memory.
-        self._offsets: dict[str, int] = {}
-        total = 0
-        for k, s in self.shapes.items():
-            self._offsets[k] = total
-            total += math.prod(s)
-        self._lo_all = torch.from_numpy(np.zeros(total, dtype=np.int64))
-        self._hi_all: torch.Tensor | None = None
-        self._hi_lock = threading.Lock()
-        self._hi: dict[str, torch.Tensor] = {}        # the limbs a term or a fold has used
+        self._hi: dict[str, torch.Tensor] = {}
         self._lo: dict[str, torch.Tensor] = {}
         self._bound: dict[str, float] = {}     # at least the largest |low limb| of each parameter
         self._runs: dict[str, tuple] = {}
-        self._tables: dict[tuple, tuple] = {}
 
     @staticmethod
     def limbs(term: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,17 +280,8 @@ class ExactSum:
     def _acc(self, store: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         acc = store.get(name)
         if acc is None:
-            flat = self._lo_all if store is self._lo else self._high()
-            at = self._offsets[name]
-            acc = store[name] = flat[at:at + math.prod(self.shapes[name])].view(self.shapes[name])
+            acc = store[name] = torch.zeros(self.shapes[name], dtype=torch.int64)
         return acc
-
-    def _high(self) -> torch.Tensor:
-        """The high limbs of all parameters (made on first need)."""
-        with self._hi_lock:
-            if self._hi_all is None:
-                self._hi_all = torch.from_numpy(np.zeros(self._lo_all.numel(), dtype=np.int64))
-            return self._hi_all
 
     def add_limbs(self, name: str, hi: torch.Tensor, lo: torch.Tensor, sign: int = 1) -> None:
         """Add limbs made by :meth:`limbs` (so that the costly split can run outside a lock)."""
@@ -408,9 +336,8 @@ class ExactSum:
             return 0.0
         # The bounds hold for the full term iff they hold for x: its zeros are within both
         # and never raise the largest |w x|.
-        kernels = _kernels()
-        if kernels is not None:
-            add_checked = kernels[0]
+        add_checked = _kernels()
+        if add_checked is not None:
             xn = x.numpy().reshape(-1)
             # the runs of a selection, kept while the same index tensor comes back (a round's
             # selections are one object per parameter)
@@ -468,87 +395,6 @@ class ExactSum:
                 self._split_large(xc, w, hi_c, h[:xc.size].reshape(xc.shape), kc, add)
             add(lo_c, kc, out=lo_c)
         return float(x.to(torch.float64).square().sum())
-
-    def add_group(self, names: tuple[str, ...], x: torch.Tensor, offsets: tuple[int, ...],
-                  sels: tuple[tuple[torch.Tensor | None, torch.Tensor | None], ...], weight: int,
-                  sign: int = 1) -> float:
-        """:meth:`add_scaled` for the terms of several parameters at once: term i is
-        ``weight * x[offsets[i]:]`` over the shape of parameter ``names[i]`` (or of its
-        selection ``sels[i]`` = (rows, cols), as ``add_scaled`` takes them); ``x`` one
-        float32 vector. The same integer sums as one ``add_scaled`` per term, in one
-        compiled call that checks every term before it adds any (a refused term leaves
-        all of them out). Not thread-safe for one name: callers hold the lock of every
-        parameter of the group. Returns the float64 sum of the squares of all terms."""
-        if not len(names) == len(offsets) == len(sels):
-            raise ValueError(f"{len(names)} names, {len(offsets)} offsets and {len(sels)} selections")
-        subs = []
-        for name, at, (rows, cols) in zip(names, offsets, sels):
-            shape = self.shapes[name]
-            if rows is not None and cols is not None:
-                raise ValueError(f"{name}: a selection of rows or of columns, not both")
-            sub = list(shape)
-            if rows is not None or cols is not None:
-                if len(shape) != 2:
-                    raise ValueError(f"{name}: a selection of a {len(shape)}-D parameter")
-                sub[0 if rows is not None else 1] = (rows if rows is not None else cols).numel()
-            if not (0 <= at and at + math.prod(sub) <= x.numel()):
-                raise ValueError(f"{name}: a term of {math.prod(sub)} elements at {at} of {x.numel()}")
-            subs.append(tuple(sub))
-        weight = int(weight)
-        kernels = _kernels()
-        if (kernels is None or x.dtype != torch.float32 or x.dim() != 1 or not x.is_contiguous()
-                or not 0 < weight < MAX_WEIGHT):
-            total, done = 0.0, []
-            terms = [(name, x[at:at + math.prod(sub)].view(sub), rows, cols)
-                     for name, at, sub, (rows, cols) in zip(names, offsets, subs, sels)]
-            try:
-                for name, term, rows, cols in terms:
-                    total += self.add_scaled(name, term, weight, sign, rows=rows, cols=cols)
-                    done.append((name, term, rows, cols))
-            except BaseException:
-                for name, term, rows, cols in done:          # all of the group or none of it
-                    self.add_scaled(name, term, weight, -sign, rows=rows, cols=cols)
-                raise
-            return total
-        key = (names, offsets)
-        hit = self._tables.get(key)
-        if hit is None or any(a is not b for pa, pb in zip(hit[0], sels) for a, b in zip(pa, pb)):
-            hit = self._tables[key] = (sels, *self._group_table(names, offsets, subs, sels))
-        _, table, runs = hit
-        for name in names:
-            self._acc(self._lo, name)
-        xn = x.detach().numpy()
-        moved = np.empty(len(names))
-        large = np.zeros(len(names), dtype=np.uint8)
-        while True:
-            rooms = np.array([_ROOM - self._bound.get(name, 0.0) for name in names])
-            hi = _EMPTY if self._hi_all is None else self._hi_all.numpy()
-            status, p, sumsq = kernels[1](xn, xn.view(np.uint32), table, runs, self._lo_all.numpy(), hi,
-                                          float(weight), 1 if sign > 0 else -1, rooms, moved, large)
-            if status == 0:
-                break
-            if status < 0:
-                raise _refuse()
-            if status == 2:
-                self._high()
-            else:
-                self._fold(names[p])
-        for i, name in enumerate(names):
-            if large[i]:
-                self._acc(self._hi, name)
-            self._bound[name] = self._bound.get(name, 0.0) + moved[i]
-        return float(sumsq)
-
-    def _group_table(self, names, offsets, subs, sels) -> tuple[np.ndarray, np.ndarray]:
-        """add_group's table (one row per term) and its runs, all terms' runs back to back."""
-        rows_, runs = [], []
-        at = 0
-        for name, off, sub, (rows, cols) in zip(names, offsets, subs, sels):
-            r, xs, accs = _kernel_runs(sub, self.shapes[name], rows, cols)
-            rows_.append([off, math.prod(sub), at, r.shape[0], xs, accs, self._offsets[name]])
-            runs.append(r)
-            at += r.shape[0]
-        return np.array(rows_, dtype=np.int64).reshape(-1, 7), np.concatenate(runs).reshape(-1, 4)
 
     @staticmethod
     def _split_high(hi_acc: np.ndarray, kc: np.ndarray, hc: np.ndarray, add) -> None:

@@ -31,7 +31,7 @@ from .batch_decode import decode_tensors
 from .config import CodecConfig
 from .exact import ExactSum
 from .heads import combine_importance, select_heads, update_importance
-from .layout import Basis, RoundPlan, SharedState, factor_pair, generator
+from .layout import Basis, RoundPlan, Selection, SharedState, factor_pair, generator
 from .lowrank import basis_from_factor
 from .wire import DecodedTensors, TensorCodec, UpdateDecodeError
 
@@ -85,7 +85,7 @@ class ExactAggregator:
 
     Each client's factors are multiplied out (left^T @ right, or basis @ factor, float32)
     and added at once, weighted by its example count, to an :class:`~.exact.ExactSum`
-    (:meth:`~.exact.ExactSum.add_group`): integer limbs on a fixed grid, so the sum is
+    (:meth:`~.exact.ExactSum.add_scaled`): integer limbs on a fixed grid, so the sum is
     the same bits whatever order the updates arrive in (and from whichever thread: each
     parameter has its own lock, so two threads add at once), and an update can be taken out
     again exactly (:meth:`remove`). Memory is O(model) whatever the number of clients:
@@ -108,70 +108,36 @@ class ExactAggregator:
         self._locks = {name: threading.Lock() for name in self.shapes}
         self._local = threading.local()          # per thread: the products' scratch
 
-    def _groups(self, update: DecodedUpdate):
-        """The update's terms in groups summed by one compiled call each: (names, x, offsets,
-        selections), ``x`` a float32 vector holding the float32 tensor each part stands for,
-        on its selection's rows/columns only, at ``offsets`` (the zeros elsewhere are never
-        made: they would add nothing). Times an integer weight < 2**29 each value is exact
-        in float64, which ExactSum relies on.
-
-        The low-rank parts (left^T @ right) of one shape are multiplied out next to each
-        other in this thread's scratch (valid until the next group is formed) and summed by
-        one call: on the small preset 7 sums per update instead of 98, each a Python call
-        that holds the GIL while the other ingest thread and the gRPC loop wait for it.
-        Each product is its own ``torch.mm`` (the same MKL call as Part.product, so the
-        same bits; tests/codec/test_exact_sum.py): ``torch.bmm`` took ~1.6x the CPU of the
-        separate products on these shapes, and on more than one MKL thread it rounds
-        skinny products otherwise. The dense parts go in one group, each part on a shared
-        basis in its own."""
-        lowrank: dict[tuple[int, int, int], list] = {}
-        dense = []
+    def _products(self, update: DecodedUpdate):
+        # The float32 tensor each part stands for, on its selection's rows/columns only (the
+        # low-rank product is formed here, outside any lock; the zeros elsewhere are never
+        # made: they would add nothing); times an integer weight < 2**29 it is exact in
+        # float64, which ExactSum.add_scaled relies on. A low-rank product is written into
+        # this thread's scratch (valid until the next one is formed): a fresh allocation
+        # per product (~25 MB per update on the small preset) cost page faults and the
+        # memory's churn; torch.mm with out= is the same MKL call, so the same bits as
+        # Part.product (tests/codec/test_exact_sum.py).
         for name, part in update.tensors.parts.items():
             if part.value is not None:
-                dense.append((name, part))
-            elif part.side is None:
-                lowrank.setdefault((*part.left.shape, part.right.shape[1]), []).append((name, part))
-            else:
-                a, b = factor_pair(part.left, part.right, part.side, part.basis)
-                x = torch.mm(a, b, out=self._scratch(a.size(0) * b.size(1)).view(a.size(0), b.size(1)))
-                yield (name,), x.view(-1), (0,), ((part.sel.rows, part.sel.cols),)
-        for (_, m, n), items in lowrank.items():
-            k = len(items)
-            out = self._scratch(k * m * n).view(k, m, n)
-            for i, (_, p) in enumerate(items):
-                torch.mm(p.left.t(), p.right, out=out[i])
-            yield (tuple(name for name, _ in items), out.view(-1), tuple(i * m * n for i in range(k)),
-                   tuple((p.sel.rows, p.sel.cols) for _, p in items))
-        if dense:
-            values = [p.value.reshape(-1).float() for _, p in dense]
-            offsets, at = [], 0
-            for v in values:
-                offsets.append(at)
-                at += v.numel()
-            yield (tuple(name for name, _ in dense), torch.cat(values), tuple(offsets),
-                   tuple((p.sel.rows, p.sel.cols) for _, p in dense))
+                yield name, part.product(), part.sel
+                continue
+            a, b = factor_pair(part.left, part.right, part.side, part.basis)
+            yield name, torch.mm(a, b, out=self._scratch(a.size(0), b.size(1))), part.sel
 
-    def _scratch(self, numel: int) -> torch.Tensor:
-        """``numel`` float32 elements at the start of this thread's scratch buffer (64-byte
-        aligned, as a fresh torch tensor): a fresh allocation per product (~25 MB per update
-        on the small preset) cost page faults and the memory's churn."""
+    def _scratch(self, m: int, n: int) -> torch.Tensor:
+        """An (m, n) float32 tensor at the start of this thread's scratch buffer (64-byte
+        aligned, as a fresh torch tensor)."""
         local = self._local
         buf = getattr(local, "buf", None)
-        if buf is None or buf.numel() < numel:
-            buf = local.buf = torch.empty(max(numel, max(math.prod(s) for s in self.shapes.values())),
+        if buf is None or buf.numel() < m * n:
+            buf = local.buf = torch.empty(max(m * n, max(math.prod(s) for s in self.shapes.values())),
                                           dtype=torch.float32)
-        return buf[:numel]
+        return buf[:m * n].view(m, n)
 
-    def _sum_group(self, names, x: torch.Tensor, offsets, sels, weight: int, sign: int = 1) -> float:
-        """Add (take out) one group's terms; the sum of their squares (see ExactSum.add_group)."""
-        locks = [self._locks[name] for name in sorted(names)]     # one order for every thread
-        for lock in locks:
-            lock.acquire()
-        try:
-            return self._sum.add_group(names, x, offsets, sels, weight, sign)
-        finally:
-            for lock in reversed(locks):
-                lock.release()
+    def _sum_in(self, name: str, x: torch.Tensor, sel: Selection, weight: int, sign: int = 1) -> float:
+        """Add (take out) one tensor's term; the sum of the squares of ``x`` (see add_scaled)."""
+        with self._locks[name]:          # one lock per parameter: threads contend only on the same one
+            return self._sum.add_scaled(name, x, weight, sign, rows=sel.rows, cols=sel.cols)
 
     def add(self, client_id: str, update: DecodedUpdate, num_examples: int | None = None) -> None:
         """Sum the update in now, one tensor at a time (temporaries of one tensor, not of
@@ -185,15 +151,16 @@ class ExactAggregator:
             if client_id in self._weights or client_id in self._adding:
                 raise ValueError(f"client {client_id!r} already contributed to round {self.plan.round}")
             self._adding.add(client_id)
-        done: set[tuple[str, ...]] = set()
+        done: list[str] = []
         try:
-            for names, x, offsets, sels in self._groups(update):
-                self._sum_group(names, x, offsets, sels, n)   # refuses a term past the bound before summing any
-                done.add(names)
+            for name, x, sel in self._products(update):
+                self._sum_in(name, x, sel, n)        # refuses a term past the bound before summing any of it
+                del x
+                done.append(name)
         except BaseException:
-            for names, x, offsets, sels in self._groups(update):
-                if names in done:
-                    self._sum_group(names, x, offsets, sels, n, sign=-1)
+            for name, x, sel in self._products(update):
+                if name in done:
+                    self._sum_in(name, x, sel, n, sign=-1)
             with self._lock:
                 self._adding.discard(client_id)
             raise
@@ -208,8 +175,8 @@ class ExactAggregator:
         with self._lock:
             n = self._weights.pop(client_id)
             self._imp.pop(client_id, None)
-        for names, x, offsets, sels in self._groups(update):
-            self._sum_group(names, x, offsets, sels, n, sign=-1)
+        for name, x, sel in self._products(update):
+            self._sum_in(name, x, sel, n, sign=-1)
 
     def reweight(self, client_id: str, update: DecodedUpdate, weight: int) -> None:
         """Give a client's update another weight (exactly): the same update ``add`` was given."""

@@ -190,88 +190,27 @@ def test_aggregator_sums_head_selected_updates_as_their_full_shape_terms(method)
         assert all(torch.equal(a, b) for a, b in zip(agg._sum.sum_limbs(name), ref.sum_limbs(name))), name
 
 
-def test_aggregator_groups_hold_the_bits_of_part_product():
-    """Every term the aggregator sums is Part.product bit for bit: low-rank parts of one
-    shape side by side in one group (groups of 1, 2 and 3, on selections too), parts on a
-    shared basis one by one, dense parts concatenated."""
+def test_aggregator_products_in_its_scratch_are_the_bits_of_part_product():
     from fedmla.protos.codec import ExactAggregator
     from fedmla.protos.codec.layout import Selection
     from fedmla.protos.codec.server import DecodedUpdate
     from fedmla.protos.codec.wire import DecodedTensors, Part
     g = torch.Generator().manual_seed(5)
+    shapes = {"a": (300, 200), "b": (160, 520), "c": (96, 64), "d": (40,)}
     r = 12
-    shapes = {"a1": (300, 200), "a2": (300, 200), "a3": (300, 200), "s1": (96, 520), "s2": (96, 520),
-              "one": (40, 64), "b": (160, 520), "c": (96, 64), "d": (40,), "e": (5, 7)}
-    rows = torch.tensor([0, 1, 2, 3, 50, 51, 52, 53, 90])
-    parts = {name: Part(sel=Selection(), left=torch.randn(r, m, generator=g), right=torch.randn(r, n, generator=g))
-             for name, (m, n) in ((k, shapes[k]) for k in ("a1", "a2", "a3", "one"))}
-    for name in ("s1", "s2"):
-        parts[name] = Part(sel=Selection(rows=rows), left=torch.randn(r, 9, generator=g),
-                           right=torch.randn(r, 520, generator=g))
-    parts["b"] = Part(sel=Selection(), side="left", basis=torch.randn(160, r, generator=g),
-                      right=torch.randn(r, 520, generator=g))
-    parts["c"] = Part(sel=Selection(), side="right", basis=torch.randn(64, r, generator=g),
-                      left=torch.randn(r, 96, generator=g))
-    parts["d"] = Part(sel=Selection(), value=torch.randn(40, generator=g))
-    parts["e"] = Part(sel=Selection(cols=torch.tensor([1, 4])), value=torch.randn(5, 2, generator=g))
+    parts = {
+        "a": Part(sel=Selection(), left=torch.randn(r, 300, generator=g), right=torch.randn(r, 200, generator=g)),
+        "b": Part(sel=Selection(), side="left", basis=torch.randn(160, r, generator=g),
+                  right=torch.randn(r, 520, generator=g)),
+        "c": Part(sel=Selection(), side="right", basis=torch.randn(64, r, generator=g),
+                  left=torch.randn(r, 96, generator=g)),
+        "d": Part(sel=Selection(), value=torch.randn(40, generator=g)),
+    }
     agg = ExactAggregator(shapes, 1, 1)
     agg.begin_round(None, None)
     update = DecodedUpdate(DecodedTensors(parts), None, 3, {})
-    seen, sizes = [], []
-    for names, x, offsets, sels in agg._groups(update):
-        sizes.append(len(names))
-        for name, at, sel in zip(names, offsets, sels):
-            want = parts[name].product()
-            assert sel == (parts[name].sel.rows, parts[name].sel.cols)
-            got = x[at:at + want.numel()].view(want.shape)
-            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), name
-            seen.append(name)
-    assert sorted(seen) == sorted(parts) and sorted(sizes) == [1, 1, 1, 2, 2, 3]
-
-
-def test_add_group_is_the_sum_of_add_scaled_per_term(kernels):
-    """One call for the terms of several parameters (whole, on rows, on columns, empty)
-    gives the limbs of one add_scaled per term, over folds and terms past int64's grid;
-    a refused term leaves every term of the group out; taking out restores the sum."""
-    g = torch.Generator().manual_seed(11)
-    shapes = {"w": (13, 29), "r": (20, 8), "c": (6, 30), "b": (7,), "e": (0, 3)}
-    rows, cols = torch.tensor([0, 1, 2, 7, 8, 19]), torch.tensor([3, 4, 5, 6, 20, 29])
-    sels = {"w": (None, None), "r": (rows, None), "c": (None, cols), "b": (None, None), "e": (None, None)}
-    subs = {"w": (13, 29), "r": (6, 8), "c": (6, 6), "b": (7,), "e": (0, 3)}
-    names = tuple(shapes)
-    fast, ref = ExactSum(shapes), ExactSum(shapes)
-    for step, weight in enumerate((1, 3, 1000, 3183, 12345, MAX_WEIGHT - 1, 7)):
-        lim = (2.0 ** MAX_TERM_BITS - 1) / weight
-        terms_ = {n: terms(g, max(1, torch.Size(s).numel()))[:torch.Size(s).numel()].reshape(s).clamp(-lim, lim)
-                  for n, s in subs.items()}
-        big = 2.0 ** (MAX_TERM_BITS - 1) / weight if step % 2 else 2.0 ** 21 / weight
-        for n in terms_:
-            t = terms_[n]
-            if t.numel():
-                t.view(-1)[0] = big * (1 if step % 3 else -1)              # past the grid's int64 every other step
-        x = torch.cat([terms_[n].reshape(-1) for n in names])
-        offsets, at = [], 0
-        for n in names:
-            offsets.append(at)
-            at += terms_[n].numel()
-        for sign in (1, -1, 1):
-            sumsq = fast.add_group(names, x, tuple(offsets), tuple(sels[n] for n in names), weight, sign)
-            want = 0.0
-            for n in names:
-                want += ref.add_scaled(n, terms_[n], weight, sign, rows=sels[n][0], cols=sels[n][1])
-            assert sumsq == pytest.approx(want, rel=1e-12)
-        for n in names:
-            assert all(_same(a, b) for a, b in zip(limbs_of(fast, n), limbs_of(ref, n))), (step, n)
-            assert torch.equal(fast.value(n), ref.value(n)), (step, n)
-    before = [limbs_of(fast, n) for n in names]
-    y = x.clone()
-    y[-5] = float("nan")                      # in the last term: the others were checked and not added
-    with pytest.raises(OverflowError, match="too large to sum exactly"):
-        fast.add_group(names, y, tuple(offsets), tuple(sels[n] for n in names), 5)
-    assert all(all(_same(a, b) for a, b in zip(limbs_of(fast, n), want)) for n, want in zip(names, before))
-    with pytest.raises(ValueError, match="elements at"):
-        fast.add_group(names, x[:-1], tuple(offsets), tuple(sels[n] for n in names), 5)
-
-
-def _same(a, b):
-    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+    seen = []
+    for name, x, sel in agg._products(update):
+        assert torch.equal(x.view(torch.int32), parts[name].product().view(torch.int32)), name
+        seen.append(name)
+    assert seen == ["a", "b", "c", "d"]
