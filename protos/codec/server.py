@@ -27,7 +27,7 @@ from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
 from ..limits import clip
 from ..weights import model_hash
-from .batch_decode import decode_tensors
+from .batch_decode import decode_tensors, plan_table
 from .config import CodecConfig
 from .exact import ExactSum
 from .heads import combine_importance, select_heads, update_importance
@@ -330,7 +330,6 @@ class ServerCodec:
         if not msg.factors and not msg.dense:
             raise UpdateDecodeError("update holds no tensors: nothing to aggregate")
         # what the plan expects, worked out once per plan (with the fast path's table)
-        from .batch_decode import plan_table
         expected = plan_table(self.tensors, plan).expected
         # one compiled pass when the update is well-formed; otherwise (and without numba) the
         # per-tensor decoder, which refuses what it refuses with its own message
