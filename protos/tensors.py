@@ -67,13 +67,24 @@ def _payload(msg: pb.Tensor, expected: int, what: str) -> bytes:
     if expected > MAX_INFLATED_BYTES:
         raise TensorDecodeError(f"{what}: a compressed tensor may hold at most {MAX_INFLATED_BYTES} bytes, "
                                 f"its shape needs {expected}")
-    d = zlib.decompressobj(-15)
     try:
-        out = d.decompress(msg.data, expected + 1)
+        out = inflate_exact(msg.data, expected)
     except zlib.error as e:
         raise TensorDecodeError(f"{what}: corrupt DEFLATE data ({e})") from None
-    if len(out) != expected or not d.eof or d.unused_data or d.unconsumed_tail:
+    if out is None:
         raise TensorDecodeError(f"{what}: DEFLATE data does not inflate to the expected {expected} bytes")
+    return out
+
+
+def inflate_exact(data: bytes, expected: int) -> bytes | None:
+    """Raw DEFLATE ``data`` inflated, never to more than ``expected`` + 1 bytes (the bound is
+    set before anything is allocated); None unless the whole stream gives exactly
+    ``expected`` bytes with nothing after it. Corrupt data raises ``zlib.error``. Callers
+    bound ``expected`` (MAX_INFLATED_BYTES) first."""
+    d = zlib.decompressobj(-15)
+    out = d.decompress(data, expected + 1)
+    if len(out) != expected or not d.eof or d.unused_data or d.unconsumed_tail:
+        return None
     return out
 
 

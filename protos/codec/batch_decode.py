@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
-from fedmla.protos.tensors import MAX_INFLATED_BYTES
+from fedmla.protos.tensors import MAX_INFLATED_BYTES, inflate_exact
 
 from .layout import RoundPlan
 from .quant import _shift, code_range, container_bits
@@ -305,15 +305,13 @@ def decode_tensors(tc: TensorCodec, factors, dense, plan: RoundPlan) -> DecodedT
         if compression:
             if compression != pb.DEFLATE or nbytes > MAX_INFLATED_BYTES:
                 return None
-            # as tensors._payload: bounded to the plan's size before anything is allocated
-            d = zlib.decompressobj(-15)
             try:
-                data = d.decompress(data, nbytes + 1)
+                data = inflate_exact(data, nbytes)       # bounded by the plan's size, as _payload
             except zlib.error:
                 return None
-            if not d.eof or d.unused_data or d.unconsumed_tail:
+            if data is None:
                 return None
-        if len(data) != nbytes:
+        elif len(data) != nbytes:
             return None
         sc = q.scales
         sdata = sc.data
