@@ -15,8 +15,6 @@ may need is reserved from ``upload_memory_budget_bytes``, shared by all uploads 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import functools
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
 
-from fedmla.protos.codec import DecodedUpdate, UpdateDecodeError
+from fedmla.protos.codec import DecodedUpdate, UpdateDecodeError, blas
 from fedmla.protos.fedmla.v1 import coordinator_pb2 as cpb
 from fedmla.protos.fedmla.v1 import types_pb2 as pb
 from fedmla.protos.weights import sha256_hex
@@ -39,20 +37,6 @@ if TYPE_CHECKING:
     from .rounds import Coordinator, OpenRound
 
 
-@functools.cache
-def _mkl_set_local_threads():
-    """MKL's ``MKL_Set_Num_Threads_Local`` (int by value; the lower-case export is the
-    Fortran form, which takes a pointer) from the MKL that torch links in, or None."""
-    import torch
-    try:
-        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-        fn = lib.MKL_Set_Num_Threads_Local
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-    return fn
-
-
 def one_blas_thread() -> bool:
     """Bound the calling thread's MKL calls (the low-rank products) to one thread, for this
     thread only; True when it took effect. By default each ingest thread opened a team of
@@ -60,12 +44,9 @@ def one_blas_thread() -> bool:
     threads that waited on each other (bench at 100 clients: 23-24 against 28-36 ms of
     coordinator CPU per update). ``torch.set_num_threads`` cannot do this: called from one
     thread it sets torch's and MKL's counts for every thread of the process. The products
-    keep their bits (tests/coordinator/test_ingest_threads.py)."""
-    fn = _mkl_set_local_threads()
-    if fn is None:
-        return False
-    fn(1)
-    return True
+    keep their bits (tests/coordinator/test_ingest_threads.py); the exact sum bounds its
+    products to one thread itself too (:mod:`fedmla.protos.codec.blas`)."""
+    return blas.bound_calling_thread()
 
 
 @dataclass

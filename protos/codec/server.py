@@ -27,6 +27,7 @@ from fedmla.protos.fedmla.v1 import types_pb2 as pb
 
 from ..limits import clip
 from ..weights import model_hash
+from . import blas
 from .batch_decode import decode_tensors, plan_table
 from .config import CodecConfig
 from .exact import ExactSum
@@ -83,7 +84,8 @@ def decode_importance(msg: pb.HeadScores, num_layers: int, num_heads: int) -> to
 class ExactAggregator:
     """Example-weighted mean of the clients' reconstructed updates, exact for what was sent.
 
-    Each client's factors are multiplied out (left^T @ right, or basis @ factor, float32)
+    Each client's factors are multiplied out (left^T @ right, or basis @ factor, float32,
+    on one BLAS thread whichever thread adds: :mod:`.blas`)
     and added at once, weighted by its example count, to an :class:`~.exact.ExactSum`
     (:meth:`~.exact.ExactSum.add_scaled`): integer limbs on a fixed grid, so the sum is
     the same bits whatever order the updates arrive in (and from whichever thread: each
@@ -153,14 +155,16 @@ class ExactAggregator:
             self._adding.add(client_id)
         done: list[str] = []
         try:
-            for name, x, sel in self._products(update):
-                self._sum_in(name, x, sel, n)        # refuses a term past the bound before summing any of it
-                del x
-                done.append(name)
+            with blas.single_thread():           # the products' bits, whichever thread adds
+                for name, x, sel in self._products(update):
+                    self._sum_in(name, x, sel, n)        # refuses a term past the bound before summing any of it
+                    del x
+                    done.append(name)
         except BaseException:
-            for name, x, sel in self._products(update):
-                if name in done:
-                    self._sum_in(name, x, sel, n, sign=-1)
+            with blas.single_thread():
+                for name, x, sel in self._products(update):
+                    if name in done:
+                        self._sum_in(name, x, sel, n, sign=-1)
             with self._lock:
                 self._adding.discard(client_id)
             raise
@@ -175,8 +179,9 @@ class ExactAggregator:
         with self._lock:
             n = self._weights.pop(client_id)
             self._imp.pop(client_id, None)
-        for name, x, sel in self._products(update):
-            self._sum_in(name, x, sel, n, sign=-1)
+        with blas.single_thread():
+            for name, x, sel in self._products(update):
+                self._sum_in(name, x, sel, n, sign=-1)
 
     def reweight(self, client_id: str, update: DecodedUpdate, weight: int) -> None:
         """Give a client's update another weight (exactly): the same update ``add`` was given."""

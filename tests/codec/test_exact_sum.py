@@ -214,3 +214,51 @@ def test_aggregator_products_in_its_scratch_are_the_bits_of_part_product():
         assert torch.equal(x.view(torch.int32), parts[name].product().view(torch.int32)), name
         seen.append(name)
     assert seen == ["a", "b", "c", "d"]
+
+
+def test_the_aggregate_has_the_one_thread_bits_on_any_thread_count():
+    """Skinny low-rank terms (a few selected rows) come out of MKL with other last bits on
+    two threads than on one. The aggregator forms its products on one BLAS thread whoever
+    calls it, so its sum on a main thread with two torch threads (a benchmark, a Flower
+    strategy) is the same integers as the terms formed on one MKL thread and summed."""
+    import threading
+
+    from fedmla.protos.codec import ExactAggregator, RoundPlan, SharedState, blas
+    from fedmla.protos.codec.layout import Selection
+    from fedmla.protos.codec.server import DecodedUpdate
+    from fedmla.protos.codec.wire import DecodedTensors, Part
+    set_local = blas._set_local_threads()
+    if set_local is None:
+        pytest.skip("torch does not link MKL here")
+    g = torch.Generator().manual_seed(11)
+    r = 12
+    shapes = {"a": (9, 520), "b": (6, 256), "c": (3, 700), "d": (40, 64)}
+    parts = {k: Part(sel=Selection(), left=torch.randn(r, m, generator=g), right=torch.randn(r, n, generator=g))
+             for k, (m, n) in shapes.items()}
+    update = DecodedUpdate(DecodedTensors(parts), None, 3, {})
+
+    def one_thread_terms():      # in a thread of its own: torch's per-thread setup, then MKL on one thread
+        torch.get_num_threads()
+        set_local(1)
+        out["terms"] = [p.left.t() @ p.right for p in parts.values()]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        agg = ExactAggregator(shapes, 1, 1)
+        agg.begin_round(None, RoundPlan(round=0, mask=torch.ones(1, 1, dtype=torch.bool), shared=SharedState(0)))
+        agg.add("c0", update)
+        two = [p.left.t() @ p.right for p in parts.values()]
+        out = {}
+        t = threading.Thread(target=one_thread_terms)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(before)
+    if all(torch.equal(x, y) for x, y in zip(two, out["terms"])):
+        pytest.skip("MKL rounds these products alike on one and two threads here: nothing to tell apart")
+    ref = ExactSum(shapes)
+    for k, x in zip(shapes, out["terms"]):
+        ref.add_scaled(k, x, 3)
+    for k in shapes:
+        assert all(torch.equal(x, y) for x, y in zip(agg._sum.sum_limbs(k), ref.sum_limbs(k))), k

@@ -38,6 +38,21 @@ def test_one_blas_thread_bounds_the_calling_thread_only():
     assert _in_thread(threads) == before          # and so do threads started later
 
 
+def test_the_bound_outlives_torchs_own_setup_of_the_thread():
+    """Once the process has called torch.set_num_threads, torch sets MKL's count of each
+    new thread to its own the first time the thread asks for it (its first parallel op):
+    the bound is set after that, so it holds through the thread's torch calls."""
+    threads = _mkl()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    x = torch.randn(1 << 20)
+    try:
+        after = _in_thread(lambda: (ingest.one_blas_thread(), torch.aminmax(x), threads())[2])
+    finally:
+        torch.set_num_threads(before)
+    assert after == 1
+
+
 def test_products_on_one_blas_thread_have_the_bits_of_the_default():
     _mkl()
     g = torch.Generator().manual_seed(0)
