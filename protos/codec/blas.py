@@ -42,14 +42,20 @@ def _set_local_threads():
     return fn
 
 
+def _one_thread(fn) -> int:
+    """The calling thread's MKL count set to 1, after torch's own once-per-thread setting
+    (see above); what it was before."""
+    torch.get_num_threads()
+    return fn(1)
+
+
 def bound_calling_thread() -> bool:
     """Bound the calling thread's MKL calls to one thread from now on (for this thread
     only); True when it took effect."""
     fn = _set_local_threads()
     if fn is None:
         return False
-    torch.get_num_threads()            # torch's once-per-thread setting first (see above)
-    fn(1)
+    _one_thread(fn)
     return True
 
 
@@ -61,8 +67,7 @@ def single_thread():
     if fn is None:
         yield
         return
-    torch.get_num_threads()
-    previous = fn(1)
+    previous = _one_thread(fn)
     try:
         yield
     finally:

@@ -156,15 +156,17 @@ class ExactAggregator:
         done: list[str] = []
         try:
             with blas.single_thread():           # the products' bits, whichever thread adds
-                for name, x, sel in self._products(update):
-                    self._sum_in(name, x, sel, n)        # refuses a term past the bound before summing any of it
-                    del x
-                    done.append(name)
+                try:
+                    for name, x, sel in self._products(update):
+                        self._sum_in(name, x, sel, n)        # refuses a term past the bound before summing any of it
+                        del x
+                        done.append(name)
+                except BaseException:
+                    for name, x, sel in self._products(update):
+                        if name in done:
+                            self._sum_in(name, x, sel, n, sign=-1)
+                    raise
         except BaseException:
-            with blas.single_thread():
-                for name, x, sel in self._products(update):
-                    if name in done:
-                        self._sum_in(name, x, sel, n, sign=-1)
             with self._lock:
                 self._adding.discard(client_id)
             raise
